@@ -1,0 +1,33 @@
+# Everything a fresh machine needs, from python3 and make alone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch/torchvision are pinned to the releases this workplace serves from its own disk; any torch>=2.10 works.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test test-slow bench clean install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/featx demo
+
+test: install
+	$(PY) -m pytest -q -m "not slow" -n 2
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+bench: install
+	$(PY) benchmarks/bench_extract.py
+	$(PY) benchmarks/bench_fit.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,389 @@
+"""``featx extract``: from a folder of images to a feature set in the cache.
+
+The pipeline overlaps its three costs: worker processes decode and resize images into uint8 crops (the
+DataLoader), the main process normalizes them and runs one forward pass per batch for all requested layers
+(channels_last, ``inference_mode``), and a writer thread turns finished shards into HDF5 files, so the forward
+pass never waits for the disk.  Work is cut into shards of consecutive images; a shard is written to a
+temporary file and renamed into place when complete, which is what makes a killed run resumable row for row.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+import torch
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+import featx
+from featx.backbones import Backbone, Preprocess, Tapped, check_layers, dataset_stats_to_preprocess, get_spec, load_backbone
+from featx.cache import atomic_write_json, cache_root, hash_key, read_json
+from featx.data import DEFAULT_MAX_PIXELS, BadImage, ImageDataset, Item, discover, fingerprints, open_rgb
+from featx.errors import DataError, StrictError, UsageError
+from featx.store import FORMAT_VERSION, shard_is_valid, shard_name, write_shard
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ decode workers
+
+class _DecodeSet(torch.utils.data.Dataset):
+    """Item i -> (i, uint8 [V, 3, H, W] or None, reason or None); never raises for a bad file."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, max_pixels: int | None):
+        self.paths = list(paths)
+        self.pre = preprocess
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.pre.pixels(open_rgb(self.paths[i], max_pixels=self.max_pixels)), None
+        except BadImage as e:
+            return i, None, str(e)
+        except Exception as e:  # anything else a decoder can throw must cost one file, not the run
+            return i, None, f"cannot decode: {type(e).__name__}: {e}"
+
+
+def _collate(batch):
+    good = [(i, px) for i, px, _ in batch if px is not None]
+    bad = [(i, why) for i, px, why in batch if px is None]
+    pixels = torch.cat([px for _, px in good]) if good else None
+    return [i for i, _ in good], pixels, bad
+
+
+def _loader(paths: Sequence[Path], batches: list[list[int]], pre: Preprocess, *, workers: int, pin: bool,
+            max_pixels: int | None) -> torch.utils.data.DataLoader:
+    kw = {}
+    if workers > 0:
+        kw = {"prefetch_factor": 4, "persistent_workers": False}
+    return torch.utils.data.DataLoader(_DecodeSet(paths, pre, max_pixels), batch_sampler=batches,
+                                       num_workers=workers, collate_fn=_collate, pin_memory=pin, **kw)
+
+
+# --------------------------------------------------------------------------------------------- resolution
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device {device!r}: use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    return torch.device(device)
+
+
+def default_workers() -> int:
+    """Decode processes: one per core beyond the first, which the forward pass keeps busy."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class ExtractResult:
+    """What :func:`extract` produced: the feature set's directory and whether it was computed now."""
+
+    path: Path
+    computed: bool
+    manifest: dict = field(default_factory=dict)
+
+
+def _views(n: int | str) -> int:
+    try:
+        return int(n)
+    except (TypeError, ValueError):
+        raise UsageError(f"--views {n!r}: use 1, 2, 5 or 10") from None
+
+
+def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: str = "alexnet",
+            weights: str = "imagenet", split: str | None = None, seed: int = 0, views: int = 1,
+            normalize: str = "weights", batch_size: int = 64, workers: int | None = None, device: str = "auto",
+            shard_size: int = 2048, cache: str | os.PathLike | None = None, strict: bool = False,
+            amp: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool | None = None,
+            threads: int | None = None) -> ExtractResult:
+    """Extract ``layers`` of ``backbone`` for every image of ``data`` into a feature set.
+
+    Args:
+        data: image folder or CSV (see :func:`featx.data.discover`).
+        layers: layer names (default: the backbone's default layer, ``pool5`` for AlexNet).
+        backbone, weights, seed: see :func:`featx.backbones.load_backbone`; ``seed`` also seeds the split.
+        split: stratified split to make when the data has none (``"test=0.15,val=0.1"``).
+        views: 1 (centre crop), 2 (+ mirror), 5 (centre + four corners), 10 (+ their mirrors); one row per view.
+        normalize: ``weights`` (the published mean/std) or ``dataset`` (per-channel mean/std of the train split).
+        batch_size: images per forward pass. workers: decode processes (default: cores - 1).
+        device: ``auto``, ``cpu`` or ``cuda``. amp: autocast (fp16 on CUDA, bf16 on CPU); changes the features.
+        shard_size: rows per shard. cache: cache root. strict: raise :class:`StrictError` if any file was skipped
+            (after the feature set is complete). threads: torch threads of the forward pass.
+
+    Returns:
+        :class:`ExtractResult` with the feature set's directory.
+
+    Raises:
+        DataError, UsageError, WeightsError, StrictError.
+
+    Example:
+        >>> extract("pets/", layers=["pool5", "fc7"], weights="random").path  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    if batch_size < 1 or shard_size < 1:
+        raise UsageError("--batch-size and --shard-size must be at least 1")
+    if normalize not in ("weights", "dataset"):
+        raise UsageError(f"--normalize {normalize!r}: use weights or dataset")
+    spec = get_spec(backbone)
+    layer_list = check_layers(spec, list(layers))
+    dev = resolve_device(device)
+    ds = discover(data, split=split, seed=seed)
+    bb = load_backbone(backbone, weights, seed=seed)
+    pre = Preprocess(**{**_pre_fields(bb.preprocess), "views": _views(views)})
+    fps = fingerprints(ds)
+    config = {
+        "data": str(ds.root), "source": ds.source, "layout": ds.layout, "backbone": spec.name,
+        "weights": bb.weights_id, "layers": layer_list, "preprocess": pre.to_json(), "normalize": normalize,
+        "split": ds.split, "seed": seed, "amp": bool(amp), "max_pixels": max_pixels,
+    }
+    key = hash_key({"format": FORMAT_VERSION, "config": {k: v for k, v in config.items() if k not in ("data", "source")},
+                    "classes": ds.classes,
+                    "items": [(it.path, it.label, it.split) for it in ds.items], "fingerprints": fps})
+    root = cache_root(cache) / "features" / key
+    done = read_json(root / "manifest.json")
+    if isinstance(done, dict) and done.get("key") == key:
+        logger.info("feature set %s is already complete", key)
+        return ExtractResult(root, False, done)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / ".lock"))
+    if lock.is_locked:
+        logger.info("another featx process is extracting %s; waiting for it", key)
+    with lock:
+        done = read_json(root / "manifest.json")  # it may have finished while we waited
+        if isinstance(done, dict) and done.get("key") == key:
+            return ExtractResult(root, False, done)
+        manifest = _run(ds, bb, pre, config, key, root, layer_list, dev, batch_size=batch_size,
+                        workers=default_workers() if workers is None else int(workers), shard_size=shard_size,
+                        amp=amp, max_pixels=max_pixels, progress=progress, threads=threads, t0=t0)
+    skipped = manifest["skipped"]
+    if skipped:
+        logger.warning("skipped %d file(s) that could not be used (listed in manifest.json 'skipped'), e.g. %s: %s",
+                       len(skipped), skipped[0]["path"], skipped[0]["reason"])
+    if strict and skipped:
+        raise StrictError(f"--strict: {len(skipped)} file(s) were skipped (see {root / 'manifest.json'}); "
+                          f"the feature set of the others is complete at {root}")
+    return ExtractResult(root, True, manifest)
+
+
+def _pre_fields(pre: Preprocess) -> dict:
+    return {"resize": pre.resize, "crop": pre.crop, "interpolation": pre.interpolation, "antialias": pre.antialias,
+            "mean": pre.mean, "std": pre.std}
+
+
+def _plan(root: Path, n_items: int, views: int, shard_size: int) -> int:
+    """Images per shard, fixed by the first run so that a resumed run cuts shards at the same places."""
+    plan = read_json(root / "plan.json")
+    if isinstance(plan, dict) and plan.get("n_items") == n_items and plan.get("views") == views:
+        return int(plan["images_per_shard"])
+    per = max(1, shard_size // views)
+    atomic_write_json(root / "plan.json", {"n_items": n_items, "views": views, "images_per_shard": per})
+    return per
+
+
+def _dataset_stats(ds: ImageDataset, pre: Preprocess, root: Path, *, workers: int, batch_size: int,
+                   max_pixels: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean/std of the train split's network-input pixels (centre crop, in [0, 1])."""
+    saved = read_json(root / "normalization.json")
+    if isinstance(saved, dict):
+        return np.asarray(saved["mean"]), np.asarray(saved["std"])
+    train = [ds.abspath(it) for it in ds.items if it.split == "train"]
+    base = Preprocess(**{**_pre_fields(pre), "views": 1})
+    batches = [list(range(a, min(a + batch_size, len(train)))) for a in range(0, len(train), batch_size)]
+    s = np.zeros(3)
+    ss = np.zeros(3)
+    n = 0
+    for _, px, _ in _loader(train, batches, base, workers=workers, pin=False, max_pixels=max_pixels):
+        if px is None:
+            continue
+        x = px.to(torch.float64) / 255.0
+        s += x.sum(dim=(0, 2, 3)).numpy()
+        ss += (x * x).sum(dim=(0, 2, 3)).numpy()
+        n += x.shape[0] * x.shape[2] * x.shape[3]
+    if n == 0:
+        raise DataError("--normalize dataset: no usable training image to measure")
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean * mean, 1e-12))
+    atomic_write_json(root / "normalization.json", {"mean": mean.tolist(), "std": std.tolist(), "pixels": n})
+    logger.info("dataset normalization: mean %s std %s", np.round(mean, 4).tolist(), np.round(std, 4).tolist())
+    return mean, std
+
+
+def _run(ds: ImageDataset, bb: Backbone, pre: Preprocess, config: dict, key: str, root: Path, layers: list[str],
+         dev: torch.device, *, batch_size: int, workers: int, shard_size: int, amp: bool, max_pixels: int | None,
+         progress: bool | None, threads: int | None, t0: float) -> dict:
+    for stale in root.glob(".tmp-*"):  # left by a killed run; we hold the lock, so nobody else is writing
+        stale.unlink(missing_ok=True)
+    if config["normalize"] == "dataset":
+        mean, std = _dataset_stats(ds, pre, root, workers=workers, batch_size=batch_size, max_pixels=max_pixels)
+        pre = dataset_stats_to_preprocess(pre, mean, std)
+        config = {**config, "preprocess": pre.to_json()}
+    per = _plan(root, len(ds.items), pre.views, shard_size)
+    n_shards = (len(ds.items) + per - 1) // per
+    todo = [s for s in range(n_shards) if not shard_is_valid(root / shard_name(s), layers)]
+    logger.info("%s: %d images, %d classes, %d shard(s) (%d to compute), layers %s, %s weights, device %s",
+                key, len(ds.items), len(ds.classes), n_shards, len(todo), ",".join(layers), bb.weights_id["kind"], dev)
+    timings = {"decode_wait_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
+    if todo:
+        _compute(ds, bb, pre, root, layers, dev, todo, per, batch_size=batch_size, workers=workers, amp=amp,
+                 max_pixels=max_pixels, progress=progress, threads=threads, timings=timings)
+    return _finish(ds, config, key, root, layers, n_shards, timings, t0)
+
+
+def _compute(ds: ImageDataset, bb: Backbone, pre: Preprocess, root: Path, layers: list[str], dev: torch.device,
+             todo: list[int], per: int, *, batch_size: int, workers: int, amp: bool, max_pixels: int | None,
+             progress: bool | None, threads: int | None, timings: dict) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))
+    model = Tapped(bb.stages(), layers).to(dev)
+    model = model.to(memory_format=torch.channels_last)
+    V = pre.views
+    # Batches never cross a shard boundary, so a shard is complete exactly when its last batch is done.
+    files: list[Path] = []
+    owner: list[tuple[int, int]] = []  # per loader index: (shard, position of the image in the shard)
+    batches: list[list[int]] = []
+    img_batch = max(1, batch_size // V)
+    for s in todo:
+        lo, hi = s * per, min(len(ds.items), (s + 1) * per)
+        first = len(files)
+        for j in range(lo, hi):
+            files.append(ds.abspath(ds.items[j]))
+            owner.append((s, j - lo))
+        for a in range(first, len(files), img_batch):
+            batches.append(list(range(a, min(a + img_batch, len(files)))))
+    loader = _loader(files, batches, pre, workers=workers, pin=dev.type == "cuda", max_pixels=max_pixels)
+    show = (sys.stderr.isatty() if progress is None else progress)
+    bar = tqdm(total=len(files), unit="img", disable=not show, file=sys.stderr, desc="extract", dynamic_ncols=True)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-writer")
+    pending: list[Future] = []
+    cur: _ShardBuffer | None = None
+    autocast = torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16, enabled=amp)
+    view_names = list(pre.view_names)
+    try:
+        t_wait = time.perf_counter()
+        for idx, pixels, bad in loader:
+            t_got = time.perf_counter()
+            timings["decode_wait_s"] += t_got - t_wait
+            shard = owner[(idx or [i for i, _ in bad])[0]][0]
+            if cur is None or cur.shard != shard:
+                cur = _ShardBuffer(shard, ds, per, layers, bb.spec.dims, V)
+            for i, why in bad:
+                cur.skip(owner[i][1], why)
+            if pixels is not None:
+                x = pre.normalize(pixels.to(dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode(), autocast:
+                    out = model(x)
+                feats = {l: out[l].float().cpu().numpy() for l in layers}
+                cur.add([owner[i][1] for i in idx], feats)
+            timings["forward_s"] += time.perf_counter() - t_got
+            bar.update(len(idx) + len(bad))
+            if cur.complete():
+                pending = [f for f in pending if not f.done() or f.result() is None]
+                while len(pending) >= 2:  # bound memory: at most two shards waiting for the disk
+                    pending.pop(0).result()
+                pending.append(writer.submit(_write, cur, root, ds, view_names, timings))
+                cur = None
+            t_wait = time.perf_counter()
+        for f in pending:
+            f.result()
+    finally:
+        bar.close()
+        writer.shutdown(wait=True)
+    logger.info("time: waiting for decode %.1fs, forward %.1fs, writing %.1fs (in the background)",
+                timings["decode_wait_s"], timings["forward_s"], timings["write_s"])
+
+
+class _ShardBuffer:
+    """The rows of one shard as they arrive, in image order; bad images leave no row."""
+
+    def __init__(self, shard: int, ds: ImageDataset, per: int, layers: list[str], dims: dict, views: int):
+        self.shard = shard
+        self.lo = shard * per
+        self.n_images = min(len(ds.items), self.lo + per) - self.lo
+        self.views = views
+        self.feats = {l: np.empty((self.n_images * views, dims[l]), dtype=np.float32) for l in layers}
+        self.ok = np.zeros(self.n_images, dtype=bool)
+        self.seen = 0
+        self.skipped: list[dict] = []
+        self.ds = ds
+
+    def add(self, positions: list[int], feats: dict[str, np.ndarray]) -> None:
+        V = self.views
+        for k, pos in enumerate(positions):
+            for l, arr in feats.items():
+                self.feats[l][pos * V:(pos + 1) * V] = arr[k * V:(k + 1) * V]
+            self.ok[pos] = True
+        self.seen += len(positions)
+
+    def skip(self, pos: int, why: str) -> None:
+        self.skipped.append({"path": self.ds.items[self.lo + pos].path, "reason": why})
+        self.seen += 1
+
+    def complete(self) -> bool:
+        return self.seen == self.n_images
+
+
+def _write(buf: _ShardBuffer, root: Path, ds: ImageDataset, view_names: list[str], timings: dict) -> None:
+    t = time.perf_counter()
+    V = buf.views
+    rows = np.repeat(buf.ok, V)
+    items = [ds.items[buf.lo + p] for p in np.nonzero(buf.ok)[0]]
+    write_shard(root / shard_name(buf.shard),
+                layers={l: a[rows] for l, a in buf.feats.items()},
+                label=np.repeat([it.label for it in items], V).astype(np.int64),
+                paths=[it.path for it in items for _ in range(V)],
+                split=[it.split for it in items for _ in range(V)],
+                view=view_names * len(items), classes=ds.classes,
+                attrs={"shard": buf.shard, "first_image": buf.lo, "n_images": buf.n_images,
+                       "skipped": buf.skipped})
+    timings["write_s"] += time.perf_counter() - t
+
+
+def _finish(ds: ImageDataset, config: dict, key: str, root: Path, layers: list[str], n_shards: int,
+            timings: dict, t0: float) -> dict:
+    import json
+
+    shards, skipped = [], []
+    counts: dict[str, int] = {}
+    per_class = np.zeros(len(ds.classes), dtype=np.int64)
+    for s in range(n_shards):
+        path = root / shard_name(s)
+        with h5py.File(path, "r") as f:
+            n = int(f["label"].shape[0])
+            skipped.extend(json.loads(f.attrs.get("skipped", "[]")))
+            for sp, c in zip(*np.unique(f["split"][()].astype(str), return_counts=True)) if n else []:
+                counts[sp] = counts.get(sp, 0) + int(c)
+            per_class += np.bincount(f["label"][()], minlength=len(ds.classes)) if n else 0
+        shards.append({"file": path.name, "rows": n})
+    n_rows = sum(s["rows"] for s in shards)
+    if n_rows == 0:
+        raise DataError(f"none of the {len(ds.items)} files could be used as an image (first: "
+                        f"{skipped[0]['path']}: {skipped[0]['reason']})")
+    elapsed = time.perf_counter() - t0
+    views = config["preprocess"]["views"]
+    manifest = {
+        "key": key, "format_version": FORMAT_VERSION, "featx_version": featx.__version__,
+        "config": config, "classes": list(ds.classes), "n_images": len(ds.items) - len(skipped),
+        "n_rows": n_rows, "rows_per_image": views, "counts": {s: counts[s] for s in ("train", "val", "test") if s in counts},
+        "rows_per_class": dict(zip(ds.classes, per_class.tolist())),
+        "dims": {l: get_spec(config["backbone"]).dims[l] for l in layers},
+        "shards": shards, "skipped": skipped,
+        "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total_s": round(elapsed, 3),
+                    "images_per_s": round((len(ds.items) - len(skipped)) / elapsed, 2) if elapsed else None},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(root / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,261 @@
+"""Feature sets on disk: writing HDF5 shards atomically, and reading them back lazily.
+
+A feature set is a directory ``<cache>/features/<key>/`` holding ``manifest.json`` and shards
+``shard-00000.h5``, ... (format in ``docs/feature-sets.md``).  :class:`FeatureSet` also opens any single HDF5
+file with a float ``[n, d]`` dataset per layer, an integer ``label`` dataset and optionally ``split``, so heads can
+be fit on features made elsewhere.
+
+Reading never makes two copies of a layer: :meth:`FeatureSet.load` fills one preallocated array shard by shard,
+and :meth:`FeatureSet.iter_chunks` streams bounded chunks for data larger than memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from featx.cache import read_json, temp_path
+from featx.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SHARD_PATTERN = "shard-{:05d}.h5"
+STR_DTYPE = h5py.string_dtype("utf-8")
+CHUNK_ROWS = 4096  # rows read at a time from a single-file feature set
+
+
+def shard_name(index: int) -> str:
+    return SHARD_PATTERN.format(index)
+
+
+def write_shard(path: Path, *, layers: dict[str, np.ndarray], label: np.ndarray, paths: Sequence[str],
+                split: Sequence[str], view: Sequence[str], classes: Sequence[str], attrs: dict | None = None) -> None:
+    """Write one shard to a temporary file, then rename it into place: it is visible only when complete."""
+    tmp = temp_path(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name, arr in layers.items():
+                f.create_dataset(name, data=np.asarray(arr, dtype=np.float32))
+            f.create_dataset("label", data=np.asarray(label, dtype=np.int64))
+            f.create_dataset("path", data=np.asarray(list(paths), dtype=object), dtype=STR_DTYPE)
+            f.create_dataset("split", data=np.asarray(list(split), dtype=object), dtype=STR_DTYPE)
+            f.create_dataset("view", data=np.asarray(list(view), dtype=object), dtype=STR_DTYPE)
+            f.attrs["classes"] = json.dumps(list(classes), ensure_ascii=False)
+            f.attrs["format_version"] = FORMAT_VERSION
+            for k, v in (attrs or {}).items():
+                f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v, ensure_ascii=False)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def shard_is_valid(path: Path, layers: Sequence[str]) -> bool:
+    """A finished shard that opens and holds every layer with matching row counts (a torn file is a miss)."""
+    try:
+        with h5py.File(path, "r") as f:
+            n = f["label"].shape[0]
+            return all(name in f and f[name].shape[0] == n for name in list(layers) + ["path", "split", "view"])
+    except Exception:
+        return False
+
+
+def _decode(values) -> np.ndarray:
+    return np.asarray([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+
+
+@dataclass
+class _Part:
+    file: Path
+    n: int
+    start: int  # first row of this part in the whole set
+
+
+class FeatureSet:
+    """A feature set read lazily, a layer and a split at a time.
+
+    Args:
+        path: a feature-set directory (with ``manifest.json``) or a single HDF5 file.
+
+    Raises:
+        DataError: not a feature set, unfinished, or unreadable.
+
+    Example:
+        >>> fs = FeatureSet("cache/features/0123abcd")            # doctest: +SKIP
+        >>> X = fs.load("pool5", split="train"); y = fs.labels("train")  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser().absolute()
+        if self.path.is_dir():
+            self.manifest = read_json(self.path / "manifest.json")
+            if not isinstance(self.manifest, dict):
+                raise DataError(f"{str(path)!r} is not a finished feature set (no readable manifest.json): "
+                                f"run featx extract to make or finish it")
+            files = [self.path / s["file"] for s in self.manifest.get("shards", [])]
+            self.kind = "featx"
+        elif self.path.is_file():
+            files = [self.path]
+            self.manifest = None
+            self.kind = "h5"
+        else:
+            raise DataError(f"features {str(path)!r} not found: give a feature-set directory or an HDF5 file")
+        self._parts: list[_Part] = []
+        start = 0
+        try:
+            for f in files:
+                with h5py.File(f, "r") as h:
+                    if "label" not in h:
+                        raise DataError(f"{str(f)!r} has no 'label' dataset: an HDF5 feature file needs an integer "
+                                        f"label [n] beside the feature dataset(s)")
+                    n = int(h["label"].shape[0])
+                    if start == 0:
+                        self._first_keys = {k: (h[k].shape, h[k].dtype) for k in h.keys() if isinstance(h[k], h5py.Dataset)}
+                        self._classes_attr = h.attrs.get("classes")
+                self._parts.append(_Part(f, n, start))
+                start += n
+        except DataError:
+            raise
+        except OSError as e:
+            raise DataError(f"cannot read features {str(path)!r}: {e}") from None
+        if not self._parts:
+            raise DataError(f"feature set {str(path)!r} holds no shards")
+        self.n_rows = start
+        self._labels: np.ndarray | None = None
+        self._splits: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def key(self) -> str:
+        return self.manifest["key"] if self.manifest else ""
+
+    @property
+    def layers(self) -> list[str]:
+        if self.manifest:
+            return list(self.manifest["config"]["layers"])
+        return [k for k, (shape, dtype) in self._first_keys.items()
+                if len(shape) == 2 and np.issubdtype(dtype, np.floating)]
+
+    @property
+    def classes(self) -> list[str]:
+        if self.manifest:
+            return list(self.manifest["classes"])
+        if self._classes_attr is not None:
+            return list(json.loads(self._classes_attr))
+        return [str(c) for c in np.unique(self.labels())]
+
+    def dim(self, layer: str) -> int:
+        self.check_layer(layer)
+        return int(self._first_keys[layer][0][1])
+
+    def check_layer(self, layer: str) -> None:
+        if layer not in self._first_keys or layer not in self.layers:
+            raise DataError(f"layer {layer!r} is not in {self.path.name}: layers present are {', '.join(self.layers) or 'none'}")
+
+    def _column(self, name: str) -> np.ndarray | None:
+        if name not in self._first_keys:
+            return None
+        return np.concatenate([self._read(p, name) for p in self._parts])
+
+    @staticmethod
+    def _read(part: _Part, name: str) -> np.ndarray:
+        with h5py.File(part.file, "r") as h:
+            arr = h[name][()]
+        return arr
+
+    def labels(self, split: str | None = None) -> np.ndarray:
+        if self._labels is None:
+            lab = self._column("label")
+            if lab is None or lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
+                raise DataError(f"{self.path.name}: 'label' must be an integer dataset [n]")
+            self._labels = lab.astype(np.int64)
+        return self._labels if split is None else self._labels[self.mask(split)]
+
+    def splits(self) -> np.ndarray | None:
+        """The split of every row (``train``/``val``/``test``), or ``None`` when the file records none."""
+        if self._splits is None:
+            col = self._column("split")
+            if col is None:
+                return None
+            self._splits = _decode(col)
+        return self._splits
+
+    def set_splits(self, splits: np.ndarray) -> None:
+        """Use these splits instead of the recorded ones (a plain HDF5 file without a split)."""
+        self._splits = np.asarray(splits, dtype=object)
+
+    def column(self, name: str, split: str | None = None) -> np.ndarray:
+        """A string column (``path``, ``split``, ``view``) for the rows of ``split`` (all rows when None)."""
+        col = self._column(name)
+        if col is None:
+            raise DataError(f"{self.path.name} has no {name!r} dataset")
+        col = _decode(col)
+        return col if split is None else col[self.mask(split)]
+
+    def mask(self, split: str | Sequence[str] | None) -> np.ndarray:
+        if split is None:
+            return np.ones(self.n_rows, dtype=bool)
+        s = self.splits()
+        if s is None:
+            raise DataError(f"{self.path.name} records no split; cannot select {split!r}")
+        names = [split] if isinstance(split, str) else list(split)
+        return np.isin(s, names)
+
+    # ------------------------------------------------------------------ features
+    def load(self, layer: str, split: str | Sequence[str] | None = None, *, mask: np.ndarray | None = None) -> np.ndarray:
+        """The rows of ``split`` (or of a boolean ``mask``) for ``layer`` as one float32 array.
+
+        The array is allocated once and filled part by part; no second copy of the matrix is ever held (a
+        temporary of at most one shard, or :data:`CHUNK_ROWS` rows, is used when only some rows are wanted).
+        """
+        self.check_layer(layer)
+        m = self.mask(split) if mask is None else np.asarray(mask, dtype=bool)
+        out = np.empty((int(m.sum()), self.dim(layer)), dtype=np.float32)
+        pos = 0
+        for X, sel in self._blocks(layer, m):
+            out[pos:pos + len(X)] = X
+            pos += len(X)
+        assert pos == len(out)
+        return out
+
+    def iter_chunks(self, layer: str, split: str | Sequence[str] | None = None, *,
+                    mask: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(X, y)`` chunks (a shard or :data:`CHUNK_ROWS` rows at a time) of the selected rows."""
+        self.check_layer(layer)
+        m = self.mask(split) if mask is None else np.asarray(mask, dtype=bool)
+        y_all = self.labels()
+        for X, sel in self._blocks(layer, m):
+            yield X, y_all[sel]
+
+    def _blocks(self, layer: str, m: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for part in self._parts:
+            with h5py.File(part.file, "r") as h:
+                ds = h[layer]
+                for a in range(0, part.n, CHUNK_ROWS):
+                    b = min(part.n, a + CHUNK_ROWS)
+                    local = m[part.start + a:part.start + b]
+                    if not local.any():
+                        continue
+                    block = ds[a:b]
+                    if block.dtype != np.float32:
+                        block = block.astype(np.float32)
+                    rows = np.nonzero(local)[0]
+                    X = block if len(rows) == b - a else block[rows]
+                    yield X, part.start + a + rows
+
+    def identity(self, layer: str) -> dict:
+        """What a head trained on this layer depends on: backbone, weights, layer and transform."""
+        if not self.manifest:
+            return {"file": str(self.path), "layer": layer}
+        c = self.manifest["config"]
+        return {"backbone": c["backbone"], "weights": c["weights"], "layer": layer,
+                "preprocess": c["preprocess"]}
