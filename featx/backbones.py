@@ -223,7 +223,9 @@ def _file_state(path: Path) -> tuple[dict, dict]:
         raise WeightsError(f"--weights {str(path)!r}: no such file (use imagenet, random, or a state-dict file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # torch reports both kinds as UnpicklingError; code needs a GLOBAL
+            raise WeightsError(f"cannot read --weights {str(path)!r}: not a torch checkpoint") from None
         raise WeightsError(f"refusing --weights {str(path)!r}: it is not a plain state dict (it holds objects that "
                            f"torch.load(weights_only=True) will not run); save model.state_dict() instead") from None
     except Exception as e:

@@ -1,0 +1,266 @@
+"""featx extract end to end: the feature-set format, exactness, reuse, resume after kill -9, concurrency, bad files."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from featx.backbones import load_backbone
+from featx.data import open_rgb
+from featx.errors import DataError, StrictError, UsageError
+from featx.extract import extract
+from featx.store import FeatureSet
+
+KW = dict(weights="random", seed=0, workers=0, batch_size=16)
+
+
+def _rows(path: Path, layer: str = "pool5") -> dict[str, np.ndarray]:
+    fs = FeatureSet(path)
+    return {"X": fs.load(layer), "path": fs.column("path"), "split": fs.column("split"), "label": fs.labels()}
+
+
+def test_feature_set_format_is_plain_h5py(digits_dir, tmp_path):
+    res = extract(digits_dir, layers=["fc7", "pool5"], cache=tmp_path, shard_size=25, split="test=0.2,val=0.2", **KW)
+    assert res.computed and res.path.parent == tmp_path / "features"
+    m = json.loads((res.path / "manifest.json").read_text())
+    assert m["config"]["layers"] == ["pool5", "fc7"] and m["classes"] == [str(i) for i in range(10)]
+    assert m["n_rows"] == 60 and sum(m["counts"].values()) == 60 and set(m["counts"]) == {"train", "val", "test"}
+    assert m["skipped"] == [] and m["featx_version"] and m["timings"]["total_s"] > 0
+    shards = sorted(res.path.glob("shard-*.h5"))
+    assert [s.name for s in shards] == ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+    seen = []
+    for s in shards:  # read with h5py alone, as a user without featx would
+        with h5py.File(s, "r") as f:
+            n = f["label"].shape[0]
+            assert n <= 25
+            assert f["pool5"].shape == (n, 9216) and f["pool5"].dtype == np.float32
+            assert f["fc7"].shape == (n, 4096) and f["label"].dtype == np.int64
+            assert json.loads(f.attrs["classes"]) == m["classes"]
+            paths = [p.decode() for p in f["path"][()]]
+            labels = f["label"][()]
+            for p, lab in zip(paths, labels):
+                assert p.split("/")[0] == m["classes"][lab]  # row identity: the class folder of its path
+            seen += paths
+    assert sorted(seen) == seen and len(set(seen)) == 60  # every image once, in path order
+
+
+def test_features_equal_the_network_on_each_image(digits_dir, tmp_path):
+    res = extract(digits_dir, layers=["pool5", "fc6"], cache=tmp_path, **KW)
+    fs = FeatureSet(res.path)
+    bb = load_backbone("alexnet", "random", seed=0)
+    paths = fs.column("path")[:4]
+    x = torch.stack([bb.preprocess.transform(open_rgb(digits_dir / p)) for p in paths])
+    with torch.inference_mode():
+        pool5 = torch.flatten(bb.model.avgpool(bb.model.features(x)), 1)
+        fc6 = bb.model.classifier[:3](pool5)
+    for layer, ref in (("pool5", pool5), ("fc6", fc6)):
+        got = torch.from_numpy(fs.load(layer)[:4])
+        assert float((got - ref).norm() / ref.norm()) <= 1e-4
+
+
+def test_same_command_reuses_the_directory(digits_dir, tmp_path):
+    a = extract(digits_dir, cache=tmp_path, **KW)
+    t = time.perf_counter()
+    b = extract(digits_dir, cache=tmp_path, **KW)
+    assert a.path == b.path and not b.computed and time.perf_counter() - t < 10
+    c = extract(digits_dir, cache=tmp_path, **{**KW, "seed": 1})  # another split and init: another key
+    assert c.path != a.path
+
+
+def test_key_follows_image_content(digits_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(digits_dir, data)
+    a = extract(data, cache=tmp_path / "c", **KW)
+    victim = sorted(data.rglob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes() + b"\0")  # same name, different content
+    b = extract(data, cache=tmp_path / "c", **KW)
+    assert a.path != b.path
+
+
+def test_torn_and_temporary_files_are_never_read(digits_dir, tmp_path):
+    full = extract(digits_dir, cache=tmp_path / "ref", shard_size=20, **KW)
+    res_dir = tmp_path / "c" / "features" / full.path.name
+    res_dir.mkdir(parents=True)
+    (res_dir / "shard-00001.h5").write_bytes(b"\x89HDF\r\n\x1a\n half a file")  # a torn shard
+    (res_dir / ".tmp-shard-00002.h5-x").write_bytes(b"junk")
+    again = extract(digits_dir, cache=tmp_path / "c", shard_size=20, **KW)
+    assert again.path == res_dir
+    a, b = _rows(full.path), _rows(again.path)
+    assert np.array_equal(a["path"], b["path"]) and np.array_equal(a["X"], b["X"])
+    assert not list(res_dir.glob(".tmp-*"))
+
+
+def _wait_for(path: Path, timeout: float = 120) -> None:
+    t = time.time()
+    while not path.exists():
+        if time.time() - t > timeout:
+            raise TimeoutError(path)
+        time.sleep(0.05)
+
+
+def test_kill_9_then_resume_equals_uninterrupted(photos_dir, tmp_path):
+    args = ["extract", str(photos_dir), "--weights", "random", "--shard-size", "3", "--batch-size", "2",
+            "--workers", "1", "--layer", "pool5", "--layer", "fc7", "--quiet"]
+    ref = run_cli(*args, "--cache", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    ref_dir = Path(ref.stdout.strip().splitlines()[-1])
+    cache = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "featx", *args, "--cache", str(cache)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    _wait_for(cache / "features" / ref_dir.name / "shard-00001.h5")
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9, workers included
+    proc.wait()
+    done_before = sorted(p.name for p in (cache / "features" / ref_dir.name).glob("shard-*.h5"))
+    assert not (cache / "features" / ref_dir.name / "manifest.json").exists()
+    mtimes = {n: (cache / "features" / ref_dir.name / n).stat().st_mtime_ns for n in done_before}
+    again = run_cli(*args, "--cache", str(cache))
+    assert again.returncode == 0, again.stderr
+    out = Path(again.stdout.strip().splitlines()[-1])
+    assert out.name == ref_dir.name
+    for n, t in mtimes.items():  # finished shards are kept, not redone
+        assert (out / n).stat().st_mtime_ns == t
+    for layer in ("pool5", "fc7"):
+        a, b = _rows(ref_dir, layer), _rows(out, layer)
+        assert np.array_equal(a["path"], b["path"]) and np.array_equal(a["label"], b["label"])
+        assert np.allclose(a["X"], b["X"], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_on_one_key(digits_dir, tmp_path):
+    args = [sys.executable, "-m", "featx", "extract", str(digits_dir), "--weights", "random", "--workers", "0",
+            "--shard-size", "16", "--quiet", "--cache", str(tmp_path), "--threads", "1"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    dirs = {o[0].strip().splitlines()[-1] for o in outs}
+    assert len(dirs) == 1
+    rows = _rows(Path(dirs.pop()))
+    assert len(rows["path"]) == 60 and len(set(rows["path"])) == 60
+
+
+def test_bad_files_are_skipped_and_listed(tmp_path):
+    from imagezoo import make_zoo
+
+    zoo = make_zoo(tmp_path / "zoo")
+    res = extract(zoo.root, cache=tmp_path / "c", max_pixels=zoo.max_pixels, **KW)
+    m = res.manifest
+    skipped = {s["path"]: s["reason"] for s in m["skipped"]}
+    assert set(skipped) == set(zoo.bad), skipped
+    rows = _rows(res.path)
+    assert sorted(rows["path"]) == sorted(zoo.valid)  # every valid image exactly once
+    assert np.isfinite(rows["X"]).all()
+    with pytest.raises(StrictError, match="skipped"):
+        extract(zoo.root, cache=tmp_path / "c", strict=True, max_pixels=zoo.max_pixels, **KW)
+    assert (res.path / "manifest.json").exists()  # --strict fails the run, not the finished work
+
+
+def test_views_and_dataset_normalization(photos_dir, tmp_path):
+    one = extract(photos_dir, cache=tmp_path, **KW)
+    ten = extract(photos_dir, cache=tmp_path, views=10, shard_size=25, **KW)
+    fs1, fs10 = FeatureSet(one.path), FeatureSet(ten.path)
+    assert fs10.n_rows == 10 * fs1.n_rows
+    views = fs10.column("view")
+    assert list(views[:10]) == ["center", "top_left", "top_right", "bottom_left", "bottom_right",
+                                "center_flip", "top_left_flip", "top_right_flip", "bottom_left_flip", "bottom_right_flip"]
+    centre = fs10.load("pool5", mask=views == "center")
+    assert np.allclose(centre, fs1.load("pool5"), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(fs10.column("path")[views == "center"], fs1.column("path"))
+    norm = extract(photos_dir, cache=tmp_path, normalize="dataset", **KW)
+    pre = norm.manifest["config"]["preprocess"]
+    assert norm.manifest["config"]["normalize"] == "dataset"
+    assert not np.allclose(pre["mean"], [0.485, 0.456, 0.406]) and all(0 < s < 1 for s in pre["std"])
+
+
+def test_csv_and_split_folders(photos_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(photos_dir, tmp_path / "imgs")
+    csv = tmp_path / "imgs" / "list.csv"
+    files = sorted((tmp_path / "imgs").rglob("*.jpg"))
+    lines = ["path,label,split"] + [f"{f.relative_to(tmp_path / 'imgs').as_posix()},{f.parent.name},"
+                                    f"{'test' if i % 3 == 0 else 'train'}" for i, f in enumerate(files)]
+    csv.write_text("\n".join(lines) + "\n")
+    res = extract(csv, cache=tmp_path / "c", **KW)
+    assert res.manifest["config"]["layout"] == "csv" and res.manifest["counts"]["test"] == 4
+    folders = tmp_path / "sf"
+    for i, f in enumerate(files):
+        dest = folders / ("test" if i % 3 == 0 else "train") / f.parent.name / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dest)
+    res2 = extract(folders, cache=tmp_path / "c", **KW)
+    assert res2.manifest["config"]["layout"] == "split-folders"
+    assert res2.manifest["counts"] == {"train": 8, "test": 4}
+    assert all(p.startswith(("train/", "test/")) for p in FeatureSet(res2.path).column("path"))
+
+
+def test_feature_set_reader(digits_dir, tmp_path):
+    res = extract(digits_dir, cache=tmp_path, shard_size=7, split="test=0.25", layers=["pool5", "fc6"], **KW)
+    fs = FeatureSet(res.path)
+    X = fs.load("fc6", "train")
+    chunks = list(fs.iter_chunks("fc6", "train"))
+    assert np.array_equal(np.concatenate([c[0] for c in chunks]), X)
+    assert np.array_equal(np.concatenate([c[1] for c in chunks]), fs.labels("train"))
+    assert len(X) + len(fs.load("fc6", "test")) == 60
+    with pytest.raises(DataError, match="layers present are pool5, fc6"):
+        fs.load("fc7")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/nonexistent/data"], "does not exist"),
+    (["{empty}"], "no images found"),
+    (["{one}"], "only one class"),
+    (["{digits}", "--layer", "conv9"], "valid layers are pool5, fc6, fc7"),
+    (["{digits}", "--backbone", "lenet"], "valid backbones are"),
+    (["{digits}", "--split", "test=0.7,val=0.5"], "no training rows"),
+    (["{digits}", "--weights", "/nonexistent/w.pt"], "no such file"),
+])
+def test_bad_invocations_are_one_line(args, message, digits_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    one = tmp_path / "one" / "cat"
+    one.mkdir(parents=True)
+    for p in sorted(digits_dir.rglob("*.png"))[:2]:
+        (one / p.name).write_bytes(p.read_bytes())
+    subst = {"{empty}": str(tmp_path / "empty"), "{one}": str(tmp_path / "one"), "{digits}": str(digits_dir)}
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    extra = ["--weights", "random"] if "--weights" not in args else []
+    r = CliRunner().invoke(main, ["extract", *[subst.get(a, a) for a in args], *extra, "--cache", str(tmp_path / "c")])
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("featx: error: ") and message in lines[-1], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_last_stdout_line_is_the_directory(digits_dir, tmp_path):
+    r = run_cli("extract", str(digits_dir), "--weights", "random", "--workers", "1", "--cache", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.strip().splitlines()
+    assert len(out) == 1 and (Path(out[-1]) / "manifest.json").exists()
+    assert "extracted: 60 rows" in r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(digits_dir, tmp_path):
+    cpu = extract(digits_dir, cache=tmp_path / "a", device="cpu", **KW)
+    gpu = extract(digits_dir, cache=tmp_path / "b", device="cuda", **KW)
+    a, b = FeatureSet(cpu.path).load("pool5"), FeatureSet(gpu.path).load("pool5")
+    assert float(np.linalg.norm(a - b) / np.linalg.norm(a)) <= 1e-3
+    amp = extract(digits_dir, cache=tmp_path / "c", device="cuda", amp=True, **KW)
+    assert amp.path.name != gpu.path.name  # --amp changes the features, so it changes the key
+    c = FeatureSet(amp.path).load("pool5")
+    assert float(np.linalg.norm(a - c) / np.linalg.norm(a)) <= 5e-2
