@@ -116,6 +116,131 @@ def extract(data, layers, backbone, weights, split, seed, views, normalize, batc
     _emit_path(res.path)
 
 
+def _fit_options(fn):
+    for opt in reversed([
+        click.argument("features", type=click.Path()),
+        click.option("--layer", default=None, help="Feature layer (default: the feature set's first)."),
+        click.option("--scale", default="standard", show_default=True, type=click.Choice(["standard", "l2", "none"]),
+                     help="Feature scaling fitted on the train rows."),
+        click.option("--split", default=None, help="Split to make when FEATURES records none (test=0.15)."),
+        click.option("--seed", default=0, show_default=True, type=int),
+        device_option,
+        click.option("--stream/--no-stream", default=None, help="Fit chunk by chunk (default: when RAM is short)."),
+        cache_option,
+        quiet_option,
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _run_fit(kind: str, features, params: dict, *, layer, scale, split, seed, device, stream, cache) -> None:
+    from featx.fit import fit_head
+
+    res = fit_head(features, kind, layer=layer, params=params, scale=scale, split=split, seed=seed, device=device,
+                   stream=stream, cache=cache)
+    m = res.metrics
+    logger.info("%s %s head: test accuracy %.4f, train accuracy %.4f%s", "fitted" if res.computed else "reused",
+                kind, m["test_accuracy"], m["train_accuracy"],
+                f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else "")
+    _emit_path(res.path)
+
+
+@main.group()
+def fit() -> None:
+    """Fit a classical head (svm, logreg, mlp) on cached features."""
+
+
+@fit.command("svm")
+@_fit_options
+@click.option("--C", "C", default=1.0, show_default=True, type=float, help="As in scikit-learn's LinearSVC / SVC.")
+@click.option("--kernel", default="linear", show_default=True, type=click.Choice(["linear", "rbf"]))
+@click.option("--gamma", default="scale", show_default=True, help="RBF kernel width (scale, auto or a number).")
+@command
+def fit_svm(features, C, kernel, gamma, **kw):
+    """Linear SVM (squared hinge, one-vs-rest; --kernel rbf: scikit-learn's SVC)."""
+    kw.pop("quiet")
+    params = {"C": C, "kernel": kernel}
+    if kernel == "rbf":
+        params["gamma"] = gamma if gamma in ("scale", "auto") else float(gamma)
+    _run_fit("svm", features, params, **kw)
+
+
+@fit.command("logreg")
+@_fit_options
+@click.option("--C", "C", default=1.0, show_default=True, type=float, help="As in scikit-learn's LogisticRegression.")
+@command
+def fit_logreg(features, C, **kw):
+    """Multinomial logistic regression."""
+    kw.pop("quiet")
+    _run_fit("logreg", features, {"C": C}, **kw)
+
+
+@fit.command("mlp")
+@_fit_options
+@click.option("--hidden", default=256, show_default=True, type=int, help="Hidden units (one hidden layer).")
+@click.option("--dropout", default=0.5, show_default=True, type=float)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--weight-decay", default=1e-4, show_default=True, type=float)
+@click.option("--optimizer", default="adam", show_default=True, type=click.Choice(["adam", "sgd"]))
+@click.option("--momentum", default=0.9, show_default=True, type=float)
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--epochs", default=50, show_default=True, type=int)
+@click.option("--patience", default=5, show_default=True, type=int, help="Early stopping patience (epochs).")
+@command
+def fit_mlp(features, hidden, dropout, lr, weight_decay, optimizer, momentum, batch_size, epochs, patience, **kw):
+    """The one-hidden-layer MLP (256 ReLU units by default), early-stopped on validation rows."""
+    kw.pop("quiet")
+    _run_fit("mlp", features, {"hidden": hidden, "dropout": dropout, "lr": lr, "weight_decay": weight_decay,
+                               "optimizer": optimizer, "momentum": momentum, "batch_size": batch_size,
+                               "epochs": epochs, "patience": patience}, **kw)
+
+
+@main.command()
+@click.argument("head", type=click.Path())
+@click.argument("features", type=click.Path())
+@click.option("--split", default="all", show_default=True, type=click.Choice(["all", "train", "val", "test"]))
+@cache_option
+@quiet_option
+@command
+def evaluate(head, features, split, cache, quiet):
+    """Measure a fitted HEAD on another feature set."""
+    from featx.fit import evaluate as run
+
+    res = run(head, features, split=split, cache=cache)
+    logger.info("accuracy %.4f on %d rows", res.metrics["accuracy"], res.metrics["n"])
+    _emit_path(res.path)
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["svm", "logreg", "mlp"]))
+@click.argument("features", type=click.Path())
+@click.option("--layer", default=None, help="Feature layer (default: the feature set's first).")
+@click.option("--trials", default=20, show_default=True, type=int, help="Trials to add to the study.")
+@click.option("--timeout", default=None, type=float, help="Stop adding trials after S seconds.")
+@click.option("--storage", default=None, help="Optuna storage URL or journal file (default: one under the cache).")
+@click.option("--study", default=None, help="Study name (default: from the features, head and layer).")
+@click.option("--jobs", default=1, show_default=True, type=int, help="Worker processes sharing the study.")
+@click.option("--cv", default=3, show_default=True, type=int, help="Folds when there is no val split.")
+@click.option("--sampler", default="tpe", show_default=True, type=click.Choice(["tpe", "random"]))
+@click.option("--split", default=None, help="Split to make when FEATURES records none (test=0.15).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@device_option
+@cache_option
+@quiet_option
+@command
+def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sampler, split, seed, device, cache, quiet):
+    """Search a head's hyperparameters with Optuna, then refit and save the best."""
+    from featx.search import search as run
+
+    res = run(features, kind, layer=layer, trials=trials, timeout=timeout, storage=storage, study=study, jobs=jobs,
+              cv=cv, sampler=sampler, seed=seed, split=split, device=device, cache=cache)
+    s = res.search
+    logger.info("study %s: %d trials (%d finished, %d pruned, %d failed); best validation accuracy %.4f; "
+                "refit head test accuracy %.4f", s["study"], s["trials"], s["finished"], s["pruned"], s["failed"],
+                s["best_value"], res.metrics["test_accuracy"])
+    _emit_path(res.path)
+
+
 @main.command()
 @click.option("--weights", default=None, help="imagenet, random, or a state-dict file (default: imagenet if available).")
 @cache_option

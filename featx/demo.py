@@ -45,12 +45,19 @@ def _say(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def run_demo(*, weights: str | None = None, cache: str | os.PathLike | None = None, device: str = "auto") -> Path:
-    """Run the demo and return the directory of its last output."""
+def run_demo(*, weights: str | None = None, cache: str | os.PathLike | None = None, device: str = "auto",
+             limit: int | None = None) -> Path:
+    """Run the demo and return the directory of its last output.
+
+    Args:
+        weights: ``imagenet``, ``random`` or a state-dict path; default: ImageNet if available, else random
+            (with a notice).
+        limit: use only the first ``limit`` digits (tests); default all 1,797.
+    """
     from featx.extract import extract
 
     root = cache_root(cache)
-    data = write_digits(root / "demo" / "digits")
+    data = write_digits(root / "demo" / ("digits" if limit is None else f"digits-{limit}"), limit=limit)
     kw = dict(layers=["pool5"], split="test=0.15,val=0.1", seed=0, cache=root, device=device)
     if weights is None:
         try:
@@ -68,13 +75,60 @@ def run_demo(*, weights: str | None = None, cache: str | os.PathLike | None = No
     lines = [
         "",
         "featx demo summary",
-        f"  data      scikit-learn digits: {m['n_images']} images, {len(m['classes'])} classes, "
-        f"split {m['counts']}",
-        f"  features  alexnet pool5 ({m['dims']['pool5']} values per image), {weights} weights, "
-        f"{m['timings']['images_per_s']} images/s this run" if res.computed else
-        f"  features  alexnet pool5 ({m['dims']['pool5']} values per image), {weights} weights (from the cache)",
+        f"  data      scikit-learn digits: {m['n_images']} images, {len(m['classes'])} classes, split {m['counts']}",
+        f"  features  alexnet pool5 ({m['dims']['pool5']} values per image), {weights} weights"
+        + (f", {m['timings']['images_per_s']} images/s" if res.computed else " (from the cache)"),
         f"  skipped   {len(m['skipped'])} file(s)",
-        f"  output    {res.path}",
     ]
+    last = res.path
+    heads = _fit_heads(res.path, root, device, lines)
+    last = _search(res.path, root, device, lines) or last
+    last = _finetune_and_predict(heads, last, root, device, lines, data) or last
+    lines.append(f"  output    {last}")
+    if weights == "random":
+        lines.append("  note      random weights: these accuracies show the pipeline working, not what pretrained "
+                     "ImageNet features reach.")
     _say("\n".join(lines))
-    return res.path
+    return last
+
+
+def _fit_heads(features: Path, root: Path, device: str, lines: list[str]) -> dict[str, Path]:
+    from featx.fit import fit_head
+
+    out = {}
+    for kind, params in (("svm", {"C": 0.01}), ("logreg", {"C": 1.0}), ("mlp", {"hidden": 256, "epochs": 30})):
+        r = fit_head(features, kind, params=params, cache=root, device=device)
+        out[kind] = r.path
+        m = r.metrics
+        lines.append(f"  fit {kind:<6} test accuracy {m['test_accuracy']:.3f} (train {m['train_accuracy']:.3f}, "
+                     f"{m['fit_seconds']:.1f}s)")
+    return out
+
+
+def _search(features: Path, root: Path, device: str, lines: list[str]) -> Path | None:
+    from featx.search import search
+
+    r = search(features, "logreg", trials=8, cache=root, device=device)
+    s = r.search
+    lines.append(f"  search    logreg, {s['trials']} trials in study {s['study']}: best validation accuracy "
+                 f"{s['best_value']:.3f} (C={s['best_params']['C']:.3g}, {s['best_params']['scale']}), "
+                 f"refit test accuracy {r.metrics['test_accuracy']:.3f}")
+    return r.path
+
+
+def _finetune_and_predict(heads: dict[str, Path], last: Path, root: Path, device: str, lines: list[str],
+                          data: Path) -> Path | None:
+    try:
+        from featx.finetune import finetune
+        from featx.predict import predict
+    except ImportError:  # the fine-tuning stage is not part of this build
+        return None
+    r = finetune(heads["logreg"], epochs=1, unfreeze="fc", cache=root, device=device)
+    m = r.metrics
+    lines.append(f"  finetune  1 epoch from the logreg head: test accuracy {m['initial_test_accuracy']:.3f} before, "
+                 f"{m['test_accuracy']:.3f} after")
+    imgs = sorted(data.rglob("*.png"))[::400][:4]
+    preds = predict(r.path, [str(p) for p in imgs], device=device)
+    shown = ", ".join(f"{Path(p['path']).parent.name}/{Path(p['path']).name} -> {p.get('predicted')}" for p in preds)
+    lines.append(f"  predict   {shown}")
+    return r.path

@@ -1,0 +1,507 @@
+"""``featx fit`` and ``featx evaluate``: a head on cached features, measured and saved.
+
+A head directory ``<cache>/heads/<key>/`` holds the classifier (``head.json`` + ``head.npz``, or ``head.joblib``
+for the RBF SVC, written by :func:`featx.heads.save_head`), the feature scaling (``scaler.npz``), ``featx-head.json``
+(kind, layer, parameters, the source feature set and what it depends on, sha256 of every file) and
+``metrics.json``, ``confusion.png`` and, for the MLP, ``curve.png``.  Everything loads without running code.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+import featx
+from featx.cache import atomic_write_json, cache_root, canonical_json, hash_key, read_json, sha256_file, temp_path
+from featx.errors import DataError, IntegrityError, UsageError
+from featx.store import FeatureSet
+
+logger = logging.getLogger(__name__)
+
+HEAD_KINDS = ("svm", "logreg", "mlp")
+SCALES = ("standard", "l2", "none")
+META = "featx-head.json"
+
+
+# ------------------------------------------------------------------------------------------------ scaling
+
+@dataclass
+class Scaler:
+    """Feature scaling fitted on the train rows: ``standard`` ((x - mean) / std), ``l2`` (unit rows) or ``none``.
+
+    Applied in place, chunk by chunk, so scaling never needs a second copy of the matrix.
+    """
+
+    kind: str = "standard"
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCALES:
+            raise UsageError(f"--scale {self.kind!r}: use one of {', '.join(SCALES)}")
+
+    def fit_chunks(self, chunks: Iterator[np.ndarray]) -> "Scaler":
+        if self.kind != "standard":
+            return self
+        n, s, ss = 0, None, None
+        for X in chunks:
+            X64 = X.astype(np.float64)
+            s = X64.sum(0) if s is None else s + X64.sum(0)
+            ss = (X64 * X64).sum(0) if ss is None else ss + (X64 * X64).sum(0)
+            n += len(X)
+        if not n:
+            raise DataError("no training rows to fit the feature scaling on")
+        mean = s / n
+        var = np.maximum(ss / n - mean * mean, 0.0)
+        std = np.sqrt(var)
+        std[std < 1e-12 * max(1.0, float(np.abs(mean).max(initial=0)))] = 1.0  # constant features stay as they are
+        self.mean, self.scale = mean.astype(np.float32), std.astype(np.float32)
+        return self
+
+    def fit(self, X: np.ndarray) -> "Scaler":
+        return self.fit_chunks(iter([X[a:a + 4096] for a in range(0, len(X), 4096)]))
+
+    def transform_(self, X: np.ndarray) -> np.ndarray:
+        """Scale ``X`` in place (and return it)."""
+        for a in range(0, len(X), 4096):
+            block = X[a:a + 4096]
+            if self.kind == "standard":
+                block -= self.mean
+                block /= self.scale
+            elif self.kind == "l2":
+                norms = np.linalg.norm(block, axis=1, keepdims=True)
+                block /= np.maximum(norms, 1e-12)
+        return X
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {} if self.kind != "standard" else {"mean": self.mean, "scale": self.scale}
+
+    def affine(self, d: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(weight, bias)`` with ``scaled = x * weight + bias``, or None for ``l2`` (not affine)/``none``."""
+        if self.kind == "standard":
+            w = (1.0 / self.scale).astype(np.float32)
+            return w, (-self.mean * w).astype(np.float32)
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+@dataclass
+class Rows:
+    """The rows of one feature set used by a head: which are train/val/test, and their labels."""
+
+    fs: FeatureSet
+    layer: str
+    splits: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+
+    def mask(self, name: str) -> np.ndarray:
+        return self.splits == name
+
+    def load(self, name: str, scaler: Scaler | None = None) -> np.ndarray:
+        X = self.fs.load(self.layer, mask=self.mask(name))
+        _check_finite(X, name)
+        return scaler.transform_(X) if scaler is not None else X
+
+    def chunks(self, name: str, scaler: Scaler | None = None) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
+        def gen():
+            for X, y in self.fs.iter_chunks(self.layer, mask=self.mask(name)):
+                X = np.array(X, dtype=np.float32, copy=True)
+                _check_finite(X, name)
+                yield (scaler.transform_(X) if scaler is not None else X), y
+        return gen
+
+
+def _check_finite(X: np.ndarray, name: str) -> None:
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        raise DataError(f"{int(bad.sum())} {name} row(s) hold NaN or infinite feature values: "
+                        f"re-extract them or drop them before fitting")
+
+
+def open_rows(features: str | os.PathLike, layer: str | None = None, *, split: str | None = None,
+              seed: int = 0) -> Rows:
+    """Open a feature set (or HDF5 file) for fitting: check the layer, resolve the splits.
+
+    Without a recorded split (a plain HDF5 file), a stratified ``split`` (default ``test=0.15``) is made with ``seed``.
+    """
+    from featx.data import _stratified, parse_split
+
+    fs = FeatureSet(features)
+    if layer is None:
+        layer = fs.layers[0] if fs.layers else "pool5"
+    fs.check_layer(layer)
+    labels = fs.labels()
+    if fs.dim(layer) < 1:
+        raise DataError(f"layer {layer!r} has no feature columns")
+    splits = fs.splits()
+    if splits is None:
+        fractions = parse_split(split)
+        splits = np.asarray(_stratified(labels.tolist(), fractions, seed), dtype=object)
+        logger.info("%s records no split: made a stratified one (%s, seed %d)", fs.path.name, fractions, seed)
+    else:
+        bad = sorted(set(splits.tolist()) - {"train", "val", "test"})
+        if bad:
+            raise DataError(f"split values must be train, val or test; found {bad[:3]}")
+    if labels.min(initial=0) < 0:
+        raise DataError("labels must be non-negative integers")
+    classes = fs.classes
+    if len(classes) <= int(labels.max(initial=0)):
+        classes = [str(i) for i in range(int(labels.max()) + 1)]
+    rows = Rows(fs, layer, splits, labels, classes)
+    n_train = int(rows.mask("train").sum())
+    if n_train == 0:
+        raise DataError(f"{fs.path.name} has no train rows")
+    if int(rows.mask("test").sum()) == 0:
+        raise DataError(f"{fs.path.name} has no test rows: the head must be measured on rows it never saw "
+                        f"(extract with --split test=0.15, or give a split dataset)")
+    if len(np.unique(labels[rows.mask("train")])) < 2:
+        raise DataError("the train rows hold only one class: a classifier needs at least two")
+    return rows
+
+
+def source_identity(rows: Rows) -> dict:
+    """What a head depends on: the features it was fit on."""
+    ident = rows.fs.identity(rows.layer)
+    if rows.fs.kind == "featx":
+        return {"features": str(rows.fs.path), "key": rows.fs.key, **ident, "dim": rows.fs.dim(rows.layer)}
+    return {"features": str(rows.fs.path), "sha256": sha256_file(rows.fs.path), "layer": rows.layer,
+            "dim": rows.fs.dim(rows.layer)}
+
+
+# ------------------------------------------------------------------------------------------------ heads
+
+def make_head(kind: str, params: dict[str, Any]):
+    """A head estimator of ``kind`` with ``params`` (unknown parameters are a UsageError)."""
+    from featx import heads
+
+    cls = {"svm": heads.SVMHead, "logreg": heads.LogisticHead, "mlp": heads.MLPHead}.get(kind)
+    if cls is None:
+        raise UsageError(f"unknown head {kind!r}: use one of {', '.join(HEAD_KINDS)}")
+    valid = cls().get_params()
+    bad = sorted(set(params) - set(valid))
+    if bad:
+        raise UsageError(f"{kind} has no parameter {bad[0]!r}: its parameters are {', '.join(sorted(valid))}")
+    return cls(**params)
+
+
+def _resolve_device(device: str) -> str:
+    from featx.extract import resolve_device
+
+    return resolve_device(device).type
+
+
+def _available_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+@dataclass
+class FitResult:
+    path: Path
+    metrics: dict
+    computed: bool
+    estimator: Any = field(default=None, repr=False)
+
+
+def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None, params: dict | None = None,
+             scale: str = "standard", split: str | None = None, seed: int = 0, device: str = "auto",
+             cache: str | os.PathLike | None = None, stream: bool | None = None,
+             rows: Rows | None = None, extra_meta: dict | None = None,
+             extra_files: Callable[[Path], None] | None = None) -> FitResult:
+    """Fit a head of ``kind`` on ``layer`` of ``features``'s train rows, measure it on the test rows, save it.
+
+    Args:
+        features: a feature-set directory or an HDF5 file.
+        kind: ``svm``, ``logreg`` or ``mlp``.
+        params: the head's parameters (e.g. ``{"C": 0.1}``, ``{"hidden": 256, "epochs": 30}``).
+        scale: ``standard`` (default: train rows' mean/std), ``l2`` or ``none``.
+        split, seed: the split to make when the features record none.
+        device: where torch heads compute. stream: fit chunk by chunk (default: only when the train rows would
+            not fit in half the available memory).
+        rows: already-opened rows (the search reuses them).
+        extra_meta: more entries for ``metrics.json`` (and the key), e.g. the search's summary.
+        extra_files: called with the head's unfinished directory to add files (plots) before it is published.
+
+    Returns:
+        :class:`FitResult` with the head's directory.
+
+    Raises:
+        DataError, UsageError.
+    """
+    params = dict(params or {})
+    rows = rows or open_rows(features, layer, split=split, seed=seed)
+    dev = _resolve_device(device)
+    est = make_head(kind, {**params, **({"random_state": seed} if "random_state" not in params else {}),
+                           **({"device": dev} if "device" in make_head(kind, {}).get_params() else {})})
+    scaler = Scaler(scale)
+    source = source_identity(rows)
+    resolved = {k: v for k, v in est.get_params().items() if k not in ("device", "epoch_callback")}
+    key = hash_key({"source": source, "split": rows.splits.tolist() if rows.fs.kind == "h5" else None,
+                    "kind": kind, "params": resolved, "scale": scale, "seed": seed,
+                    "featx": featx.__version__.split(".")[0], "extra": extra_meta})
+    out = cache_root(cache) / "heads" / key
+    done = read_json(out / "metrics.json")
+    if isinstance(done, dict) and (out / META).exists():
+        logger.info("head %s is already fitted", key)
+        return FitResult(out, done, False)
+    n_train = int(rows.mask("train").sum())
+    d = rows.fs.dim(rows.layer)
+    if stream is None:
+        stream = n_train * d * 4 > _available_bytes() // 2
+    t0 = time.perf_counter()
+    scaler.fit_chunks(X for X, _ in rows.chunks("train")())
+    has_val = bool(rows.mask("val").any())
+    if stream:
+        logger.info("fitting %s chunk by chunk (%d x %d train rows)", kind, n_train, d)
+        val = (rows.load("val", scaler), rows.labels[rows.mask("val")]) if has_val else None
+        est.fit_stream(rows.chunks("train", scaler), classes=np.arange(len(rows.classes)), n_features=d, val=val)
+    else:
+        X = rows.load("train", scaler)
+        y = rows.labels[rows.mask("train")]
+        if kind == "mlp" and has_val:
+            est.fit(X, y, X_val=rows.load("val", scaler), y_val=rows.labels[rows.mask("val")])
+        else:
+            est.fit(X, y)
+        del X
+    fit_s = time.perf_counter() - t0
+    metrics = measure(est, rows, scaler, classes=rows.classes)
+    metrics.update({"kind": kind, "layer": rows.layer, "scale": scale, "params": _jsonable(resolved),
+                    "fit_seconds": round(fit_s, 3), "source": source, "seed": seed,
+                    "rows": {s: int(rows.mask(s).sum()) for s in ("train", "val", "test")},
+                    "streamed": bool(stream)})
+    if hasattr(est, "history_"):
+        metrics["curve"] = _jsonable(est.history_)
+        metrics["best_epoch"] = int(getattr(est, "best_epoch_", -1))
+    if extra_meta:
+        metrics.update(extra_meta)
+    save_fitted(out, est, scaler, kind=kind, layer=rows.layer, source=source, classes=rows.classes,
+                params=resolved, metrics=metrics, extra_files=extra_files)
+    logger.info("%s on %s: test accuracy %.4f (train %.4f), fit %.2fs", kind, rows.layer,
+                metrics["test_accuracy"], metrics["train_accuracy"], fit_s)
+    return FitResult(out, metrics, True, est)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+def scores(est, X: np.ndarray) -> np.ndarray:
+    """Per-class scores [n, k] (probabilities or decision values) for top-k accuracy."""
+    s = est.predict_proba(X) if hasattr(est, "predict_proba") else est.decision_function(X)
+    s = np.asarray(s)
+    if s.ndim == 1:  # binary decision_function
+        s = np.stack([-s, s], axis=1)
+    return s
+
+
+def metrics_for(y: np.ndarray, pred: np.ndarray, sc: np.ndarray | None, est_classes: np.ndarray,
+                classes: list[str]) -> dict:
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    k = len(classes)
+    out = {"accuracy": float(np.mean(pred == y)) if len(y) else float("nan"),
+           "macro_f1": float(f1_score(y, pred, labels=np.arange(k), average="macro", zero_division=0)),
+           "n": int(len(y))}
+    if sc is not None and k > 5:
+        top = np.asarray(est_classes)[np.argsort(-sc, axis=1)[:, :5]]
+        out["top5_accuracy"] = float(np.mean((top == y[:, None]).any(axis=1)))
+    cm = confusion_matrix(y, pred, labels=np.arange(k))
+    out["confusion"] = cm.tolist()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per = np.diag(cm) / cm.sum(axis=1)
+    out["per_class_accuracy"] = {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, per)}
+    return out
+
+
+def measure(est, rows: Rows, scaler: Scaler, *, classes: list[str]) -> dict:
+    """Train and test metrics of a fitted head (test rows are only ever predicted)."""
+    out: dict[str, Any] = {}
+    for name in ("train", "test"):
+        if not rows.mask(name).any():
+            continue
+        preds, ys, scs = [], [], []
+        for X, y in rows.chunks(name, scaler)():
+            preds.append(est.predict(X))
+            scs.append(scores(est, X))
+            ys.append(y)
+        y = np.concatenate(ys)
+        m = metrics_for(y, np.concatenate(preds), np.concatenate(scs), est.classes_, classes)
+        if name == "train":
+            out["train_accuracy"] = m["accuracy"]
+        else:
+            out["test_accuracy"] = m["accuracy"]
+            out["macro_f1"] = m["macro_f1"]
+            if "top5_accuracy" in m:
+                out["top5_accuracy"] = m["top5_accuracy"]
+            out["per_class_accuracy"] = m["per_class_accuracy"]
+            out["confusion_matrix"] = m["confusion"]
+    out["classes"] = list(classes)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+def save_fitted(out: Path, est, scaler: Scaler, *, kind: str, layer: str, source: dict, classes: list[str],
+                params: dict, metrics: dict, extra_files: Callable[[Path], None] | None = None) -> None:
+    """Write a head directory; files appear under a temporary directory renamed into place at the end."""
+    from featx.heads import save_head
+    from featx.plots import plot_confusion, plot_curve
+
+    tmp = temp_path(out.with_name(out.name + ".partial"))
+    tmp.unlink()
+    tmp.mkdir()
+    try:
+        save_head(est, tmp)
+        np.savez(tmp / "scaler.npz", **scaler.arrays())
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta = {"featx_version": featx.__version__, "kind": kind, "layer": layer, "scale": scaler.kind,
+                "params": _jsonable(params), "classes": list(classes), "source": source, "files": files,
+                "n_features": int(source.get("dim", getattr(est, "n_features_in_", 0)))}
+        atomic_write_json(tmp / META, meta)
+        atomic_write_json(tmp / "metrics.json", metrics)
+        plot_confusion(np.asarray(metrics["confusion_matrix"]), classes, tmp / "confusion.png",
+                       title=f"{kind} on {layer}: test accuracy {metrics['test_accuracy']:.3f}")
+        if metrics.get("curve"):
+            plot_curve(metrics["curve"], tmp / "curve.png", title=f"{kind} on {layer}")
+        if extra_files is not None:
+            extra_files(tmp)
+        if out.exists():  # an unfinished earlier attempt (no metrics.json): replace it
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@dataclass
+class FittedHead:
+    """A saved head loaded back: the estimator, its scaler and metadata."""
+
+    path: Path
+    estimator: Any
+    scaler: Scaler
+    meta: dict
+
+    @property
+    def layer(self) -> str:
+        return self.meta["layer"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+
+def load_fitted(path: str | os.PathLike) -> FittedHead:
+    """Load a head directory, checking every file's sha256 first.
+
+    Raises:
+        DataError: not a head directory.  IntegrityError: a file changed since it was written.
+    """
+    from featx.heads import load_head
+
+    path = Path(path).expanduser().absolute()
+    meta = read_json(path / META)
+    if not isinstance(meta, dict):
+        raise DataError(f"{str(path)!r} is not a featx head (no readable {META}): give a directory printed by featx fit")
+    for name, digest in meta.get("files", {}).items():
+        f = path / name
+        if not f.exists():
+            raise IntegrityError(f"head {path.name}: {name} is missing")
+        if sha256_file(f) != digest:
+            raise IntegrityError(f"head {path.name}: {name} was modified after it was written (sha256 differs); refit it")
+    est = load_head(path)
+    with np.load(path / "scaler.npz", allow_pickle=False) as z:
+        scaler = Scaler(meta["scale"], z["mean"] if "mean" in z else None, z["scale"] if "scale" in z else None)
+    return FittedHead(path, est, scaler, meta)
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+def evaluate(head: str | os.PathLike, features: str | os.PathLike, *, split: str = "all",
+             cache: str | os.PathLike | None = None) -> FitResult:
+    """Measure a saved head on another feature set's rows (``split``: ``all``, ``train``, ``val`` or ``test``).
+
+    Raises:
+        DataError: the feature set was made with another backbone, weights, layer or transform (the message says
+            which), or its classes or dimensions differ.
+    """
+    fh = load_fitted(head)
+    fs = FeatureSet(features)
+    layer = fh.layer
+    fs.check_layer(layer)
+    src = fh.meta["source"]
+    if fs.kind == "featx" and "backbone" in src:
+        mine = fs.identity(layer)
+        for what in ("backbone", "weights", "layer", "preprocess"):
+            if mine.get(what) != src.get(what):
+                raise DataError(f"cannot evaluate: the feature set was made with another {what} "
+                                f"({_short(mine.get(what))} vs the head's {_short(src.get(what))})")
+    elif fs.kind == "featx" or "backbone" in src:
+        raise DataError("cannot evaluate: one of the head and the features comes from a plain HDF5 file, the other "
+                        "from featx extract; their backbone, weights and transform cannot be checked")
+    if fs.dim(layer) != fh.meta["n_features"]:
+        raise DataError(f"cannot evaluate: {layer} has {fs.dim(layer)} values per row here, the head expects "
+                        f"{fh.meta['n_features']}")
+    if list(fs.classes) != list(fh.classes):
+        raise DataError(f"cannot evaluate: the feature set's classes {fs.classes[:5]}... differ from the head's "
+                        f"{fh.classes[:5]}...")
+    splits = fs.splits()
+    if split == "all":
+        mask = np.ones(fs.n_rows, dtype=bool)
+    elif splits is None:
+        raise DataError(f"{fs.path.name} records no split; use --split all")
+    else:
+        mask = splits == split
+    if not mask.any():
+        raise DataError(f"no {split} rows in {fs.path.name}")
+    preds, ys, scs = [], [], []
+    for X, y in fs.iter_chunks(layer, mask=mask):
+        X = np.array(X, dtype=np.float32, copy=True)
+        _check_finite(X, split)
+        fh.scaler.transform_(X)
+        preds.append(fh.estimator.predict(X))
+        scs.append(scores(fh.estimator, X))
+        ys.append(y)
+    y = np.concatenate(ys)
+    m = metrics_for(y, np.concatenate(preds), np.concatenate(scs), fh.estimator.classes_, fh.classes)
+    key = hash_key({"head": fh.meta["files"], "features": fs.key or sha256_file(fs.path), "split": split})
+    out = cache_root(cache) / "evaluations" / key
+    metrics = {"head": str(fh.path), "features": str(fs.path), "split": split, "accuracy": m["accuracy"],
+               "macro_f1": m["macro_f1"], **({"top5_accuracy": m["top5_accuracy"]} if "top5_accuracy" in m else {}),
+               "per_class_accuracy": m["per_class_accuracy"], "confusion_matrix": m["confusion"], "n": m["n"]}
+    from featx.plots import plot_confusion
+
+    out.mkdir(parents=True, exist_ok=True)
+    plot_confusion(np.asarray(m["confusion"]), fh.classes, out / "confusion.png",
+                   title=f"{fh.meta['kind']} on {fs.path.name} ({split}): accuracy {m['accuracy']:.3f}")
+    atomic_write_json(out / "metrics.json", metrics)
+    return FitResult(out, metrics, True, fh.estimator)
+
+
+def _short(v) -> str:
+    s = v if isinstance(v, str) else canonical_json(v)
+    return s if len(s) <= 80 else s[:77] + "..."

@@ -1,0 +1,74 @@
+"""PNG plots saved beside each output: confusion matrices, training curves, search histories.
+
+matplotlib runs headless (Agg) and is imported only when a plot is drawn.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    from featx.cache import temp_path
+
+    path = Path(path)
+    tmp = temp_path(path)
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike, *, title: str = "") -> None:
+    """Row-normalized confusion matrix (true class per row), counts written in cells when there is room."""
+    plt = _plt()
+    k = len(classes)
+    cm = np.asarray(cm, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.nan_to_num(cm / cm.sum(axis=1, keepdims=True))
+    size = min(12.0, 3.0 + 0.35 * k)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if k <= 40:
+        ax.set_xticks(range(k), [str(c) for c in classes], rotation=90, fontsize=7)
+        ax.set_yticks(range(k), [str(c) for c in classes], fontsize=7)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_curve(history: Sequence[dict], path: str | os.PathLike, *, title: str = "") -> None:
+    """Loss and accuracy per epoch (whatever of train/val/test loss and accuracy the history holds)."""
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+    for key in sorted({k for h in history for k in h}):
+        vals = [h.get(key) for h in history]
+        if not all(isinstance(v, (int, float)) for v in vals) or key in ("epoch", "seconds", "lr"):
+            continue
+        ax = a1 if "loss" in key else a2 if "acc" in key else None
+        if ax is not None:
+            ax.plot(epochs, vals, label=key, marker=".")
+    a1.set_xlabel("epoch"); a1.set_ylabel("loss"); a1.legend(fontsize=7)
+    a2.set_xlabel("epoch"); a2.set_ylabel("accuracy"); a2.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,410 @@
+"""``featx search``: Optuna searches over a head's hyperparameters, resumable, parallel, shareable.
+
+The objective is validation accuracy (the val split when the feature set has one, else stratified K-fold on the
+train rows); test rows are never loaded by a trial.  Each worker process loads and scales the data once and
+keeps it for all its trials (per scaling choice and fold); the linear SVM reuses its Gram matrix across C values.
+When the trials are done, the best parameters are refit on all train rows and saved as a head exactly as
+``featx fit`` does, with a ``search`` section in ``metrics.json`` and plots of the search.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import featx
+from featx.cache import cache_root
+from featx.errors import DataError, FeatxError, UsageError
+from featx.fit import HEAD_KINDS, Rows, Scaler, fit_head, make_head, open_rows, source_identity
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "random")
+
+# The search spaces (documented in docs/search.md).
+SVM_C = (1e-5, 1e2)
+LOGREG_C = (1e-4, 1e3)
+MLP_SPACE = {"hidden": [64, 128, 256, 512, 1024], "dropout": (0.0, 0.7), "lr": (1e-4, 3e-2),
+             "weight_decay": (1e-6, 1e-2), "batch_size": [32, 64, 128, 256], "epochs": 40}
+
+
+def suggest(trial, kind: str, *, scales: tuple[str, ...] = ("standard", "l2", "none")) -> tuple[str, dict]:
+    """Sample (scale, head params) for ``kind`` from its search space."""
+    scale = trial.suggest_categorical("scale", list(scales))
+    if kind == "svm":
+        return scale, {"C": trial.suggest_float("C", *SVM_C, log=True)}
+    if kind == "logreg":
+        return scale, {"C": trial.suggest_float("C", *LOGREG_C, log=True)}
+    if kind == "mlp":
+        return scale, {
+            "hidden": trial.suggest_categorical("hidden", MLP_SPACE["hidden"]),
+            "dropout": trial.suggest_float("dropout", *MLP_SPACE["dropout"]),
+            "lr": trial.suggest_float("lr", *MLP_SPACE["lr"], log=True),
+            "weight_decay": trial.suggest_float("weight_decay", *MLP_SPACE["weight_decay"], log=True),
+            "batch_size": trial.suggest_categorical("batch_size", MLP_SPACE["batch_size"]),
+            "epochs": MLP_SPACE["epochs"],
+        }
+    raise UsageError(f"unknown head {kind!r}: use one of {', '.join(HEAD_KINDS)}")
+
+
+# ------------------------------------------------------------------------------------------------ storage
+
+def default_storage(cache: str | os.PathLike | None) -> str:
+    """A journal file under the cache: safe for several local processes (file locks, no 'database is locked')."""
+    path = cache_root(cache) / "studies" / "featx.journal"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def open_storage(url: str):
+    """An Optuna storage from a URL (``sqlite:///``, ``postgresql://``, ``mysql://``) or a journal file path
+    (``*.journal``, ``*.log``, or ``journal:PATH``)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    try:
+        if "://" not in url or url.startswith("journal:"):
+            path = url[len("journal:"):] if url.startswith("journal:") else url
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            # open() locks work on every filesystem the journal may live on, NFS included
+            backend = JournalFileBackend(str(Path(path).expanduser()), lock_obj=JournalFileOpenLock(str(Path(path).expanduser())))
+            return JournalStorage(backend)
+        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
+    except FeatxError:
+        raise
+    except Exception as e:
+        raise UsageError(f"cannot open the study storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def study_name_for(rows: Rows, kind: str) -> str:
+    src = rows.fs.key or source_identity(rows).get("sha256", "")[:20]
+    return f"featx-{kind}-{rows.layer}-{src[:12]}"
+
+
+def _open_study(storage_url: str, name: str, *, attrs: dict, sampler: str, seed: int, kind: str, create: bool):
+    import optuna
+
+    storage = open_storage(storage_url)
+    smp = optuna.samplers.TPESampler(seed=seed, multivariate=True) if sampler == "tpe" \
+        else optuna.samplers.RandomSampler(seed=seed)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3) if kind == "mlp" \
+        else optuna.pruners.NopPruner()
+    try:
+        if create:
+            study = optuna.create_study(study_name=name, storage=storage, sampler=smp, pruner=pruner,
+                                        direction="maximize", load_if_exists=True)
+        else:
+            study = optuna.load_study(study_name=name, storage=storage, sampler=smp, pruner=pruner)
+    except FeatxError:
+        raise
+    except Exception as e:
+        raise UsageError(f"cannot open study {name!r} in {storage_url!r}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    have = study.user_attrs
+    if have:
+        for k in ("featx_source", "kind", "layer"):
+            if k in have and have[k] != attrs[k]:
+                raise UsageError(f"study {name!r} in {storage_url} was made for another {k.replace('featx_', '')} "
+                                 f"({have[k]!r}, not {attrs[k]!r}); pick another --study name")
+    elif create:
+        for k, v in attrs.items():
+            study.set_user_attr(k, v)
+    return study
+
+
+# ------------------------------------------------------------------------------------------------ objective
+
+class Objective:
+    """Validation accuracy of one trial; data loaded once and kept across trials (per scaling and fold)."""
+
+    def __init__(self, rows: Rows, kind: str, *, cv: int, seed: int, device: str):
+        self.rows, self.kind, self.cv, self.seed, self.device = rows, kind, cv, seed, device
+        self.has_val = bool(rows.mask("val").any())
+        self._raw: np.ndarray | None = None
+        self._scaled: dict[str, np.ndarray] = {}
+        self._problems: dict[Any, Any] = {}
+        y = rows.labels[rows.mask("train")]
+        self.y_train = y
+        if self.has_val:
+            self.y_val = rows.labels[rows.mask("val")]
+        else:
+            from sklearn.model_selection import StratifiedKFold
+
+            counts = np.bincount(y)
+            k = max(2, min(cv, int(counts[counts > 0].min()))) if counts.size else 2
+            if k != cv:
+                logger.info("using %d folds: the smallest class has %d train rows", k, int(counts[counts > 0].min()))
+            self.folds = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+    def data(self, scale: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(scaled train rows, scaled val rows or None), computed once per scaling choice."""
+        if scale not in self._scaled:
+            scaler = Scaler(scale)
+            scaler.fit_chunks(X for X, _ in self.rows.chunks("train")())
+            self._scaled[scale] = self.rows.load("train", scaler)
+            if self.has_val:
+                self._scaled[scale + ":val"] = self.rows.load("val", scaler)
+        return self._scaled[scale], self._scaled.get(scale + ":val")
+
+    def _fit(self, params: dict, X, y, *, problem_key=None, **fit_kw):
+        est = make_head(self.kind, {**params, "random_state": self.seed,
+                                    **({"device": self.device} if "device" in make_head(self.kind, {}).get_params() else {})})
+        problem = None
+        if problem_key is not None and self.kind == "svm":
+            problem = self._problem(problem_key, X)
+        if problem is not None:
+            return est.fit(X, y, problem=problem)
+        return est.fit(X, y, **fit_kw)
+
+    def _problem(self, key, X):
+        """The SVM's reusable Gram-space problem for these rows (built once, reused across C values)."""
+        from featx import heads
+
+        maker = getattr(heads, "LinearProblem", None)
+        if maker is None:
+            return None
+        if key not in self._problems:
+            self._problems[key] = maker(X)
+        return self._problems[key]
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        scale, params = suggest(trial, self.kind)
+        X, Xv = self.data(scale)
+        if self.kind == "mlp":
+            if self.has_val:
+                Xtr, ytr, Xva, yva = X, self.y_train, Xv, self.y_val
+            else:
+                tr, va = self.folds[0]
+                Xtr, ytr, Xva, yva = X[tr], self.y_train[tr], X[va], self.y_train[va]
+
+            def report(epoch: int, val_accuracy: float) -> None:
+                trial.report(val_accuracy, epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch} (validation accuracy {val_accuracy:.4f})")
+
+            est = self._fit({**params, "epoch_callback": report}, Xtr, ytr, X_val=Xva, y_val=yva)
+            acc = float(np.mean(est.predict(Xva) == yva))
+        elif self.has_val:
+            est = self._fit(params, X, self.y_train, problem_key=(scale, "all"))
+            acc = float(np.mean(est.predict(Xv) == self.y_val))
+        else:
+            accs = []
+            for f, (tr, va) in enumerate(self.folds):
+                est = self._fit(params, X[tr], self.y_train[tr], problem_key=(scale, f))
+                accs.append(float(np.mean(est.predict(X[va]) == self.y_train[va])))
+                trial.report(float(np.mean(accs)), f)
+            acc = float(np.mean(accs))
+        if not math.isfinite(acc):
+            raise RuntimeError("validation accuracy is not finite (the fit diverged)")
+        return acc
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+@dataclass
+class _WorkerArgs:
+    features: str
+    layer: str | None
+    kind: str
+    split: str | None
+    seed: int
+    device: str
+    cv: int
+    storage: str
+    study: str
+    attrs: dict
+    sampler: str
+    n_trials: int
+    timeout: float | None
+    threads: int
+    worker: int
+
+
+def _log_trial(study, trial) -> None:
+    state = trial.state.name.lower()
+    best = None
+    try:
+        best = study.best_value
+    except ValueError:
+        pass
+    if trial.state.name == "COMPLETE":
+        logger.info("trial %d: %.4f %s (best %.4f)", trial.number, trial.value, _fmt(trial.params), best)
+    else:
+        reason = trial.user_attrs.get("fail_reason") or trial.system_attrs.get("fail_reason", "")
+        logger.info("trial %d %s %s %s", trial.number, state, _fmt(trial.params), reason)
+
+
+def _fmt(params: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def _run_worker(a: _WorkerArgs) -> None:
+    """One search worker: open the rows once, run its share of trials on the shared study."""
+    import optuna
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rows = open_rows(a.features, a.layer, split=a.split, seed=a.seed)
+    study = _open_study(a.storage, a.study, attrs=a.attrs, sampler=a.sampler, seed=a.seed + a.worker,
+                        kind=a.kind, create=False)
+    objective = Objective(rows, a.kind, cv=a.cv, seed=a.seed, device=a.device)
+
+    def guarded(trial):
+        try:
+            return objective(trial)
+        except optuna.TrialPruned:
+            raise
+        except (FeatxError, Exception) as e:  # a failed trial is recorded with its reason; the search goes on
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {str(e)[:300]}")
+            raise
+
+    study.optimize(guarded, n_trials=a.n_trials, timeout=a.timeout, catch=(Exception,), callbacks=[_log_trial],
+                   gc_after_trial=False)
+
+
+def _child(a: _WorkerArgs, level: int) -> None:  # pragma: no cover - runs in a spawned process
+    import sys
+
+    logging.basicConfig(level=level, stream=sys.stderr, format=f"featx[w{a.worker}]: %(message)s")
+    try:
+        _run_worker(a)
+    except KeyboardInterrupt:
+        pass
+
+
+@dataclass
+class SearchResult:
+    path: Path
+    study: str
+    storage: str
+    search: dict
+    metrics: dict
+
+
+def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, trials: int = 20,
+           timeout: float | None = None, storage: str | None = None, study: str | None = None, jobs: int = 1,
+           cv: int = 3, sampler: str = "tpe", seed: int = 0, split: str | None = None, device: str = "auto",
+           cache: str | os.PathLike | None = None) -> SearchResult:
+    """Search ``kind``'s hyperparameters on ``features``, then refit the best and save it as a head.
+
+    Args:
+        trials: trials to add (a rerun adds that many more to the same study).
+        timeout: stop adding trials after this many seconds.
+        storage: Optuna storage URL or journal file (default: ``<cache>/studies/featx.journal``).
+        study: study name (default: derived from the feature set, head kind and layer).
+        jobs: worker processes sharing the study. cv: folds when the feature set has no val split.
+        sampler: ``tpe`` or ``random``.
+
+    Returns:
+        :class:`SearchResult` with the best head's directory.
+
+    Raises:
+        UsageError: unknown head or sampler, an unreachable storage, a study made for other features or head.
+        DataError: as :func:`featx.fit.fit_head`.
+    """
+    import optuna
+
+    if kind not in HEAD_KINDS:
+        raise UsageError(f"unknown head {kind!r}: use one of {', '.join(HEAD_KINDS)}")
+    if sampler not in SAMPLERS:
+        raise UsageError(f"--sampler {sampler!r}: use tpe or random")
+    if trials < 0 or jobs < 1 or cv < 2:
+        raise UsageError("--trials must be >= 0, --jobs >= 1 and --cv >= 2")
+    from featx.extract import resolve_device
+
+    dev = resolve_device(device).type
+    rows = open_rows(features, layer, split=split, seed=seed)
+    storage_url = storage or default_storage(cache)
+    name = study or study_name_for(rows, kind)
+    attrs = {"featx_source": rows.fs.key or source_identity(rows).get("sha256", ""), "kind": kind,
+             "layer": rows.layer, "featx_version": featx.__version__, "cv": cv,
+             "objective": "validation accuracy (val split)" if rows.mask("val").any() else f"{cv}-fold CV accuracy on train rows"}
+    st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=True)
+    before = len(st.trials)
+    logger.info("study %s in %s: %d trial(s) so far, adding %d with %d worker(s)", name, storage_url, before, trials, jobs)
+    t0 = time.perf_counter()
+    cores = os.cpu_count() or 1
+    shares = [trials // jobs + (1 if i < trials % jobs else 0) for i in range(jobs)]
+    base = dict(features=str(features), layer=rows.layer, kind=kind, split=split, seed=seed, device=dev, cv=cv,
+                storage=storage_url, study=name, attrs=attrs, sampler=sampler, timeout=timeout)
+    if jobs == 1:
+        if trials:
+            _run_worker(_WorkerArgs(**base, n_trials=trials, threads=0, worker=0))
+    else:
+        ctx = mp.get_context("spawn")  # never fork a process that holds torch's thread pools
+        procs = [ctx.Process(target=_child, args=(_WorkerArgs(**base, n_trials=n, threads=max(1, cores // jobs), worker=i),
+                                                  logging.getLogger("featx").getEffectiveLevel()))
+                 for i, n in enumerate(shares) if n]
+        try:
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:
+            for p in procs:
+                p.join(timeout=30)
+            raise
+    elapsed = time.perf_counter() - t0
+    st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=False)
+    states = [t.state for t in st.trials]
+    S = optuna.trial.TrialState
+    summary = {"study": name, "storage": storage_url, "sampler": sampler, "objective": attrs["objective"],
+               "trials": len(states), "added": len(states) - before,
+               "finished": states.count(S.COMPLETE), "pruned": states.count(S.PRUNED),
+               "failed": states.count(S.FAIL), "seconds": round(elapsed, 2)}
+    complete = [t for t in st.trials if t.state == S.COMPLETE]
+    if not complete:
+        reasons = [t.user_attrs.get("fail_reason", "") for t in st.trials if t.state == S.FAIL][:1]
+        raise DataError(f"no trial of study {name!r} finished ({summary['failed']} failed"
+                        f"{': ' + reasons[0] if reasons and reasons[0] else ''}); nothing to refit")
+    best = st.best_trial
+    summary.update({"best_value": best.value, "best_params": best.params, "best_trial": best.number})
+    logger.info("best trial %d: validation accuracy %.4f with %s; refitting on all train rows",
+                best.number, best.value, _fmt(best.params))
+    params = dict(best.params)
+    scale = params.pop("scale", "standard")
+    if kind == "mlp":
+        params["epochs"] = MLP_SPACE["epochs"]
+
+    def plots(tmp: Path) -> None:
+        _search_plots(st, tmp)
+
+    res = fit_head(features, kind, layer=rows.layer, params=params, scale=scale, split=split, seed=seed,
+                   device=device, cache=cache, rows=rows, extra_meta={"search": summary}, extra_files=plots)
+    return SearchResult(res.path, name, storage_url, summary, res.metrics)
+
+
+def _search_plots(study, out: Path) -> None:
+    """optimization_history.png and param_importances.png (skipped, with a log line, when Optuna cannot draw)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import warnings
+
+    from optuna.visualization import matplotlib as ovm
+
+    for name, fn in (("optimization_history.png", ovm.plot_optimization_history),
+                     ("param_importances.png", ovm.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = fn(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
+            fig.savefig(out / name, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+        except Exception as e:  # e.g. importances need two finished trials with varying parameters
+            logger.info("no %s: %s", name, str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
