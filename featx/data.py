@@ -11,10 +11,13 @@ the row identity that travels into every feature set, head and prediction.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import logging
 import os
+import stat
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,7 +73,7 @@ def parse_split(spec: str | None) -> dict[str, float]:
     """Parse ``--split`` (``"test=0.15"`` or ``"test=0.15,val=0.1"``) into fractions.
 
     Raises:
-        UsageError: on unknown names, fractions outside (0, 1), or fractions summing to 1 or more.
+        UsageError: on unknown or repeated names, fractions outside (0, 1), or fractions summing to 1 or more.
     """
     if spec is None or not str(spec).strip():
         return {"test": 0.15}
@@ -86,6 +89,8 @@ def parse_split(spec: str | None) -> dict[str, float]:
             raise UsageError(f"bad --split {spec!r}: {value!r} is not a number") from None
         if not 0.0 < frac < 1.0:
             raise UsageError(f"bad --split {spec!r}: each fraction must be between 0 and 1 (exclusive)")
+        if name in out:  # "test=0.1,test=0.3" is a typo, not a request for 0.3
+            raise UsageError(f"bad --split {spec!r}: {name} is given twice")
         out[name] = frac
     if sum(out.values()) >= 1.0:
         raise UsageError(f"bad --split {spec!r}: the fractions leave no training rows")
@@ -112,20 +117,28 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _stratified(labels: list[int], fractions: dict[str, float], seed: int) -> list[str]:
-    """Assign each row a split, per class, reproducibly: the same labels and seed give the same split."""
+    """Assign each row a split, per class, reproducibly: the same labels and seed give the same split.
+
+    Each class gives ``round(fraction * n)`` rows to each requested split, but at least one as long as it keeps
+    one training row: otherwise small classes (5 images at ``test=0.1``) would give the split none at all, and
+    a requested split could come out empty.
+    """
     out = ["train"] * len(labels)
     by_class: dict[int, list[int]] = {}
     for i, lab in enumerate(labels):
         by_class.setdefault(lab, []).append(i)
+    # SeedSequence takes only non-negative integers; map a negative --seed onto one (its 64-bit two's
+    # complement) rather than crash, leaving every non-negative seed's split as it was.
+    seed = seed % (1 << 64) if seed < 0 else seed
     for lab, idx in sorted(by_class.items()):
         rng = np.random.default_rng([seed, lab])
         order = [idx[j] for j in rng.permutation(len(idx))]
         n = len(order)
         start = 0
         for name in ("test", "val"):
-            if name not in fractions:
+            if fractions.get(name, 0.0) <= 0.0:
                 continue
-            k = int(round(fractions[name] * n))
+            k = max(1, int(round(fractions[name] * n)))
             k = min(k, n - start - 1)  # every class keeps at least one training row
             for j in order[start:start + max(k, 0)]:
                 out[j] = name
@@ -166,10 +179,17 @@ def discover(data: str | os.PathLike, *, split: str | dict[str, float] | None = 
     names = {p.name for p in subdirs}
     if {"train", "test"} <= names:
         return _from_split_folders(root, subdirs, fractions, seed, str(data))
+    if len(names) >= 2 and names <= set(SPLITS):
+        # train/ + val/ (ImageNet's layout) would otherwise become a two-class problem "train vs val"
+        raise DataError(f"{str(data)!r} holds only split folders ({', '.join(sorted(names))}) but split folders "
+                        f"need both train/ and test/ (val/ optional): add test/, or list the images in a CSV "
+                        f"path,label,split")
     return _from_class_folders(root, subdirs, fractions, seed, str(data))
 
 
-def _check_classes(classes: list[str], data: str) -> None:
+def _check_classes(classes: list[str], data: str, *, csv_file: bool = False) -> None:
+    if not classes and csv_file:
+        raise DataError(f"CSV {data!r} lists no images: expected rows path,label[,split] under its header")
     if not classes:
         raise DataError(f"no images found in {data!r}: expected one subfolder per class holding images "
                         f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -223,14 +243,18 @@ def _from_csv(path: Path, fractions: dict[str, float], seed: int) -> ImageDatase
             fields = [h.strip().lower() for h in (reader.fieldnames or [])]
             if "path" not in fields or "label" not in fields:
                 raise DataError(f"CSV {str(path)!r} needs a header with columns path,label[,split]; it has {fields}")
-            rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+            # reader.line_num is the file's line number, which counting rows is not: the reader skips blank lines
+            rows = [(reader.line_num, {k.strip().lower(): (v or "").strip() for k, v in r.items() if k is not None})
+                    for r in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read CSV {str(path)!r}: {e}") from None
-    rows = [r for r in rows if r.get("path")]
-    has_split = "split" in fields and any(r.get("split") for r in rows)
+    rows = [(n, r) for n, r in rows if any(r.values())]  # a line of empty fields (",,") is padding, not a row
+    has_split = "split" in fields and any(r.get("split") for _, r in rows)
     seen: set[str] = set()
     clean = []
-    for n, r in enumerate(rows, start=2):
+    for n, r in rows:
+        if not r.get("path"):  # dropping it silently would lose an image the user listed
+            raise DataError(f"CSV {str(path)!r} line {n}: empty path")
         p = Path(r["path"])
         rel = p.as_posix() if not p.is_absolute() else (_rel(p, root) if p.is_relative_to(root) else p.as_posix())
         if rel in seen:
@@ -239,11 +263,16 @@ def _from_csv(path: Path, fractions: dict[str, float], seed: int) -> ImageDatase
         if not r["label"]:
             raise DataError(f"CSV {str(path)!r} line {n}: empty label")
         s = r.get("split", "").lower() if has_split else ""
+        if has_split and not s:
+            raise DataError(f"CSV {str(path)!r} line {n}: empty split; fill the split column on every row "
+                            f"(train, val or test) or leave it empty on all of them")
         if has_split and s not in SPLITS:
             raise DataError(f"CSV {str(path)!r} line {n}: split {r.get('split')!r} is not one of train, val, test")
         clean.append((rel, r["label"], s))
     classes = sorted({c for _, c, _ in clean})
-    _check_classes(classes, str(path))
+    _check_classes(classes, str(path), csv_file=True)
+    if has_split:
+        logger.info("using the split column of %s (--split is not applied)", path)
     index = {c: i for i, c in enumerate(classes)}
     clean.sort()
     labels = [index[c] for _, c, _ in clean]
@@ -258,6 +287,9 @@ def fingerprint_file(path: Path) -> tuple[int | None, str]:
     """(size, sha256) of a file; (None, "error:<reason>") when it cannot be read, so the key still changes
     when it is fixed."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            # a FIFO or a link to /dev/zero named like an image: reading it would never end
+            return None, "error:NotRegularFile"
         h = hashlib.sha256()
         size = 0
         with open(path, "rb") as f:
@@ -287,7 +319,11 @@ def _to_8bit_rgb(im: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB, scaling high-bit-depth images instead of clipping them to white."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(im).astype(np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        # Mode "I" is how Pillow opens 16-bit PGM/PPM (and, in older releases, 16-bit PNG): values on the 0..65535
+        # scale, like "I;16".  Judging the scale by the brightest pixel instead made a dark 16-bit image (all
+        # values <= 255) come out 257 times too bright.  Only true 32-bit data is scaled by its own maximum.
+        hi = float(arr.max(initial=0))
+        top = 65535.0 if im.mode.startswith("I;16") or hi <= 65535.0 else hi
         im = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
     elif im.mode == "F":
         im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L")
@@ -296,21 +332,68 @@ def _to_8bit_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int | None):
+    """Make ``max_pixels`` the limit that counts, also when it is above Pillow's own (or None: no limit).
+
+    Pillow checks its global ``Image.MAX_IMAGE_PIXELS`` inside ``Image.open``, before we see the size, so
+    without this a caller's higher limit could never admit an image above Pillow's default.  The global is
+    lifted only in that case, under a lock (so that concurrent calls restore it in order), and restored after;
+    a limit at or below Pillow's needs nothing, since :func:`open_rgb` checks it itself.
+    """
+    current = Image.MAX_IMAGE_PIXELS
+    if current is None or (max_pixels is not None and max_pixels <= current):
+        yield
+        return
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_file(p: Path) -> None:
+    """Reject what is not a non-empty regular file, with the reason, before any decoder sees it."""
+    try:
+        st = p.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise BadImage("dangling symbolic link" if p.is_symlink() else "missing file") from None
+    except PermissionError:
+        raise
+    except OSError:  # ELOOP: a link that leads back to itself leads nowhere either
+        if p.is_symlink():
+            raise BadImage("dangling symbolic link") from None
+        raise
+    if stat.S_ISDIR(st.st_mode):
+        raise BadImage("is a directory")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the decoder; a link to /dev/zero would never end
+        raise BadImage("not a regular file (a pipe, socket or device)")
+    if st.st_size == 0:
+        raise BadImage("empty file")
+
+
 def open_rgb(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an image file to an RGB Pillow image, EXIF orientation applied (first frame of an animation).
+
+    Args:
+        path: the file.
+        max_pixels: width x height above which the file is skipped as a decompression bomb, before its pixels
+            are decoded; None for no limit.  This is the limit that applies, above or below Pillow's own.
 
     Raises:
         BadImage: with a short reason (empty, not an image, truncated, decompression bomb, dangling link, ...).
     """
     p = Path(path)
-    if p.is_symlink() and not p.exists():
-        raise BadImage("dangling symbolic link")
     try:
-        if p.is_dir():
-            raise BadImage("is a directory")
-        if p.stat().st_size == 0:
-            raise BadImage("empty file")
-        with warnings.catch_warnings():
+        # Everything that touches the file is inside the try: even lstat() raises PermissionError in a folder
+        # we may not search, and that must cost one file, not the caller.
+        _check_file(p)
+        with warnings.catch_warnings(), _pixel_limit(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
                 if max_pixels is not None and im.width * im.height > max_pixels:

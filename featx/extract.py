@@ -154,29 +154,37 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
                     "classes": ds.classes,
                     "items": [(it.path, it.label, it.split) for it in ds.items], "fingerprints": fps})
     root = cache_root(cache) / "features" / key
-    done = read_json(root / "manifest.json")
-    if isinstance(done, dict) and done.get("key") == key:
-        logger.info("feature set %s is already complete", key)
-        return ExtractResult(root, False, done)
-    root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(root / ".lock"))
-    if lock.is_locked:
-        logger.info("another featx process is extracting %s; waiting for it", key)
-    with lock:
-        done = read_json(root / "manifest.json")  # it may have finished while we waited
-        if isinstance(done, dict) and done.get("key") == key:
-            return ExtractResult(root, False, done)
-        manifest = _run(ds, bb, pre, config, key, root, layer_list, dev, batch_size=batch_size,
-                        workers=default_workers() if workers is None else int(workers), shard_size=shard_size,
-                        amp=amp, max_pixels=max_pixels, progress=progress, threads=threads, t0=t0)
-    skipped = manifest["skipped"]
+    res = _complete(root, key)
+    if res is None:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(root / ".lock"))
+        if lock.is_locked:
+            logger.info("another featx process is extracting %s; waiting for it", key)
+        with lock:
+            res = _complete(root, key)  # it may have finished while we waited
+            if res is None:
+                manifest = _run(ds, bb, pre, config, key, root, layer_list, dev, batch_size=batch_size,
+                                workers=default_workers() if workers is None else int(workers),
+                                shard_size=shard_size, amp=amp, max_pixels=max_pixels, progress=progress,
+                                threads=threads, t0=t0)
+                res = ExtractResult(root, True, manifest)
+    skipped = res.manifest["skipped"]
     if skipped:
         logger.warning("skipped %d file(s) that could not be used (listed in manifest.json 'skipped'), e.g. %s: %s",
                        len(skipped), skipped[0]["path"], skipped[0]["reason"])
     if strict and skipped:
         raise StrictError(f"--strict: {len(skipped)} file(s) were skipped (see {root / 'manifest.json'}); "
                           f"the feature set of the others is complete at {root}")
-    return ExtractResult(root, True, manifest)
+    return res
+
+
+def _complete(root: Path, key: str) -> ExtractResult | None:
+    """The finished feature set at ``root``, or None (a missing or unreadable manifest is a miss)."""
+    done = read_json(root / "manifest.json")
+    if isinstance(done, dict) and done.get("key") == key:
+        logger.info("feature set %s is already complete", key)
+        return ExtractResult(root, False, done)
+    return None
 
 
 def _pre_fields(pre: Preprocess) -> dict:

@@ -153,15 +153,17 @@ def test_bad_files_are_skipped_and_listed(tmp_path):
     from imagezoo import make_zoo
 
     zoo = make_zoo(tmp_path / "zoo")
-    res = extract(zoo.root, cache=tmp_path / "c", max_pixels=zoo.max_pixels, **KW)
+    res = extract(zoo.root, cache=tmp_path / "c", **KW)
     m = res.manifest
     skipped = {s["path"]: s["reason"] for s in m["skipped"]}
     assert set(skipped) == set(zoo.bad), skipped
+    for path, bad in zoo.bad.items():
+        assert skipped[path].startswith(bad.reason), (path, skipped[path])
     rows = _rows(res.path)
     assert sorted(rows["path"]) == sorted(zoo.valid)  # every valid image exactly once
     assert np.isfinite(rows["X"]).all()
     with pytest.raises(StrictError, match="skipped"):
-        extract(zoo.root, cache=tmp_path / "c", strict=True, max_pixels=zoo.max_pixels, **KW)
+        extract(zoo.root, cache=tmp_path / "c", strict=True, **KW)
     assert (res.path / "manifest.json").exists()  # --strict fails the run, not the finished work
 
 
