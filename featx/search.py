@@ -13,6 +13,7 @@ import math
 import multiprocessing as mp
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,10 @@ def open_storage(url: str):
             backend = JournalFileBackend(str(Path(path).expanduser()), lock_obj=JournalFileOpenLock(str(Path(path).expanduser())))
             return JournalStorage(backend)
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # heartbeats let a study on a shared database mark trials of killed workers as failed
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
     except FeatxError:
         raise
     except Exception as e:
@@ -132,6 +136,7 @@ class Objective:
         self._raw: np.ndarray | None = None
         self._scaled: dict[str, np.ndarray] = {}
         self._problems: dict[Any, Any] = {}
+        self._folds: dict[Any, tuple] = {}
         y = rows.labels[rows.mask("train")]
         self.y_train = y
         if self.has_val:
@@ -155,38 +160,36 @@ class Objective:
                 self._scaled[scale + ":val"] = self.rows.load("val", scaler)
         return self._scaled[scale], self._scaled.get(scale + ":val")
 
+    def fold(self, scale: str, f: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(X_fit, y_fit, X_val, y_val) of fold ``f`` (None: the val split), kept for every later trial, so that
+        consecutive trials see the very same arrays and the SVM can reuse their Gram matrix."""
+        key = (scale, f)
+        if key not in self._folds:
+            X, Xv = self.data(scale)
+            if f is None:
+                self._folds[key] = (X, self.y_train, Xv, self.y_val)
+            else:
+                tr, va = self.folds[f]
+                self._folds[key] = (X[tr], self.y_train[tr], X[va], self.y_train[va])
+        return self._folds[key]
+
     def _fit(self, params: dict, X, y, *, problem_key=None, **fit_kw):
-        est = make_head(self.kind, {**params, "random_state": self.seed,
-                                    **({"device": self.device} if "device" in make_head(self.kind, {}).get_params() else {})})
-        problem = None
+        dev = {"device": self.device} if "device" in make_head(self.kind, {}).get_params() else {}
+        est = make_head(self.kind, {**params, "random_state": self.seed, **dev})
         if problem_key is not None and self.kind == "svm":
-            problem = self._problem(problem_key, X)
-        if problem is not None:
-            return est.fit(X, y, problem=problem)
+            from featx.heads import LinearProblem
+
+            if problem_key not in self._problems:  # the Gram matrix: once per fold, for every C that follows
+                self._problems[problem_key] = LinearProblem(X, device=self.device)
+            return est.fit(X, y, problem=self._problems[problem_key])
         return est.fit(X, y, **fit_kw)
-
-    def _problem(self, key, X):
-        """The SVM's reusable Gram-space problem for these rows (built once, reused across C values)."""
-        from featx import heads
-
-        maker = getattr(heads, "LinearProblem", None)
-        if maker is None:
-            return None
-        if key not in self._problems:
-            self._problems[key] = maker(X)
-        return self._problems[key]
 
     def __call__(self, trial) -> float:
         import optuna
 
         scale, params = suggest(trial, self.kind)
-        X, Xv = self.data(scale)
         if self.kind == "mlp":
-            if self.has_val:
-                Xtr, ytr, Xva, yva = X, self.y_train, Xv, self.y_val
-            else:
-                tr, va = self.folds[0]
-                Xtr, ytr, Xva, yva = X[tr], self.y_train[tr], X[va], self.y_train[va]
+            Xtr, ytr, Xva, yva = self.fold(scale, None if self.has_val else 0)
 
             def report(epoch: int, val_accuracy: float) -> None:
                 trial.report(val_accuracy, epoch)
@@ -195,15 +198,12 @@ class Objective:
 
             est = self._fit({**params, "epoch_callback": report}, Xtr, ytr, X_val=Xva, y_val=yva)
             acc = float(np.mean(est.predict(Xva) == yva))
-        elif self.has_val:
-            est = self._fit(params, X, self.y_train, problem_key=(scale, "all"))
-            acc = float(np.mean(est.predict(Xv) == self.y_val))
         else:
             accs = []
-            for f, (tr, va) in enumerate(self.folds):
-                est = self._fit(params, X[tr], self.y_train[tr], problem_key=(scale, f))
-                accs.append(float(np.mean(est.predict(X[va]) == self.y_train[va])))
-                trial.report(float(np.mean(accs)), f)
+            for f in ([None] if self.has_val else range(len(self.folds))):
+                Xtr, ytr, Xva, yva = self.fold(scale, f)
+                est = self._fit(params, Xtr, ytr, problem_key=(scale, f))
+                accs.append(float(np.mean(est.predict(Xva) == yva)))
             acc = float(np.mean(accs))
         if not math.isfinite(acc):
             raise RuntimeError("validation accuracy is not finite (the fit diverged)")

@@ -110,7 +110,7 @@ def test_fit_on_an_extracted_feature_set(digits_dir, tmp_path):
     m = res.metrics
     assert m["source"]["key"] == fs.path.name and m["source"]["backbone"] == "alexnet" and m["layer"] == "fc7"
     assert "top5_accuracy" in m and m["top5_accuracy"] >= m["test_accuracy"]
-    assert m["rows"]["test"] == 20
+    assert m["rows"]["test"] == fs.manifest["counts"]["test"]
     assert res.path.parent == tmp_path / "heads"
 
 
@@ -168,7 +168,9 @@ def test_bad_features_are_one_line(case, message, tmp_path):
             del f["label"]
     r = CliRunner().invoke(main, ["fit", "logreg", str(path), "--cache", str(tmp_path / "c"), *args])
     assert r.exit_code == 2, r.output
-    assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("featx: error: ") and message in last, r.stderr
+    assert r.stderr.count("featx: error") == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "c" / "heads").exists() or not any((tmp_path / "c" / "heads").iterdir())
 
 

