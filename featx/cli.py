@@ -242,6 +242,65 @@ def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sam
 
 
 @main.command()
+@click.argument("head", type=click.Path())
+@click.option("--epochs", default=10, show_default=True, type=int)
+@click.option("--unfreeze", default="all", show_default=True,
+              help="none|head (head only), fc, last:N, all, gradual (one more layer every --gradual-every epochs).")
+@click.option("--gradual-every", default=1, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Learning rate of the head.")
+@click.option("--backbone-lr-factor", default=0.1, show_default=True, type=float,
+              help="The backbone learns at lr x this.")
+@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]))
+@click.option("--momentum", default=0.9, show_default=True, type=float)
+@click.option("--weight-decay", default=5e-4, show_default=True, type=float)
+@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "step", "plateau", "none"]))
+@click.option("--step-size", default=5, show_default=True, type=int, help="Epochs between x0.1 steps (step).")
+@click.option("--plateau-patience", default=2, show_default=True, type=int)
+@click.option("--augment", default="flip,crop", show_default=True,
+              help="Comma list of none, flip, crop, resized-crop, jitter, sixview.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--early-stop", default=None, type=int, help="Stop after K epochs without validation improvement.")
+@click.option("--resume/--no-resume", default=None, help="Continue from the last checkpoint (default: if any).")
+@click.option("--workers", default=None, type=int, help="Decode processes.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@device_option
+@click.option("--amp", is_flag=True, help="Mixed precision on CUDA.")
+@cache_option
+@quiet_option
+@command
+def finetune(head, quiet, **kw):
+    """Put a fitted HEAD back on its backbone and train end to end."""
+    from featx.finetune import finetune as run
+
+    res = run(head, progress=False if quiet else None, **kw)
+    m = res.metrics
+    logger.info("test accuracy %.4f before fine-tuning, %.4f after (best epoch %s)",
+                m["initial_test_accuracy"], m["test_accuracy"], m.get("best_epoch"))
+    _emit_path(res.path)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", default=5, show_default=True, type=int)
+@click.option("--format", "fmt", default="csv", show_default=True, type=click.Choice(["csv", "json"]))
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--workers", default=None, type=int, help="Decode processes.")
+@device_option
+@quiet_option
+@command
+def predict(model, inputs, top_k, fmt, batch_size, workers, device, quiet):
+    """Classify images (files or folders) with a fine-tuned MODEL or a HEAD; bad images get an error row."""
+    from featx.predict import format_predictions, predict as run
+
+    rows = run(model, list(inputs), top_k=top_k, device=device, batch_size=batch_size, workers=workers)
+    click.echo(format_predictions(rows, fmt).rstrip("\n"))
+    bad = sum(1 for r in rows if r.get("error"))
+    if bad:
+        logger.warning("%d of %d image(s) could not be classified (see the error column)", bad, len(rows))
+
+
+@main.command()
 @click.option("--weights", default=None, help="imagenet, random, or a state-dict file (default: imagenet if available).")
 @cache_option
 @device_option

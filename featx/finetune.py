@@ -1,0 +1,1133 @@
+"""``featx finetune``: a fitted head put back on its backbone and trained end to end.
+
+The head directory knows everything needed to rebuild the network that made its features: its source feature
+set's ``manifest.json`` records the backbone, the weights identity (ImageNet, ``random`` with a seed, or a file
+with its sha256), the preprocessing (dataset normalization included), the data root and, in the shards, every
+image's path, label and split.  :func:`build_from_head` turns that into one module::
+
+    images -> truncated(backbone, layer) -> fixed feature scaling -> head.to_torch() -> logits
+
+which, before any step, classifies the test images exactly as the head classified their features (recorded as
+``initial_test_accuracy`` beside the head's own ``head_test_accuracy``).
+
+Training is resumable the way extraction is: after every epoch a checkpoint (model, optimizer, scheduler, best
+state, history) is written atomically with its sha256 embedded, and the same call run again continues from it.
+Every random draw of an epoch (shuffle, augmentation, dropout) is derived from ``(seed, epoch)`` and, for an
+augmented image, from its index too, so a resumed run repeats exactly what the uninterrupted one would have done,
+whatever the number of decode workers.  The output, ``<cache>/models/<key>/``, loads without running code
+(``model.pt`` is a plain state dict read with ``torch.load(weights_only=True)``; ``model.json`` describes the
+architecture).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch import nn
+from torch.nn import functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+import featx
+from featx.backbones import Backbone, Preprocess, get_spec, load_backbone, truncated
+from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
+from featx.data import DEFAULT_MAX_PIXELS, BadImage, open_rgb
+from featx.errors import DataError, IntegrityError, UsageError, WeightsError
+from featx.fit import FittedHead, Scaler, load_fitted, metrics_for
+
+logger = logging.getLogger(__name__)
+
+MODEL_FORMAT = 1
+MODEL_FILE = "model.pt"
+MODEL_META = "model.json"
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.jsonl"
+UNFREEZE_HELP = "none, head, fc, all, gradual or last:N"
+AUGMENTS = ("none", "flip", "crop", "resized-crop", "jitter", "sixview")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("step", "plateau", "cosine", "none")
+VAL_FRACTION = 0.1  # of each class's train images, held out for model selection when the data has no val split
+_CKPT_MAGIC = b"\nFEATX-SHA256:"  # trailer of a checkpoint: the sha256 of everything before it
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+# ============================================================================================ the network
+
+class Affine(nn.Module):
+    """``x * weight + bias`` per feature: a head's ``standard`` scaling as fixed buffers (never trained)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.register_buffer("weight", torch.ones(d))
+        self.register_buffer("bias", torch.zeros(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias, x, self.weight)
+
+
+class L2Normalize(nn.Module):
+    """Unit-length rows: the ``l2`` scaling (the same floor of 1e-12 on the norm as :class:`featx.fit.Scaler`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def scale_module(kind: str, d: int, scaler: Scaler | None = None) -> nn.Module:
+    """The torch form of a head's feature scaling (``standard`` -> :class:`Affine`, ``l2``, ``none``)."""
+    if kind == "standard":
+        m = Affine(d)
+        if scaler is not None:
+            w, b = scaler.affine(d)
+            m.weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
+            m.bias.copy_(torch.from_numpy(np.asarray(b, dtype=np.float32)))
+        return m
+    if kind == "l2":
+        return L2Normalize()
+    if kind == "none":
+        return nn.Identity()
+    raise DataError(f"unknown feature scaling {kind!r} in the head (expected standard, l2 or none)")
+
+
+@dataclass
+class Group:
+    """One trainable unit of the backbone: a layer with parameters (its BatchNorm attached) and the
+    parameter-free modules whose mode matters around it (the Dropout that feeds it)."""
+
+    name: str            # the layer's name in the torchvision model, e.g. ``features.10`` or ``classifier.4``
+    kind: str            # ``conv``, ``linear`` or ``other``
+    modules: list[nn.Module]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules for p in m.parameters(recurse=False)]
+
+
+def backbone_groups(backbone: nn.Module, names: dict[int, str] | None = None) -> list[Group]:
+    """Cut a truncated backbone into :class:`Group` s, in forward order (the last one is the top)."""
+    names = names or {}
+    groups: list[Group] = []
+    pending: list[nn.Module] = []
+    for qual, m in backbone.named_modules():
+        if any(True for _ in m.children()):
+            continue
+        own = list(m.parameters(recurse=False))
+        if own and isinstance(m, _NORM_TYPES) and groups:
+            groups[-1].modules.extend(pending + [m])  # a norm layer belongs to the layer it normalizes
+            pending = []
+        elif own:
+            kind = "conv" if isinstance(m, nn.modules.conv._ConvNd) else "linear" if isinstance(m, nn.Linear) else "other"
+            groups.append(Group(names.get(id(m), qual), kind, pending + [m]))
+            pending = []
+        else:
+            pending.append(m)  # ReLU, pooling, Dropout: applied before the next layer with parameters
+    if pending and groups:
+        groups[-1].modules.extend(pending)
+    return groups
+
+
+class FinetuneNet(nn.Module):
+    """Images ``[B, 3, H, W]`` -> logits ``[B, k]``: backbone up to the head's layer, scaling, head."""
+
+    def __init__(self, backbone: nn.Module, scale: nn.Module, head: nn.Module, groups: list[Group] | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.scale = scale
+        self.head = head
+        # plain list: the groups' modules are already registered under ``backbone``
+        self.groups = groups if groups is not None else backbone_groups(backbone)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.scale(self.backbone(x)))
+
+    def set_trainable(self, top: set[int]) -> None:
+        """Make the head and the backbone groups of index ``top`` trainable and in train mode; everything else
+        is frozen and in eval mode (so a frozen part's Dropout and BatchNorm behave as at extraction)."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        for i in top:
+            for p in self.groups[i].parameters():
+                p.requires_grad_(True)
+        for p in self.head.parameters():
+            p.requires_grad_(True)
+        self.train()
+        self.scale.eval()
+        for i, g in enumerate(self.groups):
+            if i not in top:
+                for m in g.modules:
+                    m.eval()
+
+
+# ------------------------------------------------------------------------------ head modules as data
+
+_LEAVES = {nn.Linear: "linear", nn.ReLU: "relu", nn.Dropout: "dropout", nn.Identity: "identity",
+           nn.Flatten: "flatten", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.GELU: "gelu"}
+
+
+def describe_module(m: nn.Module) -> dict | None:
+    """A JSON description of a head module built from standard layers (``None`` when it is not one), from
+    which :func:`build_module` makes the same module, with the same state-dict keys."""
+    if type(m) is nn.Sequential:
+        children = []
+        for name, c in m.named_children():
+            d = describe_module(c)
+            if d is None:
+                return None
+            children.append([name, d])
+        return {"type": "sequential", "children": children}
+    kind = _LEAVES.get(type(m))
+    if kind is None or list(m.buffers()):
+        return None
+    if kind == "linear":
+        return {"type": kind, "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+    if kind == "dropout":
+        return {"type": kind, "p": float(m.p)}
+    if kind == "flatten":
+        return {"type": kind, "start": m.start_dim, "end": m.end_dim}
+    return {"type": kind}
+
+
+def build_module(desc: dict) -> nn.Module:
+    """The module :func:`describe_module` described (parameters uninitialized: load a state dict into it)."""
+    t = desc.get("type")
+    if t == "sequential":
+        seq = nn.Sequential()
+        for name, child in desc["children"]:
+            seq.add_module(str(name), build_module(child))
+        return seq
+    if t == "linear":
+        return nn.Linear(int(desc["in"]), int(desc["out"]), bias=bool(desc["bias"]))
+    if t == "dropout":
+        return nn.Dropout(float(desc["p"]))
+    if t == "flatten":
+        return nn.Flatten(int(desc["start"]), int(desc["end"]))
+    simple = {"relu": nn.ReLU, "identity": nn.Identity, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+    if t in simple:
+        return simple[t]()
+    raise IntegrityError(f"model.json describes an unknown head layer {t!r}: it was written by another featx")
+
+
+# ============================================================================================ from a head
+
+@dataclass
+class HeadModel:
+    """Everything rebuilt from a head directory: the network, its preprocessing and where its data lives."""
+
+    net: FinetuneNet
+    head: FittedHead
+    manifest: dict
+    preprocess: Preprocess
+    weights_id: dict
+    logit_classes: list[int]       # the class index of each logit (the estimator's ``classes_``)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.head.classes)
+
+
+def preprocess_from_json(d: dict) -> Preprocess:
+    """The single-view :class:`Preprocess` recorded in a manifest (dataset normalization included)."""
+    try:
+        return Preprocess(resize=int(d["resize"]), crop=int(d["crop"]), interpolation=str(d["interpolation"]),
+                          antialias=bool(d["antialias"]), mean=tuple(float(x) for x in d["mean"]),
+                          std=tuple(float(x) for x in d["std"]), views=1)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"the recorded preprocessing is incomplete ({type(e).__name__}: {e})") from None
+
+
+def _source_manifest(fh: FittedHead) -> tuple[Path, dict]:
+    src = fh.meta.get("source") or {}
+    if "backbone" not in src:
+        raise UsageError(f"head {fh.path.name} was fit on a plain HDF5 file ({src.get('features')}): it records no "
+                         f"backbone, weights or images, so it cannot be put back on a network; fit a head on a "
+                         f"feature set made by featx extract")
+    fdir = Path(src["features"])
+    manifest = read_json(fdir / "manifest.json")
+    if not isinstance(manifest, dict):
+        raise DataError(f"head {fh.path.name}: its feature set {str(fdir)!r} is gone (no readable manifest.json); "
+                        f"re-extract it with the same options")
+    if src.get("key") and manifest.get("key") != src["key"]:
+        raise IntegrityError(f"head {fh.path.name}: the feature set at {fdir} is not the one it was fit on "
+                             f"(key {manifest.get('key')} vs {src['key']})")
+    return fdir, manifest
+
+
+def _check_match(fh: FittedHead, config: dict) -> None:
+    """The head, its source record and the feature set's config must name the same network, layer and pixels."""
+    src = fh.meta["source"]
+    spec = get_spec(config["backbone"])
+    layer = fh.layer
+    for what in ("backbone", "weights", "preprocess"):
+        if src.get(what) != config.get(what):
+            raise DataError(f"head {fh.path.name} records another {what} than its feature set "
+                            f"({json.dumps(src.get(what))[:80]} vs {json.dumps(config.get(what))[:80]})")
+    if layer not in spec.dims or layer not in config.get("layers", []):
+        raise DataError(f"layer/backbone mismatch: head {fh.path.name} is on layer {layer!r}, but its {spec.name} "
+                        f"feature set has {', '.join(config.get('layers', [])) or 'no layers'}")
+    d = int(fh.meta.get("n_features") or src.get("dim") or 0)
+    if d != spec.dims[layer]:
+        raise DataError(f"layer/backbone mismatch: head {fh.path.name} expects {d} features, {spec.name} {layer} "
+                        f"gives {spec.dims[layer]}")
+
+
+def _backbone_for(config: dict) -> Backbone:
+    """The backbone with exactly the weights the features were extracted with."""
+    ident = config["weights"]
+    name = config["backbone"]
+    kind = ident.get("kind")
+    pre = preprocess_from_json(config["preprocess"])
+    if kind == "random":
+        torch_now = torch.__version__.split("+")[0]
+        if ident.get("torch") and ident["torch"] != torch_now:
+            logger.warning("the features' random weights were made by torch %s, this is %s: the initialization may "
+                           "differ, and the network may no longer match the head", ident["torch"], torch_now)
+        return load_backbone(name, "random", seed=int(ident.get("seed", 0)), preprocess=pre)
+    if kind == "file":
+        path = Path(ident["file"])
+        if not path.is_file():
+            raise WeightsError(f"the weights file the features were extracted with, {str(path)!r}, is gone: put it back")
+        if sha256_file(path) != ident.get("sha256"):
+            raise IntegrityError(f"the weights file {str(path)!r} changed since the features were extracted "
+                                 f"(sha256 differs): the head no longer matches it; restore it or re-extract")
+        return load_backbone(name, str(path), preprocess=pre)
+    if kind == "imagenet":
+        spec = get_spec(name)
+        if ident.get("enum") not in (None, spec.weights):
+            raise DataError(f"the features used {ident['enum']} but featx's {name} now ships {spec.weights}")
+        return load_backbone(name, "imagenet", preprocess=pre)
+    raise DataError(f"unknown weights kind {kind!r} in the feature set's manifest")
+
+
+def head_torch(fh: FittedHead) -> nn.Module:
+    """The head's estimator as torch layers (``to_torch()``); an RBF SVM and the like cannot be."""
+    to_torch = getattr(fh.estimator, "to_torch", None)
+    if to_torch is None:
+        raise UsageError(f"the {fh.meta.get('kind')} head {fh.path.name} cannot be turned into torch layers")
+    try:
+        module = to_torch()
+    except UsageError as e:
+        raise UsageError(f"head {fh.path.name} cannot be fine-tuned: {e}") from None
+    return module.float()
+
+
+def build_from_head(head: str | os.PathLike | FittedHead) -> HeadModel:
+    """Rebuild backbone + scaling + head from a head directory (weights checked, nothing trained).
+
+    Args:
+        head: a head directory written by ``featx fit`` (or an already loaded :class:`FittedHead`).
+
+    Returns:
+        :class:`HeadModel` with the network in eval mode on the CPU.
+
+    Raises:
+        DataError: the head is not a head, its feature set is gone, or they disagree (layer/backbone mismatch).
+        IntegrityError: a head file or the weights file changed.  UsageError: the head cannot become torch
+        layers (RBF SVM) or was fit on a plain HDF5 file.  WeightsError: weights that cannot be had.
+    """
+    fh = head if isinstance(head, FittedHead) else load_fitted(head)
+    head_module = head_torch(fh)
+    _, manifest = _source_manifest(fh)
+    config = manifest["config"]
+    _check_match(fh, config)
+    bb = _backbone_for(config)
+    names = {id(m): n for n, m in bb.model.named_modules()}
+    trunk = truncated(bb, fh.layer)
+    d = bb.spec.dims[fh.layer]
+    groups = backbone_groups(trunk, names)
+    net = FinetuneNet(trunk, scale_module(fh.scaler.kind, d, fh.scaler), head_module, groups)
+    net.eval()
+    logit_classes = [int(c) for c in np.asarray(getattr(fh.estimator, "classes_", np.arange(len(fh.classes))))]
+    with torch.inference_mode():
+        k = net.head(torch.zeros(1, d)).shape[1]
+    if k != len(logit_classes):
+        raise DataError(f"head {fh.path.name}: its torch form gives {k} logits for {len(logit_classes)} classes")
+    return HeadModel(net, fh, manifest, bb.preprocess, bb.weights_id, logit_classes)
+
+
+# ============================================================================================ images
+
+@dataclass
+class ImageRows:
+    """The images of a feature set, one per path (views collapsed), with labels and splits."""
+
+    root: Path
+    paths: list[str]
+    labels: np.ndarray
+    splits: np.ndarray
+
+    def select(self, split: str) -> tuple[list[Path], np.ndarray]:
+        idx = np.nonzero(self.splits == split)[0]
+        return [self.root / self.paths[i] for i in idx], self.labels[idx]
+
+
+def feature_set_images(fdir: Path, manifest: dict) -> ImageRows:
+    """Paths, labels and splits of every image that has rows in the feature set (skipped files have none).
+
+    Raises:
+        DataError: the data root is gone, or images are missing or unreadable (the first is named).
+    """
+    from featx.store import FeatureSet
+
+    fs = FeatureSet(fdir)
+    paths = fs.column("path")
+    splits = fs.splits()
+    labels = fs.labels()
+    _, first = np.unique(paths, return_index=True)
+    first.sort()  # views of an image are consecutive rows: keep the first, in the feature set's order
+    root = Path(manifest["config"]["data"])
+    rows = ImageRows(root, [str(p) for p in paths[first]], labels[first], np.asarray(splits[first], dtype=str))
+    if not root.is_dir():
+        raise DataError(f"the images of feature set {manifest.get('key')} were in {str(root)!r}, which is gone: "
+                        f"put the data back there (fine-tuning trains on the images themselves)")
+    missing = [p for p in rows.paths if not _readable(root / p)]
+    if missing:
+        raise DataError(f"{len(missing)} of the {len(rows.paths)} images of feature set {manifest.get('key')} are "
+                        f"missing or unreadable, e.g. {str(root / missing[0])!r}: restore them or re-extract")
+    return rows
+
+
+def _readable(p: Path) -> bool:
+    try:
+        return p.is_file() and os.access(p, os.R_OK)
+    except OSError:
+        return False
+
+
+def parse_augment(augment: str | Sequence[str] | None) -> frozenset[str]:
+    """``"flip,crop"`` -> ``{"flip", "crop"}``; ``none`` or empty -> no augmentation.
+
+    Raises:
+        UsageError: an unknown name, or two ways of cropping at once.
+    """
+    parts = [augment] if isinstance(augment, str) or augment is None else list(augment)
+    names = {s.strip().lower() for p in parts if p for s in str(p).split(",") if s.strip()}
+    bad = sorted(names - set(AUGMENTS))
+    if bad:
+        raise UsageError(f"--augment {bad[0]!r}: use {', '.join(AUGMENTS)} (combine with commas, e.g. flip,crop)")
+    names.discard("none")
+    crops = names & {"crop", "resized-crop", "sixview"}
+    if len(crops) > 1:
+        raise UsageError(f"--augment: {' and '.join(sorted(crops))} are two ways of cropping; choose one")
+    return frozenset(names)
+
+
+def augmented_pixels(img, pre: Preprocess, augment: frozenset[str], rng: np.random.Generator) -> torch.Tensor:
+    """uint8 ``[3, crop, crop]``: one random training view of a Pillow image.
+
+    ``crop``: a random ``crop`` x ``crop`` window of the image resized as for testing (AlexNet's recipe);
+    ``resized-crop``: a random window of 25-100% of the area and aspect 3/4-4/3, resized to the crop;
+    ``sixview``: one of six views at random (centre, four corners, the whole image), mirrored half the time;
+    ``flip``: mirrored half the time; ``jitter``: brightness, contrast and saturation x [0.6, 1.4], random order.
+    Without a cropping augmentation the view is the test's centre crop.
+    """
+    interp = InterpolationMode(pre.interpolation)
+    c = pre.crop
+    if "resized-crop" in augment:
+        W, H = img.size
+        box = None
+        for _ in range(10):
+            area = W * H * rng.uniform(0.25, 1.0)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+            if 0 < w <= W and 0 < h <= H:
+                box = (int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1)), h, w)
+                break
+        if box is None:
+            s = min(W, H)
+            box = ((H - s) // 2, (W - s) // 2, s, s)
+        out = TF.resized_crop(img, *box, [c, c], interpolation=interp, antialias=pre.antialias)
+    else:
+        r = TF.resize(img, [pre.resize], interpolation=interp, antialias=pre.antialias)
+        W, H = r.size
+        if "crop" in augment and W >= c and H >= c:
+            out = TF.crop(r, int(rng.integers(0, H - c + 1)), int(rng.integers(0, W - c + 1)), c, c)
+        elif "sixview" in augment and W >= c and H >= c:
+            v = int(rng.integers(0, 6))
+            if v == 5:
+                out = TF.resize(img, [c, c], interpolation=interp, antialias=pre.antialias)
+            else:
+                out = TF.five_crop(r, [c, c])[(4, 0, 1, 2, 3)[v]]  # centre first, then the corners
+            if rng.random() < 0.5:
+                out = TF.hflip(out)
+        else:
+            out = TF.center_crop(r, [c])
+    if "flip" in augment and rng.random() < 0.5:
+        out = TF.hflip(out)
+    if "jitter" in augment:
+        ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+        factors = rng.uniform(0.6, 1.4, size=3)
+        for j in rng.permutation(3):
+            out = ops[j](out, float(factors[j]))
+    return TF.pil_to_tensor(out)
+
+
+class _TrainSet(torch.utils.data.Dataset):
+    """Item i -> (i, uint8 [1, 3, c, c] or None, reason or None); the view is drawn from ``(seed, epoch, i)``."""
+
+    def __init__(self, paths: Sequence[Path], pre: Preprocess, augment: frozenset[str], seed: int,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.paths = list(paths)
+        self.pre = pre
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        try:
+            img = open_rgb(self.paths[i], max_pixels=self.max_pixels)
+            return i, augmented_pixels(img, self.pre, self.augment, rng)[None], None
+        except BadImage as e:
+            return i, None, str(e)
+        except Exception as e:  # one bad file costs that file, not the run
+            return i, None, f"cannot decode: {type(e).__name__}: {e}"
+
+
+def _loader(dataset, batches: list[list[int]], *, workers: int, pin: bool) -> torch.utils.data.DataLoader:
+    from featx.extract import _collate
+
+    kw = {"prefetch_factor": 4} if workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                                       pin_memory=pin, **kw)
+
+
+def _batches(n: int, batch_size: int, order: np.ndarray | None = None) -> list[list[int]]:
+    idx = np.arange(n) if order is None else order
+    return [idx[a:a + batch_size].tolist() for a in range(0, n, batch_size)]
+
+
+# ============================================================================================ training
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` produced: the model directory, its metrics, and whether it was computed now."""
+
+    path: Path
+    metrics: dict
+    computed: bool
+
+
+def parse_unfreeze(unfreeze: str) -> tuple[str, int]:
+    """``"last:3"`` -> ``("last", 3)``; the other strategies -> ``(name, 0)``.
+
+    Raises:
+        UsageError: an unknown strategy or a bad N.
+    """
+    s = str(unfreeze).strip().lower()
+    if s.startswith("last:"):
+        try:
+            n = int(s.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UsageError(f"--unfreeze {unfreeze!r}: N in last:N must be a whole number of layers, at least 1")
+        return "last", n
+    if s in ("none", "head", "fc", "all", "gradual"):
+        return s, 0
+    raise UsageError(f"--unfreeze {unfreeze!r}: use {UNFREEZE_HELP}")
+
+
+def trainable_groups(groups: list[Group], strategy: tuple[str, int], epoch: int, gradual_every: int) -> set[int]:
+    """Indices of the backbone groups that train in ``epoch`` (1-based) under ``strategy``."""
+    name, n = strategy
+    top = len(groups)
+    if name in ("none", "head"):
+        return set()
+    if name == "all":
+        return set(range(top))
+    if name == "fc":
+        return {i for i, g in enumerate(groups) if g.kind == "linear"}
+    if name == "last":
+        return set(range(max(0, top - n), top))
+    k = min(top, (epoch - 1) // gradual_every)  # gradual: one more layer from the top every gradual_every epochs
+    return set(range(top - k, top))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch, 7919]).integers(0, 2**62))
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` with its sha256 appended, atomically: a reader sees the old checkpoint or the whole new one."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest().encode()
+    atomic_write_bytes(path, data + _CKPT_MAGIC + digest)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint, checking its embedded sha256 first (tensors only: ``weights_only=True``).
+
+    Raises:
+        IntegrityError: truncated, modified or unreadable; nothing of it is loaded.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    cut = raw.rfind(_CKPT_MAGIC)
+    digest = raw[cut + len(_CKPT_MAGIC):] if cut >= 0 else b""
+    fix = "delete it to restart from epoch 0, or run again with resume=False (--no-resume)"
+    if cut < 0 or len(digest) != 64:
+        raise IntegrityError(f"checkpoint {path} is corrupt (no sha256 trailer: truncated or not featx's); "
+                             f"it was not loaded: {fix}")
+    if hashlib.sha256(raw[:cut]).hexdigest().encode() != digest:
+        raise IntegrityError(f"checkpoint {path} is corrupt (sha256 differs); it was not loaded: {fix}")
+    try:
+        return torch.load(io.BytesIO(raw[:cut]), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise IntegrityError(f"checkpoint {path} cannot be read ({type(e).__name__}); it was not loaded: {fix}") from None
+
+
+def _evaluate(net: FinetuneNet, loader, pre: Preprocess, dev: torch.device, index_of: np.ndarray, *,
+              amp: bool) -> dict:
+    """Loss, accuracy, predictions (class indices) and logits of ``net`` on a loader, in eval mode."""
+    net.eval()
+    logits, labels, bad = [], [], 0
+    label_all = loader.dataset.labels
+    with torch.inference_mode(), _autocast(dev, amp):
+        for idx, pixels, skipped in loader:
+            bad += len(skipped)
+            if pixels is None:
+                continue
+            x = pre.normalize(pixels.to(dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+            logits.append(net(x).float().cpu())
+            labels.append(label_all[idx])
+    if bad:
+        logger.warning("%d image(s) could not be decoded during evaluation and were left out", bad)
+    if not logits:
+        return {"loss": None, "accuracy": None, "n": 0, "pred": np.zeros(0, int), "y": np.zeros(0, int),
+                "logits": np.zeros((0, 0), np.float32)}
+    z = torch.cat(logits)
+    y = np.concatenate(labels)
+    target = torch.from_numpy(index_of[y])
+    loss = F.cross_entropy(z, target, ignore_index=-1, reduction="sum").item() / max(1, int((target >= 0).sum()))
+    logit_classes = np.nonzero(index_of >= 0)[0][np.argsort(index_of[index_of >= 0])]
+    pred = logit_classes[z.argmax(1).numpy()]
+    return {"loss": float(loss), "accuracy": float(np.mean(pred == y)), "n": int(len(y)), "pred": pred, "y": y,
+            "logits": z.numpy()}
+
+
+class _EvalSet(torch.utils.data.Dataset):
+    """Test-time decoding (the plain preprocessing: centre crop), with the labels beside the paths."""
+
+    def __init__(self, paths: Sequence[Path], labels: np.ndarray, pre: Preprocess,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        from featx.extract import _DecodeSet
+
+        self.inner = _DecodeSet(paths, pre, max_pixels)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        return self.inner[i]
+
+
+def _autocast(dev: torch.device, amp: bool):
+    return torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16, enabled=amp)
+
+
+def _make_optimizer(net: FinetuneNet, *, optimizer: str, lr: float, backbone_lr: float, momentum: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    # Every parameter is in the optimizer from the start and frozen ones simply get no gradient: SGD and Adam
+    # skip a parameter whose .grad is None, so gradual unfreezing needs no new optimizer (nor a state reset).
+    groups = [{"params": list(net.head.parameters()), "lr": lr, "name": "head"}]
+    bb = [p for g in net.groups for p in g.parameters()]
+    if bb:
+        groups.append({"params": bb, "lr": backbone_lr, "name": "backbone"})
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, schedule: str, *, epochs: int, step_size: int, plateau_patience: int):
+    if schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=0.1)
+    if schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1, patience=plateau_patience)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    return None
+
+
+def _better(rec: dict, best: dict | None) -> bool:
+    """Higher validation accuracy, or the same with a lower validation loss."""
+    if best is None:
+        return True
+    a, b = rec.get("val_accuracy"), best.get("val_accuracy")
+    if a is None or b is None:
+        return False
+    return a > b or (a == b and rec["val_loss"] < best["val_loss"])
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _check_options(*, epochs, lr, backbone_lr_factor, optimizer, momentum, weight_decay, schedule, batch_size,
+                   early_stop, gradual_every, step_size, plateau_patience) -> None:
+    if int(epochs) < 1:
+        raise UsageError(f"--epochs {epochs}: train at least 1 epoch")
+    if not lr > 0:
+        raise UsageError(f"--lr {lr}: the learning rate must be positive")
+    if backbone_lr_factor < 0:
+        raise UsageError(f"--backbone-lr-factor {backbone_lr_factor}: must be 0 or more")
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"--optimizer {optimizer!r}: use {' or '.join(OPTIMIZERS)}")
+    if schedule not in SCHEDULES:
+        raise UsageError(f"--schedule {schedule!r}: use {', '.join(SCHEDULES)}")
+    if not 0 <= momentum < 1 or weight_decay < 0:
+        raise UsageError("--momentum must be in [0, 1) and --weight-decay 0 or more")
+    if batch_size < 1 or gradual_every < 1 or step_size < 1 or plateau_patience < 0:
+        raise UsageError("--batch-size, --gradual-every and --step-size must be at least 1")
+    if early_stop is not None and int(early_stop) < 1:
+        raise UsageError(f"--early-stop {early_stop}: give a number of epochs, at least 1 (or leave it out)")
+
+
+def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all", lr: float = 1e-3,
+             backbone_lr_factor: float = 0.1, optimizer: str = "sgd", momentum: float = 0.9,
+             weight_decay: float = 5e-4, schedule: str = "cosine", augment: str | Sequence[str] = "flip,crop",
+             batch_size: int = 32, device: str = "auto", amp: bool = False, early_stop: int | None = None,
+             resume: bool | None = None, cache: str | os.PathLike | None = None, workers: int | None = None,
+             seed: int = 0, progress: bool | None = None, gradual_every: int = 1, step_size: int = 5,
+             plateau_patience: int = 2,
+             on_epoch: Callable[[int, FinetuneNet, dict], None] | None = None) -> FinetuneResult:
+    """Put a fitted head back on its backbone and train the network end to end on the feature set's images.
+
+    Args:
+        head: a head directory (``featx fit`` output) whose feature set came from ``featx extract``.
+        epochs: training epochs.
+        unfreeze: what trains besides the head: ``head`` (nothing else; ``none`` is the same), ``fc`` (the fully
+            connected layers before the head's layer), ``last:N`` (the top N layers with parameters), ``all``,
+            ``gradual`` (one more layer from the top every ``gradual_every`` epochs, starting with none).
+        lr: learning rate of the head; the backbone's is ``lr * backbone_lr_factor``.
+        optimizer: ``sgd`` (with ``momentum``) or ``adam``. weight_decay: L2 penalty of both.
+        schedule: ``cosine`` (to 0 over ``epochs``), ``step`` (x0.1 every ``step_size`` epochs), ``plateau``
+            (x0.1 after ``plateau_patience`` epochs without a lower validation loss) or ``none``.
+        augment: training views, comma-combined: ``none``, ``flip``, ``crop``, ``resized-crop``, ``jitter``,
+            ``sixview`` (see :func:`augmented_pixels`). Validation and test images get the plain centre crop.
+        batch_size: images per step. workers: decode processes (default: cores - 1).
+        device: ``auto``, ``cpu``, ``cuda``. amp: autocast (fp16 with loss scaling on CUDA, bf16 on CPU).
+        early_stop: stop after this many epochs without a better validation accuracy (None: never).
+        resume: None (default) continues an interrupted run of the same call from its checkpoint; True insists
+            on a checkpoint (UsageError if there is none); False ignores one and starts again.
+        cache: cache root. seed: seeds the held-out validation images, shuffling, augmentation and dropout.
+        progress: tqdm bar (default: when stderr is a terminal).
+        on_epoch: called after each epoch's checkpoint with ``(epoch, net, record)``; an exception it raises
+            stops the run with that checkpoint kept (tests use it to stand for a kill).
+
+    Returns:
+        :class:`FinetuneResult`: ``<cache>/models/<key>/`` with ``model.pt``, ``model.json``, ``metrics.json``
+        (``initial_test_accuracy``, ``head_test_accuracy``, ``test_accuracy``, ``best_epoch``, ``curve``, ...),
+        ``history.jsonl``, ``curve.png``, ``confusion.png``.
+
+    Raises:
+        UsageError: bad options, a head that cannot become torch layers (RBF SVM). DataError: images missing,
+        layer/backbone mismatch. IntegrityError: a corrupt checkpoint (not loaded), changed head or weights file.
+
+    Example:
+        >>> finetune("cache/heads/0123abcd", epochs=5, unfreeze="last:2").path  # doctest: +SKIP
+    """
+    from featx.extract import default_workers, resolve_device
+
+    t_start = time.perf_counter()
+    strategy = parse_unfreeze(unfreeze)
+    aug = parse_augment(augment)
+    optimizer = str(optimizer).lower()
+    schedule = str(schedule).lower()
+    _check_options(epochs=epochs, lr=lr, backbone_lr_factor=backbone_lr_factor, optimizer=optimizer,
+                   momentum=momentum, weight_decay=weight_decay, schedule=schedule, batch_size=batch_size,
+                   early_stop=early_stop, gradual_every=gradual_every, step_size=step_size,
+                   plateau_patience=plateau_patience)
+    dev = resolve_device(device)
+    fh = load_fitted(head)
+    options = {"epochs": int(epochs), "unfreeze": f"{strategy[0]}:{strategy[1]}" if strategy[0] == "last" else strategy[0],
+               "lr": float(lr), "backbone_lr_factor": float(backbone_lr_factor), "optimizer": optimizer,
+               "momentum": float(momentum) if optimizer == "sgd" else None, "weight_decay": float(weight_decay),
+               "schedule": schedule, "step_size": int(step_size) if schedule == "step" else None,
+               "plateau_patience": int(plateau_patience) if schedule == "plateau" else None,
+               "gradual_every": int(gradual_every) if strategy[0] == "gradual" else None,
+               "augment": sorted(aug), "batch_size": int(batch_size), "amp": bool(amp),
+               "early_stop": int(early_stop) if early_stop else None}
+    key = hash_key({"head": fh.meta.get("files"), "features": (fh.meta.get("source") or {}).get("key"),
+                    "options": options, "seed": int(seed), "format": MODEL_FORMAT,
+                    "featx": featx.__version__.split(".")[0]})
+    out = cache_root(cache) / "models" / key
+    done = _finished(out)
+    if done is not None:
+        logger.info("model %s is already fine-tuned", key)
+        return FinetuneResult(out, done, False)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / ".lock"))
+    if lock.is_locked:
+        logger.info("another featx process is fine-tuning %s; waiting for it", key)
+    with lock:
+        done = _finished(out)
+        if done is not None:
+            return FinetuneResult(out, done, False)
+        for stale in out.glob(".tmp-*"):  # left by a killed write; we hold the lock
+            stale.unlink(missing_ok=True)
+        hm = build_from_head(fh)
+        fdir = Path(fh.meta["source"]["features"])
+        rows = feature_set_images(fdir, hm.manifest)
+        metrics = _train(hm, rows, out, key, options, strategy, aug, dev, seed=int(seed), resume=resume,
+                         workers=default_workers() if workers is None else int(workers), progress=progress,
+                         on_epoch=on_epoch, t_start=t_start)
+    return FinetuneResult(out, metrics, True)
+
+
+def _finished(out: Path) -> dict | None:
+    done = read_json(out / "metrics.json")
+    if isinstance(done, dict) and (out / MODEL_META).exists() and (out / MODEL_FILE).exists():
+        (out / CHECKPOINT).unlink(missing_ok=True)  # a run killed between finishing and tidying up
+        return done
+    return None
+
+
+def _split_rows(rows: ImageRows, seed: int) -> tuple[dict[str, tuple[list[Path], np.ndarray]], str]:
+    """train / val / test images; val is the feature set's, or a stratified part of train held out."""
+    from featx.data import _stratified
+
+    parts = {s: rows.select(s) for s in ("train", "val", "test")}
+    source = "val split"
+    if not len(parts["val"][0]):
+        paths, labels = parts["train"]
+        assign = np.asarray(_stratified(labels.tolist(), {"val": VAL_FRACTION}, seed), dtype=str)
+        parts["val"] = ([p for p, a in zip(paths, assign) if a == "val"], labels[assign == "val"])
+        parts["train"] = ([p for p, a in zip(paths, assign) if a == "train"], labels[assign == "train"])
+        source = f"{VAL_FRACTION:.0%} of each class's train images, held out (seed {seed})"
+    if not len(parts["train"][0]):
+        raise DataError("the feature set has no train images to fine-tune on")
+    if not len(parts["test"][0]):
+        raise DataError("the feature set has no test images: the fine-tuned model could not be measured")
+    if not len(parts["val"][0]):
+        logger.warning("too few train images to hold any out for validation: the last epoch is kept, no early stopping")
+        source = "none"
+    return parts, source
+
+
+def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, strategy: tuple[str, int],
+           aug: frozenset[str], dev: torch.device, *, seed: int, resume: bool | None, workers: int,
+           progress: bool | None, on_epoch, t_start: float) -> dict:
+    from tqdm.auto import tqdm
+
+    net = hm.net
+    pre = hm.preprocess
+    k = len(hm.classes)
+    index_of = np.full(k, -1, dtype=np.int64)  # class index -> logit index (-1: the head never saw the class)
+    index_of[hm.logit_classes] = np.arange(len(hm.logit_classes))
+    parts, val_source = _split_rows(rows, seed)
+    n_train = len(parts["train"][0])
+    logger.info("%s: fine-tuning %s %s head on %s %s (%s weights): %d train, %d val (%s), %d test images, "
+                "%d backbone layers, unfreeze %s, device %s", key, hm.head.meta.get("kind"), hm.head.layer,
+                hm.manifest["config"]["backbone"], hm.head.layer, hm.weights_id.get("kind"), n_train,
+                len(parts["val"][0]), val_source, len(parts["test"][0]), len(net.groups), options["unfreeze"], dev)
+    if strategy[0] == "last" and strategy[1] > len(net.groups):
+        logger.warning("--unfreeze last:%d: the backbone has only %d layers with parameters; all of them train",
+                       strategy[1], len(net.groups))
+    net.to(dev).to(memory_format=torch.channels_last)
+    pin = dev.type == "cuda"
+    train_set = _TrainSet(parts["train"][0], pre, aug, seed)
+    train_labels = torch.from_numpy(index_of[parts["train"][1]])
+    evals = {s: _loader(_EvalSet(parts[s][0], parts[s][1], pre), _batches(len(parts[s][0]), options["batch_size"]),
+                        workers=workers, pin=pin) for s in ("val", "test") if len(parts[s][0])}
+    backbone_lr = options["lr"] * options["backbone_lr_factor"]
+    opt = _make_optimizer(net, optimizer=options["optimizer"], lr=options["lr"], backbone_lr=backbone_lr,
+                          momentum=options["momentum"] or 0.0, weight_decay=options["weight_decay"])
+    sched = _make_scheduler(opt, options["schedule"], epochs=options["epochs"], step_size=options["step_size"] or 1,
+                            plateau_patience=options["plateau_patience"] or 0)
+    scaler = torch.amp.GradScaler("cuda", enabled=options["amp"] and dev.type == "cuda")
+    ckpt_path = out / CHECKPOINT
+    state = None
+    if resume is not False and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if state.get("key") != key:
+            raise IntegrityError(f"checkpoint {ckpt_path} belongs to another run ({state.get('key')}); not loaded")
+    elif resume is True:
+        raise UsageError(f"nothing to resume: {out} holds no checkpoint (run without --resume to start)")
+    elif ckpt_path.exists():
+        logger.info("resume=False: the existing checkpoint is ignored and will be overwritten after epoch 1")
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state.get("scheduler") is not None:
+            sched.load_state_dict(state["scheduler"])
+        if state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+        history, best, initial = state["history"], state["best"], state["initial"]
+        start, bad_epochs, stopped = int(state["epoch"]) + 1, int(state["bad_epochs"]), bool(state["stopped"])
+        best_state, best_test = state["best_state"], _unpack(state["best_test"])
+        logger.info("resuming %s after epoch %d of %d (checkpoint %s)", key, start - 1, options["epochs"], ckpt_path)
+    else:
+        t0 = time.perf_counter()
+        test0 = _evaluate(net, evals["test"], pre, dev, index_of, amp=options["amp"])
+        val0 = _evaluate(net, evals["val"], pre, dev, index_of, amp=options["amp"]) if "val" in evals else None
+        initial = {"test_accuracy": test0["accuracy"], "test_loss": test0["loss"],
+                   "val_accuracy": val0["accuracy"] if val0 else None, "val_loss": val0["loss"] if val0 else None,
+                   "seconds": round(time.perf_counter() - t0, 3)}
+        if test0["accuracy"] is None:
+            raise DataError("none of the feature set's test images could be decoded: the model cannot be measured")
+        logger.info("before training: test accuracy %.4f (the head's own: %s), val accuracy %s",
+                    initial["test_accuracy"], _fmt(_head_test_accuracy(hm)), _fmt(initial["val_accuracy"]))
+        history, start, bad_epochs, stopped = [], 1, 0, False
+        best = {"epoch": 0, "val_accuracy": initial["val_accuracy"], "val_loss": initial["val_loss"]}
+        best_state = _cpu_state(net) if val0 else None
+        best_test = test0
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    for epoch in range(start, options["epochs"] + 1):
+        if stopped:
+            break
+        top = trainable_groups(net.groups, strategy, epoch, options["gradual_every"] or 1)
+        rec = _train_epoch(net, train_set, train_labels, opt, scaler, pre, dev, epoch, top, seed=seed,
+                           batch_size=options["batch_size"], workers=workers, pin=pin, amp=options["amp"],
+                           show=show, tqdm=tqdm)
+        results = {s: _evaluate(net, ld, pre, dev, index_of, amp=options["amp"]) for s, ld in evals.items()}
+        for s, r in results.items():
+            rec[f"{s}_loss"], rec[f"{s}_accuracy"] = r["loss"], r["accuracy"]
+        rec.setdefault("val_loss", None)
+        rec.setdefault("val_accuracy", None)
+        if sched is not None:
+            if options["schedule"] == "plateau":
+                sched.step(rec["val_loss"] if rec["val_loss"] is not None else rec["train_loss"])
+            else:
+                sched.step()
+        rec["unfrozen"] = [net.groups[i].name for i in sorted(top)]
+        rec["seconds"] = round(time.perf_counter() - rec.pop("_t0"), 3)
+        if "val" not in evals or _better(rec, best):
+            best = {"epoch": epoch, "val_accuracy": rec["val_accuracy"], "val_loss": rec["val_loss"]}
+            best_state = _cpu_state(net) if "val" in evals else None
+            best_test = results["test"]  # the final test measure is this one: no second pass over the images
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        history.append(rec)
+        logger.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %s acc %s | test loss %s acc %s | "
+                    "%.1f images/s, lr %.3g, %d backbone layer(s) training", epoch, options["epochs"],
+                    rec["train_loss"], rec["train_accuracy"], _fmt(rec["val_loss"]), _fmt(rec["val_accuracy"]),
+                    _fmt(rec["test_loss"]), _fmt(rec["test_accuracy"]), rec["train_images_per_s"], rec["lr"], len(top))
+        early = options["early_stop"]
+        stopped = bool(early and bad_epochs >= early and "val" in evals)
+        if stopped:
+            logger.info("early stop: %d epoch(s) without a better validation accuracy; keeping epoch %d",
+                        bad_epochs, best["epoch"])
+        _save_checkpoint(ckpt_path, {
+            "key": key, "epoch": epoch, "model": _cpu_state(net), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "best": best, "best_state": best_state, "best_test": _pack(best_test), "bad_epochs": bad_epochs,
+            "stopped": stopped,
+            "history": history, "initial": initial, "options": options,
+            # no generator state to carry: every draw of epoch e (shuffle, augmentation, dropout) is seeded
+            # from (seed, e), so the next epoch draws the same after a resume as without one
+            "rng": {"seed": seed, "next_epoch_seed": _epoch_seed(seed, epoch + 1)}})
+        _write_history(out / HISTORY, history)
+        if on_epoch is not None:
+            on_epoch(epoch, net, rec)
+    if best_state is None:  # no validation images: the last epoch
+        best = {"epoch": len(history), "val_accuracy": None, "val_loss": None}
+    else:
+        net.load_state_dict(best_state)
+    return _finish(hm, net, out, key, options, best_test, dev, history, best, initial, val_source, parts, t_start)
+
+
+def _pack(r: dict) -> dict:
+    """An evaluation's result in checkpoint form (tensors and numbers only)."""
+    return {"loss": r["loss"], "accuracy": r["accuracy"], "n": r["n"], "pred": torch.from_numpy(np.asarray(r["pred"])),
+            "y": torch.from_numpy(np.asarray(r["y"])), "logits": torch.from_numpy(np.asarray(r["logits"]))}
+
+
+def _unpack(r: dict) -> dict:
+    return {**r, "pred": r["pred"].numpy(), "y": r["y"].numpy(), "logits": r["logits"].numpy()}
+
+
+def _head_test_accuracy(hm: HeadModel) -> float | None:
+    m = read_json(hm.head.path / "metrics.json")
+    return float(m["test_accuracy"]) if isinstance(m, dict) and "test_accuracy" in m else None
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Tensor, opt, scaler, pre: Preprocess,
+                 dev: torch.device, epoch: int, top: set[int], *, seed: int, batch_size: int, workers: int, pin: bool,
+                 amp: bool, show: bool, tqdm) -> dict:
+    t0 = time.perf_counter()
+    es = _epoch_seed(seed, epoch)
+    order = np.random.default_rng(es).permutation(len(train_set))
+    train_set.epoch = epoch
+    loader = _loader(train_set, _batches(len(train_set), batch_size, order), workers=workers, pin=pin)
+    net.set_trainable(top)
+    loss_sum, correct, seen, bad = 0.0, 0, 0, 0
+    bar = tqdm(total=len(train_set), unit="img", disable=not show, file=sys.stderr, desc=f"epoch {epoch}",
+               dynamic_ncols=True)
+    devices = [torch.cuda.current_device()] if dev.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):  # dropout draws from (seed, epoch), the caller's RNG untouched
+            torch.manual_seed(es)
+            for idx, pixels, skipped in loader:
+                bad += len(skipped)
+                bar.update(len(idx) + len(skipped))
+                if pixels is None:
+                    continue
+                y = train_labels[idx].to(dev, non_blocking=True)
+                x = pre.normalize(pixels.to(dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+                with _autocast(dev, amp):
+                    z = net(x)
+                    loss = F.cross_entropy(z.float(), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                loss_sum += float(loss.detach()) * len(idx)
+                correct += int((z.detach().argmax(1) == y).sum())
+                seen += len(idx)
+    finally:
+        bar.close()
+    if bad:
+        logger.warning("epoch %d: %d training image(s) could not be decoded and were skipped", epoch, bad)
+    if not seen:
+        raise DataError("no training image could be decoded")
+    dt = time.perf_counter() - t0
+    return {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+            "lr": float(opt.param_groups[0]["lr"]), "train_images": seen, "train_seconds": round(dt, 3),
+            "train_images_per_s": round(seen / dt, 2), "_t0": t0}
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in history).encode())
+
+
+# ============================================================================================ output
+
+def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict, r: dict, dev: torch.device,
+            history: list[dict], best: dict, initial: dict, val_source: str, parts: dict, t_start: float) -> dict:
+    """Write the model (the best epoch's weights, already in ``net``) and its metrics (``r``: its test results)."""
+    from featx.plots import plot_confusion, plot_curve
+
+    classes = hm.classes
+    scores = np.full((len(r["y"]), len(classes)), -np.inf, dtype=np.float32)
+    scores[:, hm.logit_classes] = r["logits"]
+    m = metrics_for(r["y"], r["pred"], scores, np.arange(len(classes)), classes)
+    state = _cpu_state(net)
+    torch.save(state, out / (".tmp-" + MODEL_FILE))
+    os.replace(out / (".tmp-" + MODEL_FILE), out / MODEL_FILE)
+    model_meta = model_json(hm, net, options=options, key=key, best_epoch=best["epoch"])
+    model_meta["files"] = {MODEL_FILE: sha256_file(out / MODEL_FILE)}
+    atomic_write_json(out / MODEL_META, model_meta)
+    ips = [h["train_images_per_s"] for h in history]
+    head_acc = _head_test_accuracy(hm)
+    metrics = {
+        "initial_test_accuracy": initial["test_accuracy"], "head_test_accuracy": head_acc,
+        "initial_val_accuracy": initial["val_accuracy"], "test_accuracy": m["accuracy"], "test_loss": r["loss"],
+        "macro_f1": m["macro_f1"], **({"top5_accuracy": m["top5_accuracy"]} if "top5_accuracy" in m else {}),
+        "best_epoch": int(best["epoch"]), "best_val_accuracy": best["val_accuracy"], "epochs_run": len(history),
+        "stopped_early": len(history) < options["epochs"], "validation": val_source,
+        "curve": history, "per_class_accuracy": m["per_class_accuracy"], "confusion_matrix": m["confusion"],
+        "classes": classes,
+        "train_images_per_s": round(float(np.mean(ips)), 2) if ips else None,
+        "images": {s: len(parts[s][0]) for s in ("train", "val", "test")},
+        "options": options, "head": str(hm.head.path), "head_kind": hm.head.meta.get("kind"),
+        "layer": hm.head.layer, "backbone": hm.manifest["config"]["backbone"], "weights": hm.weights_id,
+        "features": hm.head.meta["source"].get("features"), "device": str(dev),
+        "seconds": round(time.perf_counter() - t_start, 3), "featx_version": featx.__version__,
+    }
+    title = f"fine-tuned {hm.head.meta.get('kind')} on {hm.head.layer} ({options['unfreeze']})"
+    if history:
+        plot_curve(history, out / "curve.png", title=title)
+    plot_confusion(np.asarray(m["confusion"]), classes, out / "confusion.png",
+                   title=f"{title}: test accuracy {m['accuracy']:.3f}")
+    atomic_write_json(out / "metrics.json", metrics)  # last: its presence marks the model finished
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    logger.info("fine-tuned %s: test accuracy %.4f (before: %.4f, head: %s), best epoch %d, %.1f train images/s",
+                key, m["accuracy"], initial["test_accuracy"], _fmt(head_acc), best["epoch"],
+                metrics["train_images_per_s"] or 0.0)
+    return metrics
+
+
+def model_json(hm: HeadModel, net: FinetuneNet, *, options: dict | None = None, key: str = "",
+               best_epoch: int | None = None) -> dict:
+    """The description ``model.json`` holds: enough to rebuild :class:`FinetuneNet` and preprocess its input."""
+    config = hm.manifest["config"]
+    desc = describe_module(net.head)
+    d = get_spec(config["backbone"]).dims[hm.head.layer]
+    return {
+        "format": MODEL_FORMAT, "featx_version": featx.__version__, "key": key,
+        "backbone": config["backbone"], "weights": hm.weights_id, "layer": hm.head.layer, "dim": d,
+        "preprocess": pre_json(hm.preprocess), "classes": hm.classes, "logit_classes": hm.logit_classes,
+        "head": {"kind": hm.head.meta.get("kind"), "params": hm.head.meta.get("params"),
+                 "scores": "decision values" if hm.head.meta.get("kind") == "svm" else "logits",
+                 "module": desc, "dir": str(hm.head.path), "files": hm.head.meta.get("files"),
+                 "shapes": {k: list(v.shape) for k, v in net.head.state_dict().items()}},
+        "scaler": {"kind": hm.head.scaler.kind, "dim": d},
+        "features": hm.head.meta["source"].get("features"), "features_key": hm.head.meta["source"].get("key"),
+        "options": options, "best_epoch": best_epoch,
+    }
+
+
+def pre_json(pre: Preprocess) -> dict:
+    d = pre.to_json()
+    d.pop("view_names", None)
+    return d
+
+
+def load_model(path: str | os.PathLike) -> tuple[FinetuneNet, dict]:
+    """Rebuild a fine-tuned model directory: ``(net in eval mode on the CPU, model.json)``.
+
+    The backbone architecture comes from the registry and the head from ``model.json``'s description; every
+    tensor comes from ``model.pt`` through ``torch.load(weights_only=True)`` (no code runs).
+
+    Raises:
+        DataError: not a model directory. IntegrityError: ``model.pt`` changed, or does not fit the description.
+    """
+    path = Path(path).expanduser().absolute()
+    meta = read_json(path / MODEL_META)
+    if not isinstance(meta, dict) or "backbone" not in meta:
+        raise DataError(f"{str(path)!r} is not a fine-tuned model (no readable {MODEL_META})")
+    f = path / MODEL_FILE
+    want = (meta.get("files") or {}).get(MODEL_FILE)
+    if not f.is_file():
+        raise IntegrityError(f"model {path.name}: {MODEL_FILE} is missing")
+    if want and sha256_file(f) != want:
+        raise IntegrityError(f"model {path.name}: {MODEL_FILE} was modified after it was written (sha256 differs)")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise IntegrityError(f"model {path.name}: {MODEL_FILE} cannot be read as a plain state dict "
+                             f"({type(e).__name__})") from None
+    spec = get_spec(meta["backbone"])
+    with torch.device("meta"):  # no time spent initializing weights that the state dict replaces
+        bb = Backbone(spec, spec.build(), meta["weights"], preprocess_from_json(meta["preprocess"]))
+        trunk = truncated(bb, meta["layer"])
+        scale = scale_module(meta["scaler"]["kind"], int(meta["dim"]))
+        desc = meta["head"].get("module")
+        head = build_module(desc) if desc else None
+    if head is None:  # a head whose torch form is not plain layers: rebuild it from its (unchanged) directory
+        fh = load_fitted(meta["head"]["dir"])
+        if fh.meta.get("files") != meta["head"].get("files"):
+            raise IntegrityError(f"model {path.name}: its head directory {meta['head']['dir']} changed")
+        head = head_torch(fh).to("meta")
+    names = {id(m): n for n, m in bb.model.named_modules()}
+    net = FinetuneNet(trunk, scale, head, backbone_groups(trunk, names))
+    try:
+        net.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        first = [l.strip() for l in str(e).splitlines() if l.strip()][1:2]
+        raise IntegrityError(f"model {path.name}: {MODEL_FILE} does not fit model.json ({' '.join(first)[:200]})") from None
+    net.eval()
+    return net, meta
