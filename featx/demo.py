@@ -82,8 +82,8 @@ def run_demo(*, weights: str | None = None, cache: str | os.PathLike | None = No
     ]
     last = res.path
     heads = _fit_heads(res.path, root, device, lines)
-    last = _search(res.path, root, device, lines) or last
-    last = _finetune_and_predict(heads, last, root, device, lines, data) or last
+    best = _search(res.path, root, device, lines)
+    last = _finetune_and_predict(best, root, device, lines, data)
     lines.append(f"  output    {last}")
     if weights == "random":
         lines.append("  note      random weights: these accuracies show the pipeline working, not what pretrained "
@@ -105,7 +105,7 @@ def _fit_heads(features: Path, root: Path, device: str, lines: list[str]) -> dic
     return out
 
 
-def _search(features: Path, root: Path, device: str, lines: list[str]) -> Path | None:
+def _search(features: Path, root: Path, device: str, lines: list[str]) -> Path:
     from featx.search import search
 
     r = search(features, "logreg", trials=8, cache=root, device=device)
@@ -116,19 +116,17 @@ def _search(features: Path, root: Path, device: str, lines: list[str]) -> Path |
     return r.path
 
 
-def _finetune_and_predict(heads: dict[str, Path], last: Path, root: Path, device: str, lines: list[str],
-                          data: Path) -> Path | None:
-    try:
-        from featx.finetune import finetune
-        from featx.predict import predict
-    except ImportError:  # the fine-tuning stage is not part of this build
-        return None
-    r = finetune(heads["logreg"], epochs=1, unfreeze="fc", cache=root, device=device)
+def _finetune_and_predict(head: Path, root: Path, device: str, lines: list[str], data: Path) -> Path:
+    from featx.finetune import finetune
+    from featx.predict import predict
+
+    r = finetune(head, epochs=1, unfreeze="all", lr=1e-3, cache=root, device=device)
     m = r.metrics
-    lines.append(f"  finetune  1 epoch from the logreg head: test accuracy {m['initial_test_accuracy']:.3f} before, "
-                 f"{m['test_accuracy']:.3f} after")
+    lines.append(f"  finetune  1 epoch from the best searched head, all layers: test accuracy "
+                 f"{m['initial_test_accuracy']:.3f} before, {m['test_accuracy']:.3f} after")
     imgs = sorted(data.rglob("*.png"))[::400][:4]
     preds = predict(r.path, [str(p) for p in imgs], device=device)
-    shown = ", ".join(f"{Path(p['path']).parent.name}/{Path(p['path']).name} -> {p.get('predicted')}" for p in preds)
+    shown = ", ".join(f"{Path(p['path']).parent.name}/{Path(p['path']).name} -> "
+                      f"{p['class'] if not p.get('error') else p['error']}" for p in preds)
     lines.append(f"  predict   {shown}")
     return r.path

@@ -98,6 +98,7 @@ def _open_study(storage_url: str, name: str, *, attrs: dict, sampler: str, seed:
     import optuna
 
     storage = open_storage(storage_url)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # featx logs each trial itself, on its own logger
     smp = optuna.samplers.TPESampler(seed=seed, multivariate=True) if sampler == "tpe" \
         else optuna.samplers.RandomSampler(seed=seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3) if kind == "mlp" \
