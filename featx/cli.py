@@ -93,7 +93,7 @@ def main() -> None:
 @click.option("--normalize", default="weights", show_default=True, type=click.Choice(["weights", "dataset"]),
               help="Published mean/std of the weights, or the train split's own.")
 @click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--workers", default=None, type=int, help="Decode processes (default: cores - 1).")
+@click.option("--workers", default=None, type=int, help="Decode processes (default: one per core).")
 @click.option("--threads", default=None, type=int, help="Torch threads for the forward pass.")
 @device_option
 @click.option("--amp", is_flag=True, help="Mixed precision (changes the features slightly).")

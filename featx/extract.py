@@ -84,8 +84,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def default_workers() -> int:
-    """Decode processes: one per core beyond the first, which the forward pass keeps busy."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    """Decode processes: one per core (measured on 2 cores: 2 workers beat 1 and 3, benchmarks/bench_extract.py);
+    the forward pass's threads fill the time the decoders leave idle."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 @dataclass
@@ -119,7 +120,7 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
         split: stratified split to make when the data has none (``"test=0.15,val=0.1"``).
         views: 1 (centre crop), 2 (+ mirror), 5 (centre + four corners), 10 (+ their mirrors); one row per view.
         normalize: ``weights`` (the published mean/std) or ``dataset`` (per-channel mean/std of the train split).
-        batch_size: images per forward pass. workers: decode processes (default: cores - 1).
+        batch_size: images per forward pass. workers: decode processes (default: one per core).
         device: ``auto``, ``cpu`` or ``cuda``. amp: autocast (fp16 on CUDA, bf16 on CPU); changes the features.
         shard_size: rows per shard. cache: cache root. strict: raise :class:`StrictError` if any file was skipped
             (after the feature set is complete). threads: torch threads of the forward pass.
