@@ -33,7 +33,7 @@ def make_pool5_like(
     seed: int = 0,
     *,
     rank: int = 256,
-    class_sep: float = 0.8,
+    class_sep: float = 0.5,
     noise: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(X, y)``: ``n`` rows of ``d`` non-negative float32 "pool5-like" features in ``k`` balanced classes.

@@ -721,7 +721,7 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
             (x0.1 after ``plateau_patience`` epochs without a lower validation loss) or ``none``.
         augment: training views, comma-combined: ``none``, ``flip``, ``crop``, ``resized-crop``, ``jitter``,
             ``sixview`` (see :func:`augmented_pixels`). Validation and test images get the plain centre crop.
-        batch_size: images per step. workers: decode processes (default: cores - 1).
+        batch_size: images per step. workers: decode processes (default: one per core).
         device: ``auto``, ``cpu``, ``cuda``. amp: autocast (fp16 with loss scaling on CUDA, bf16 on CPU).
         early_stop: stop after this many epochs without a better validation accuracy (None: never).
         resume: None (default) continues an interrupted run of the same call from its checkpoint; True insists

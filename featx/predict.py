@@ -91,7 +91,7 @@ def predict(model_or_head: str | os.PathLike | Predictor, inputs: Sequence[str |
         inputs: image files and/or folders (searched recursively for images).
         top_k: classes listed per image (at most the number of classes).
         device: ``auto``, ``cpu`` or ``cuda``. batch_size: images per forward pass.
-        workers: decode processes (default: none for a few images, else cores - 1).
+        workers: decode processes (default: none for a few images, else one per core).
 
     Returns:
         One dict per image, in input order: ``path``, ``class`` (the top class), ``probability`` (its softmax
