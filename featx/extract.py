@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 import featx
 from featx.backbones import Backbone, Preprocess, Tapped, check_layers, dataset_stats_to_preprocess, get_spec, load_backbone
 from featx.cache import atomic_write_json, cache_root, hash_key, read_json
+from featx.devices import resolve_device
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, ImageDataset, Item, discover, fingerprints, open_rgb
 from featx.errors import DataError, StrictError, UsageError
 from featx.store import FORMAT_VERSION, shard_is_valid, shard_name, write_shard
@@ -89,16 +90,6 @@ def _loader(paths: Sequence[Path], batches: list[list[int]], pre: Preprocess, *,
 
 
 # --------------------------------------------------------------------------------------------- resolution
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"--device {device!r}: use auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    return torch.device(device)
-
 
 def default_workers() -> int:
     """Decode processes: one per core (measured on 2 cores: 2 workers beat 1 and 3, benchmarks/bench_extract.py);

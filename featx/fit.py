@@ -51,9 +51,10 @@ class Scaler:
             return self
         n, s, ss = 0, None, None
         for X in chunks:
-            X64 = X.astype(np.float64)
-            s = X64.sum(0) if s is None else s + X64.sum(0)
-            ss = (X64 * X64).sum(0) if ss is None else ss + (X64 * X64).sum(0)
+            for a in range(0, len(X), 512):  # float64 sums, over small blocks: bounded temporaries
+                X64 = X[a:a + 512].astype(np.float64)
+                s = X64.sum(0) if s is None else s + X64.sum(0)
+                ss = np.einsum("ij,ij->j", X64, X64) if ss is None else ss + np.einsum("ij,ij->j", X64, X64)
             n += len(X)
         if not n:
             raise DataError("no training rows to fit the feature scaling on")
@@ -65,7 +66,7 @@ class Scaler:
         return self
 
     def fit(self, X: np.ndarray) -> "Scaler":
-        return self.fit_chunks(iter([X[a:a + 4096] for a in range(0, len(X), 4096)]))
+        return self.fit_chunks(iter([X]))
 
     def transform_(self, X: np.ndarray) -> np.ndarray:
         """Scale ``X`` in place (and return it)."""
@@ -193,7 +194,7 @@ def make_head(kind: str, params: dict[str, Any]):
 
 
 def _resolve_device(device: str) -> str:
-    from featx.extract import resolve_device
+    from featx.devices import resolve_device
 
     return resolve_device(device).type
 
@@ -259,22 +260,24 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
     if stream is None:
         stream = n_train * d * 4 > _available_bytes() // 2
     t0 = time.perf_counter()
-    scaler.fit_chunks(X for X, _ in rows.chunks("train")())
     has_val = bool(rows.mask("val").any())
+    X = None
     if stream:
         logger.info("fitting %s chunk by chunk (%d x %d train rows)", kind, n_train, d)
+        scaler.fit_chunks(X for X, _ in rows.chunks("train")())
         val = (rows.load("val", scaler), rows.labels[rows.mask("val")]) if has_val else None
         est.fit_stream(rows.chunks("train", scaler), classes=np.arange(len(rows.classes)), n_features=d, val=val)
     else:
-        X = rows.load("train", scaler)
+        X = rows.load("train")  # the one copy of the train rows: scaled in place, fitted, measured
+        scaler.fit(X).transform_(X)
         y = rows.labels[rows.mask("train")]
         if kind == "mlp" and has_val:
             est.fit(X, y, X_val=rows.load("val", scaler), y_val=rows.labels[rows.mask("val")])
         else:
             est.fit(X, y)
-        del X
     fit_s = time.perf_counter() - t0
-    metrics = measure(est, rows, scaler, classes=rows.classes)
+    metrics = measure(est, rows, scaler, classes=rows.classes, train=X)
+    del X
     metrics.update({"kind": kind, "layer": rows.layer, "scale": scale, "params": _jsonable(resolved),
                     "fit_seconds": round(fit_s, 3), "source": source, "seed": seed,
                     "rows": {s: int(rows.mask(s).sum()) for s in ("train", "val", "test")},
@@ -337,14 +340,21 @@ def metrics_for(y: np.ndarray, pred: np.ndarray, sc: np.ndarray | None, est_clas
     return out
 
 
-def measure(est, rows: Rows, scaler: Scaler, *, classes: list[str]) -> dict:
-    """Train and test metrics of a fitted head (test rows are only ever predicted)."""
+def measure(est, rows: Rows, scaler: Scaler, *, classes: list[str], train: np.ndarray | None = None) -> dict:
+    """Train and test metrics of a fitted head (test rows are only ever predicted).
+
+    ``train``: the scaled train rows when they are already in memory (else they are streamed again).
+    """
     out: dict[str, Any] = {}
     for name in ("train", "test"):
         if not rows.mask(name).any():
             continue
         preds, ys, scs = [], [], []
-        for X, y in rows.chunks(name, scaler)():
+        if name == "train" and train is not None:
+            chunks = [(train[a:a + 4096], rows.labels[rows.mask("train")][a:a + 4096]) for a in range(0, len(train), 4096)]
+        else:
+            chunks = rows.chunks(name, scaler)()
+        for X, y in chunks:
             preds.append(est.predict(X))
             scs.append(scores(est, X))
             ys.append(y)

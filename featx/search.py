@@ -324,7 +324,7 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
         raise UsageError(f"--sampler {sampler!r}: use tpe or random")
     if trials < 0 or jobs < 1 or cv < 2:
         raise UsageError("--trials must be >= 0, --jobs >= 1 and --cv >= 2")
-    from featx.extract import resolve_device
+    from featx.devices import resolve_device
 
     dev = resolve_device(device).type
     rows = open_rows(features, layer, split=split, seed=seed)
