@@ -301,12 +301,16 @@ def fingerprint_file(path: Path) -> tuple[int | None, str]:
         return None, f"error:{type(e).__name__}"
 
 
+def fingerprints_of(root: Path, paths: list[str], *, threads: int = 4) -> list[tuple[str, int | None, str]]:
+    """``(path, size, sha256)`` for paths relative to ``root``, hashed on a few threads."""
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        sums = list(pool.map(fingerprint_file, [root / p for p in paths], chunksize=32))
+    return [(p, size, digest) for p, (size, digest) in zip(paths, sums)]
+
+
 def fingerprints(ds: ImageDataset, *, threads: int = 4) -> list[tuple[str, int | None, str]]:
     """``(path, size, sha256)`` for every item, hashed on a few threads (hashlib releases the GIL)."""
-    paths = [ds.abspath(it) for it in ds.items]
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        sums = list(pool.map(fingerprint_file, paths, chunksize=32))
-    return [(it.path, size, digest) for it, (size, digest) in zip(ds.items, sums)]
+    return fingerprints_of(ds.root, [it.path for it in ds.items], threads=threads)
 
 
 # ---------------------------------------------------------------------------------------------------- decoding

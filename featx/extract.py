@@ -172,6 +172,7 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
         with lock:
             res = _complete(root, key)  # it may have finished while we waited
             if res is None:
+                atomic_write_json(root / "images.json", {"fields": ["path", "size", "sha256"], "images": fps})
                 manifest = _run(ds, bb, pre, config, key, root, layer_list, dev, batch_size=batch_size,
                                 workers=default_workers() if workers is None else int(workers),
                                 shard_size=shard_size, amp=amp, max_pixels=max_pixels, progress=progress,

@@ -393,7 +393,26 @@ def feature_set_images(fdir: Path, manifest: dict) -> ImageRows:
     if missing:
         raise DataError(f"{len(missing)} of the {len(rows.paths)} images of feature set {manifest.get('key')} are "
                         f"missing or unreadable, e.g. {str(root / missing[0])!r}: restore them or re-extract")
+    _check_unchanged(fdir, root, rows.paths, manifest.get("key"))
     return rows
+
+
+def _check_unchanged(fdir: Path, root: Path, paths: list[str], key) -> None:
+    """Compare each image's size and sha256 with what extraction recorded (``images.json``)."""
+    from featx.cache import read_json
+    from featx.data import fingerprints_of
+
+    rec = read_json(fdir / "images.json")
+    if not isinstance(rec, dict):
+        logger.warning("feature set %s records no image fingerprints (made by an older featx): "
+                       "changed images cannot be detected", key)
+        return
+    want = {p: (size, digest) for p, size, digest in rec["images"]}
+    have = fingerprints_of(root, paths)
+    changed = [p for p, size, digest in have if want.get(p) != (size, digest)]
+    if changed:
+        raise DataError(f"{len(changed)} of the {len(paths)} images of feature set {key} changed since extraction, "
+                        f"e.g. {str(root / changed[0])!r}: re-extract (featx extract) and refit the head")
 
 
 def _readable(p: Path) -> bool:

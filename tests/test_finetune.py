@@ -263,6 +263,16 @@ def test_missing_images_are_named(digits_dir, tmp_path):
         finetune(head.path, cache=tmp_path / "c", **QUICK)
 
 
+def test_changed_images_are_named(digits_dir, tmp_path):
+    data = _mini_digits(digits_dir, tmp_path / "d", 2, 4)
+    fs = extract(data, split="test=0.25", cache=tmp_path / "c", **EXTRACT)
+    head = fit_head(fs.path, "logreg", cache=tmp_path / "c")
+    victim = sorted(data.rglob("*.png"))[2]
+    victim.write_bytes(sorted(data.rglob("*.png"))[6].read_bytes())  # still a valid image, other content
+    with pytest.raises(DataError, match=f"1 of the 8 images .* changed since extraction.*{victim.name}"):
+        finetune(head.path, cache=tmp_path / "c", **QUICK)
+
+
 def test_layer_or_backbone_mismatch_is_refused(tiny, tmp_path):
     head = tmp_path / "head"
     shutil.copytree(tiny, head)
