@@ -131,3 +131,30 @@ def test_sqlite_storage_url(h5file, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     res = search(h5file, "svm", trials=2, storage=url, cache=tmp_path)
     assert optuna.load_study(study_name=res.study, storage=url).trials[-1].state.name == "COMPLETE"
+
+
+def test_ctrl_c_stops_cleanly_keeping_finished_trials(h5file, tmp_path):
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "featx", "search", "logreg", str(h5file), "--trials", "500", "--cache", str(tmp_path)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    journal = tmp_path / "studies" / "featx.journal"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until at least two trials are finished
+        time.sleep(0.5)
+        if journal.exists():
+            summaries = optuna.get_all_study_summaries(open_storage(str(journal)))
+            if summaries and summaries[0].n_trials >= 3:
+                break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and out == ""
+    assert err.strip().splitlines()[-1].startswith("featx: interrupted; finished work is kept")
+    name = optuna.get_all_study_summaries(open_storage(str(journal)))[0].study_name
+    study = optuna.load_study(study_name=name, storage=open_storage(str(journal)))
+    before = study.trials
+    assert sum(t.state.name == "COMPLETE" for t in before) >= 2
+    again = search(h5file, "logreg", trials=1, cache=tmp_path)  # the same study resumes
+    assert again.search["trials"] == len(before) + 1
