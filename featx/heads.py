@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -49,6 +48,7 @@ from ._solvers import (
     lbfgs_linear,
     resolve_device,
 )
+from .cache import atomic_write_bytes as _atomic_write
 from .errors import DataError, IntegrityError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -822,21 +822,6 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 HEAD_CLASSES: dict[str, type[BaseEstimator]] = {c.__name__: c for c in (SVMHead, LogisticHead, MLPHead)}
 _FORMAT = "featx-head"
 _FORMAT_VERSION = 1
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _json_safe(value: Any) -> Any:
