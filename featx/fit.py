@@ -102,6 +102,7 @@ class Rows:
     splits: np.ndarray
     labels: np.ndarray
     classes: list[str]
+    _source: dict | None = field(default=None, repr=False)
 
     def mask(self, name: str) -> np.ndarray:
         return self.splits == name
@@ -169,12 +170,16 @@ def open_rows(features: str | os.PathLike, layer: str | None = None, *, split: s
 
 
 def source_identity(rows: Rows) -> dict:
-    """What a head depends on: the features it was fit on."""
-    ident = rows.fs.identity(rows.layer)
-    if rows.fs.kind == "featx":
-        return {"features": str(rows.fs.path), "key": rows.fs.key, **ident, "dim": rows.fs.dim(rows.layer)}
-    return {"features": str(rows.fs.path), "sha256": sha256_file(rows.fs.path), "layer": rows.layer,
-            "dim": rows.fs.dim(rows.layer)}
+    """What a head depends on: the features it was fit on (computed once per opened rows: for a plain HDF5 file
+    it hashes the whole file, which a search would otherwise do for its study name, its attributes and its refit)."""
+    if rows._source is None:
+        ident = rows.fs.identity(rows.layer)
+        if rows.fs.kind == "featx":
+            rows._source = {"features": str(rows.fs.path), "key": rows.fs.key, **ident, "dim": rows.fs.dim(rows.layer)}
+        else:
+            rows._source = {"features": str(rows.fs.path), "sha256": sha256_file(rows.fs.path), "layer": rows.layer,
+                            "dim": rows.fs.dim(rows.layer)}
+    return rows._source
 
 
 # ------------------------------------------------------------------------------------------------ heads
