@@ -124,10 +124,12 @@ def run_baseline(data: Path) -> tuple[float, int]:
         return timed([sys.executable, "-c", BASELINE, str(data), str(Path(tmp) / "f.h5")])
 
 
-def run_featx(data: Path, extra: list[str]) -> tuple[float, int]:
+def run_featx(data: Path, extra: list[str], source: str | None = None) -> tuple[float, int]:
+    """``source``: another featx checkout to run instead of this one (an A/B against an earlier commit)."""
+    env = {"PYTHONPATH": source} if source else None
     with tempfile.TemporaryDirectory() as tmp:
         return timed([sys.executable, "-m", "featx", "extract", str(data), "--layer", "pool5", "--weights", "random",
-                      "--cache", tmp, "--quiet", *extra])
+                      "--cache", tmp, "--quiet", *extra], env=env)
 
 
 def ideal(data: Path, n: int) -> dict:
@@ -165,16 +167,21 @@ def main() -> None:
     ap.add_argument("--memory-n", type=int, default=200, help="M for --memory")
     ap.add_argument("--featx-args", default="", help="extra featx extract arguments (tuning)")
     ap.add_argument("--quick", action="store_true", help="200 images, 1 repeat")
+    ap.add_argument("--previous", default=None, metavar="DIR",
+                    help="also time the featx of another checkout (e.g. `git worktree add /tmp/old HEAD~1`)")
     args = ap.parse_args()
     if args.quick:
         args.n, args.repeats = 200, 1
     data = make_jpegs(WORK / f"jpegs-{args.n}", args.n)
     extra = args.featx_args.split()
-    base, ours = [], []
+    base, ours, prev = [], [], []
     for r in range(args.repeats):
         base.append(run_baseline(data))
         ours.append(run_featx(data, extra))
-        print(f"repeat {r}: baseline {base[-1][0]:.1f}s, featx {ours[-1][0]:.1f}s", file=sys.stderr)
+        if args.previous:
+            prev.append(run_featx(data, extra, args.previous))
+        print(f"repeat {r}: baseline {base[-1][0]:.1f}s, featx {ours[-1][0]:.1f}s"
+              + (f", previous featx {prev[-1][0]:.1f}s" if prev else ""), file=sys.stderr)
     tb = statistics.median(t for t, _ in base)
     tf = statistics.median(t for t, _ in ours)
     ide = ideal(data, args.n)
@@ -183,6 +190,10 @@ def main() -> None:
           f"peak PSS {max(m for _, m in base) / 1024:.0f} MiB")
     print(f"featx extract: {tf:.1f} s = {args.n / tf:.1f} img/s, peak PSS {max(m for _, m in ours) / 1024:.0f} MiB")
     print(f"speed-up featx / baseline: {tb / tf:.2f}x")
+    if prev:
+        tp = statistics.median(t for t, _ in prev)
+        print(f"previous featx ({args.previous}): {tp:.1f} s, peak PSS {max(m for _, m in prev) / 1024:.0f} MiB, "
+              f"{tb / tp:.2f}x the baseline; this featx is {tp / tf:.2f}x the previous")
     print(f"machine bound: forward-only {ide['forward_ips']:.1f} img/s, decode-only {ide['decode_1core_ips']:.1f} img/s/core, "
           f"overlapped {ide['ideal_ips']:.1f} img/s -> {ide['ideal_s']:.1f} s + process start-up; "
           f"bound / baseline: {tb / ide['ideal_s']:.2f}x (without start-up)")

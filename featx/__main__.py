@@ -1,3 +1,3 @@
-from featx.cli import main
+from featx.cli import entry
 
-main()
+entry()

@@ -381,6 +381,15 @@ def _check_file(p: Path) -> None:
         raise BadImage("empty file")
 
 
+def _quiet_bomb_warnings() -> None:
+    """Silence Pillow's DecompressionBombWarning: :func:`open_rgb` judges every image's size against its own
+    limit and reports the file as skipped, so the warning would only repeat that on stderr.  A process-wide
+    filter, added once (and again if someone resets the filters), because ``warnings.catch_warnings`` is not
+    thread-safe and images are decoded on several threads at once."""
+    if not any(f[0] == "ignore" and f[2] is Image.DecompressionBombWarning for f in warnings.filters):
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def open_rgb(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an image file to an RGB Pillow image, EXIF orientation applied (first frame of an animation).
 
@@ -397,8 +406,8 @@ def open_rgb(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PI
         # Everything that touches the file is inside the try: even lstat() raises PermissionError in a folder
         # we may not search, and that must cost one file, not the caller.
         _check_file(p)
-        with warnings.catch_warnings(), _pixel_limit(max_pixels):
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        _quiet_bomb_warnings()
+        with _pixel_limit(max_pixels):
             with Image.open(p) as im:
                 if max_pixels is not None and im.width * im.height > max_pixels:
                     raise BadImage(f"decompression bomb: {im.width}x{im.height} pixels is over the limit of {max_pixels}")

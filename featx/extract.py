@@ -1,9 +1,13 @@
 """``featx extract``: from a folder of images to a feature set in the cache.
 
-The pipeline overlaps its three costs: worker processes decode and resize images into uint8 crops (the
-DataLoader), the main process normalizes them and runs one forward pass per batch for all requested layers
-(channels_last, ``inference_mode``), and a writer thread turns finished shards into HDF5 files, so the forward
-pass never waits for the disk.  Work is cut into shards of consecutive images; a shard is written to a
+On the CPU, work runs in *lanes*: each lane is a thread that decodes one batch of images (Pillow releases the GIL
+while it decodes and resizes), normalizes it and runs one forward pass over it for all requested layers
+(channels_last, ``inference_mode``) with its own few intra-op threads, one lane per core by default.  Lanes
+never wait for each other, so a core that is decoding does not stall the forward pass on the other cores, which
+is what happens when decode processes preempt one of the threads of a single multi-threaded forward pass
+(measured: benchmarks/bench_extract.py, docs/benchmarks.md).  On CUDA, decode worker processes (a DataLoader
+with pinned memory) feed the device.  In both cases a writer thread turns finished shards into HDF5 files, so
+the forward pass never waits for the disk.  Work is cut into shards of consecutive images; a shard is written to a
 temporary file and renamed into place when complete, which is what makes a killed run resumable row for row.
 """
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +41,16 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ decode workers
 
+def _decode(path: Path, pre: Preprocess, max_pixels: int | None) -> tuple[torch.Tensor | None, str | None]:
+    """uint8 ``[V, 3, H, W]`` and None, or None and the reason the file cannot be used; never raises for a bad file."""
+    try:
+        return pre.pixels(open_rgb(path, max_pixels=max_pixels)), None
+    except BadImage as e:
+        return None, str(e)
+    except Exception as e:  # anything else a decoder can throw must cost one file, not the run
+        return None, f"cannot decode: {type(e).__name__}: {e}"
+
+
 class _DecodeSet(torch.utils.data.Dataset):
     """Item i -> (i, uint8 [V, 3, H, W] or None, reason or None); never raises for a bad file."""
 
@@ -48,12 +63,7 @@ class _DecodeSet(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            return i, self.pre.pixels(open_rgb(self.paths[i], max_pixels=self.max_pixels)), None
-        except BadImage as e:
-            return i, None, str(e)
-        except Exception as e:  # anything else a decoder can throw must cost one file, not the run
-            return i, None, f"cannot decode: {type(e).__name__}: {e}"
+        return (i, *_decode(self.paths[i], self.pre, self.max_pixels))
 
 
 def _collate(batch):
@@ -89,12 +99,90 @@ def _loader(paths: Sequence[Path], batches: list[list[int]], pre: Preprocess, *,
                                        pin_memory=pin, **kw)
 
 
+def _lanes(files: Sequence[Path], batches: list[list[int]], pre: Preprocess, model: torch.nn.Module,
+           layers: list[str], *, lanes: int, max_pixels: int | None, autocast, timings: dict):
+    """Yield ``(indices, {layer: rows}, bad)`` per batch, in order: each batch decoded, normalized and passed
+    through ``model`` by one of ``lanes`` threads (0 or 1: in the calling thread).  At most two batches per lane
+    are in flight, which bounds memory."""
+    ready = _CollateReady(pre)
+
+    def work(batch: list[int]):
+        t = time.perf_counter()
+        idx, pixels, bad = ready([(i, *_decode(files[i], pre, max_pixels)) for i in batch])
+        t_dec = time.perf_counter()
+        feats = None
+        if pixels is not None:
+            with torch.inference_mode(), autocast:
+                out = model(pixels)
+            feats = {l: out[l].float().numpy() for l in layers}
+        return idx, feats, bad, t_dec - t, time.perf_counter() - t_dec
+
+    def account(r):
+        timings["decode_s"] += r[3]
+        timings["forward_s"] += r[4]
+        return r[:3]
+
+    if lanes <= 1:
+        for b in batches:
+            yield account(work(b))
+        return
+    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="featx-lane")
+    window: deque[Future] = deque()
+    todo = iter(batches)
+    try:
+        for b in todo:
+            window.append(pool.submit(work, b))
+            if len(window) >= 2 * lanes:
+                break
+        while window:
+            t = time.perf_counter()
+            r = window.popleft().result()
+            timings["wait_s"] += time.perf_counter() - t
+            nxt = next(todo, None)
+            if nxt is not None:
+                window.append(pool.submit(work, nxt))
+            yield account(r)
+    finally:
+        for f in window:
+            f.cancel()
+        pool.shutdown(wait=True)
+
+
+def _decode_processes(files: Sequence[Path], batches: list[list[int]], pre: Preprocess, model: torch.nn.Module,
+                      layers: list[str], dev: torch.device, *, workers: int, max_pixels: int | None, autocast,
+                      timings: dict):
+    """The CUDA path: ``workers`` processes decode uint8 batches into pinned memory, copied without blocking and
+    normalized on the device (4x fewer bytes over the bus than float32)."""
+    loader = _loader(files, batches, pre, workers=workers, pin=True, max_pixels=max_pixels)
+    t = time.perf_counter()
+    for idx, pixels, bad in loader:
+        t_got = time.perf_counter()
+        timings["wait_s"] += t_got - t
+        feats = None
+        if pixels is not None:
+            x = pre.normalize(pixels.to(dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), autocast:
+                out = model(x)
+            feats = {l: out[l].float().cpu().numpy() for l in layers}
+        timings["forward_s"] += time.perf_counter() - t_got
+        yield idx, feats, bad
+        t = time.perf_counter()
+
+
 # --------------------------------------------------------------------------------------------- resolution
 
-def default_workers() -> int:
-    """Decode processes: one per core (measured on 2 cores: 2 workers beat 1 and 3, benchmarks/bench_extract.py);
-    the forward pass's threads fill the time the decoders leave idle."""
-    return max(1, min(8, os.cpu_count() or 1))
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_workers(device: str = "cpu") -> int:
+    """CPU: lanes (threads that each decode a batch and run the network on it), one per core up to 4, each with
+    ``cores // lanes`` intra-op threads (measured on 2 cores: 2 lanes of one thread beat one forward pass on
+    two threads fed by 2 decode processes, benchmarks/bench_extract.py).  CUDA: decode processes, one per core."""
+    return max(1, min(4 if device == "cpu" else 8, _cores()))
 
 
 @dataclass
@@ -128,10 +216,12 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
         split: stratified split to make when the data has none (``"test=0.15,val=0.1"``).
         views: 1 (centre crop), 2 (+ mirror), 5 (centre + four corners), 10 (+ their mirrors); one row per view.
         normalize: ``weights`` (the published mean/std) or ``dataset`` (per-channel mean/std of the train split).
-        batch_size: images per forward pass. workers: decode processes (default: one per core).
+        batch_size: images per forward pass. workers: on the CPU, lanes (threads that each decode a batch and run
+            the network on it; 0: all in the calling thread); on CUDA, decode processes (see :func:`default_workers`).
         device: ``auto``, ``cpu`` or ``cuda``. amp: autocast (fp16 on CUDA, bf16 on CPU); changes the features.
         shard_size: rows per shard. cache: cache root. strict: raise :class:`StrictError` if any file was skipped
-            (after the feature set is complete). threads: torch threads of the forward pass.
+            (after the feature set is complete). threads: torch intra-op threads (on the CPU: per lane; default: the
+            cores shared out between the lanes).
 
     Returns:
         :class:`ExtractResult` with the feature set's directory.
@@ -151,9 +241,11 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
     layer_list = check_layers(spec, list(layers))
     dev = resolve_device(device)
     ds = discover(data, split=split, seed=seed)
-    bb = load_backbone(backbone, weights, seed=seed)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-hash") as pool:
+        hashing = pool.submit(fingerprints, ds)  # hashlib and torch's weight init both release the GIL
+        bb = load_backbone(backbone, weights, seed=seed)
+        fps = hashing.result()
     pre = Preprocess(**{**_pre_fields(bb.preprocess), "views": _views(views)})
-    fps = fingerprints(ds)
     config = {
         "data": str(ds.root), "source": ds.source, "layout": ds.layout, "backbone": spec.name,
         "weights": bb.weights_id, "layers": layer_list, "preprocess": pre.to_json(), "normalize": normalize,
@@ -174,7 +266,7 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
             if res is None:
                 atomic_write_json(root / "images.json", {"fields": ["path", "size", "sha256"], "images": fps})
                 manifest = _run(ds, bb, pre, config, key, root, layer_list, dev, batch_size=batch_size,
-                                workers=default_workers() if workers is None else int(workers),
+                                workers=default_workers(dev.type) if workers is None else int(workers),
                                 shard_size=shard_size, amp=amp, max_pixels=max_pixels, progress=progress,
                                 threads=threads, t0=t0)
                 res = ExtractResult(root, True, manifest)
@@ -254,7 +346,7 @@ def _run(ds: ImageDataset, bb: Backbone, pre: Preprocess, config: dict, key: str
     todo = [s for s in range(n_shards) if not shard_is_valid(root / shard_name(s), layers)]
     logger.info("%s: %d images, %d classes, %d shard(s) (%d to compute), layers %s, %s weights, device %s",
                 key, len(ds.items), len(ds.classes), n_shards, len(todo), ",".join(layers), bb.weights_id["kind"], dev)
-    timings = {"decode_wait_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
+    timings = {"decode_s": 0.0, "forward_s": 0.0, "wait_s": 0.0, "write_s": 0.0}
     if todo:
         _compute(ds, bb, pre, root, layers, dev, todo, per, batch_size=batch_size, workers=workers, amp=amp,
                  max_pixels=max_pixels, progress=progress, threads=threads, timings=timings)
@@ -264,8 +356,6 @@ def _run(ds: ImageDataset, bb: Backbone, pre: Preprocess, config: dict, key: str
 def _compute(ds: ImageDataset, bb: Backbone, pre: Preprocess, root: Path, layers: list[str], dev: torch.device,
              todo: list[int], per: int, *, batch_size: int, workers: int, amp: bool, max_pixels: int | None,
              progress: bool | None, threads: int | None, timings: dict) -> None:
-    if threads:
-        torch.set_num_threads(int(threads))
     model = Tapped(bb.stages(), layers).to(dev)
     model = model.to(memory_format=torch.channels_last)
     V = pre.views
@@ -282,33 +372,33 @@ def _compute(ds: ImageDataset, bb: Backbone, pre: Preprocess, root: Path, layers
             owner.append((s, j - lo))
         for a in range(first, len(files), img_batch):
             batches.append(list(range(a, min(a + img_batch, len(files)))))
-    ready = dev.type == "cpu" and workers > 0
-    loader = _loader(files, batches, pre, workers=workers, pin=dev.type == "cuda", max_pixels=max_pixels, ready=ready)
+    autocast = torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16, enabled=amp)
+    threads_before = torch.get_num_threads()
+    if dev.type == "cpu":
+        lanes = max(0, min(workers, len(batches)))
+        torch.set_num_threads(int(threads) if threads else max(1, _cores() // max(1, lanes)))
+        source = _lanes(files, batches, pre, model, layers, lanes=lanes, max_pixels=max_pixels, autocast=autocast,
+                        timings=timings)
+    else:
+        if threads:
+            torch.set_num_threads(int(threads))
+        source = _decode_processes(files, batches, pre, model, layers, dev, workers=workers, max_pixels=max_pixels,
+                                   autocast=autocast, timings=timings)
     show = (sys.stderr.isatty() if progress is None else progress)
     bar = tqdm(total=len(files), unit="img", disable=not show, file=sys.stderr, desc="extract", dynamic_ncols=True)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-writer")
     pending: list[Future] = []
     cur: _ShardBuffer | None = None
-    autocast = torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16, enabled=amp)
     view_names = list(pre.view_names)
     try:
-        t_wait = time.perf_counter()
-        for idx, pixels, bad in loader:
-            t_got = time.perf_counter()
-            timings["decode_wait_s"] += t_got - t_wait
+        for idx, feats, bad in source:
             shard = owner[(idx or [i for i, _ in bad])[0]][0]
             if cur is None or cur.shard != shard:
                 cur = _ShardBuffer(shard, ds, per, layers, bb.spec.dims, V)
             for i, why in bad:
                 cur.skip(owner[i][1], why)
-            if pixels is not None:
-                x = pixels if ready else \
-                    pre.normalize(pixels.to(dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), autocast:
-                    out = model(x)
-                feats = {l: out[l].float().cpu().numpy() for l in layers}
+            if feats is not None:
                 cur.add([owner[i][1] for i in idx], feats)
-            timings["forward_s"] += time.perf_counter() - t_got
             bar.update(len(idx) + len(bad))
             if cur.complete():
                 pending = [f for f in pending if not f.done() or f.result() is None]
@@ -316,14 +406,15 @@ def _compute(ds: ImageDataset, bb: Backbone, pre: Preprocess, root: Path, layers
                     pending.pop(0).result()
                 pending.append(writer.submit(_write, cur, root, ds, view_names, timings))
                 cur = None
-            t_wait = time.perf_counter()
         for f in pending:
             f.result()
     finally:
+        source.close()
         bar.close()
         writer.shutdown(wait=True)
-    logger.info("time: waiting for decode %.1fs, forward %.1fs, writing %.1fs (in the background)",
-                timings["decode_wait_s"], timings["forward_s"], timings["write_s"])
+        torch.set_num_threads(threads_before)
+    logger.info("time: decode %.1fs, forward %.1fs (summed over lanes), waiting for them %.1fs, writing %.1fs "
+                "(in the background)", timings["decode_s"], timings["forward_s"], timings["wait_s"], timings["write_s"])
 
 
 class _ShardBuffer:
