@@ -167,17 +167,19 @@ def test_bad_files_are_skipped_and_listed(tmp_path):
     assert (res.path / "manifest.json").exists()  # --strict fails the run, not the finished work
 
 
-def test_lanes_on_threads_equal_the_calling_thread_row_for_row(tmp_path):
-    """Three lanes decode and run batches concurrently (bad files among them, batches finishing out of order,
-    shards cut mid-way): the feature set is the one a single thread makes, row for row."""
+@pytest.mark.parametrize("decode, workers", [("threads", 3), ("processes", 2)])
+def test_parallel_decoding_equals_the_calling_thread_row_for_row(decode, workers, tmp_path):
+    """Three lanes decode and run batches concurrently, or decode processes feed the forward pass (bad files
+    among the images, batches finishing out of order, shards cut mid-way): the feature set is the one a single
+    thread makes, row for row."""
     from imagezoo import make_zoo
 
     zoo = make_zoo(tmp_path / "zoo")
     kw = {**KW, "batch_size": 3, "shard_size": 7}
     one = extract(zoo.root, cache=tmp_path / "one", **kw)
-    kw["workers"] = 3
+    kw.update(workers=workers, decode=decode)
     many = extract(zoo.root, cache=tmp_path / "many", **kw)
-    assert many.path.name == one.path.name  # the lanes are not part of the key
+    assert many.path.name == one.path.name  # how the work is spread is not part of the key
     a, b = _rows(one.path), _rows(many.path)
     assert list(a["path"]) == list(b["path"]) and list(a["split"]) == list(b["split"])
     assert (a["label"] == b["label"]).all()
