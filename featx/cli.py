@@ -99,6 +99,9 @@ def main() -> None:
                    "at most 4). CUDA: decode processes (default: one per core).")
 @click.option("--threads", default=None, type=int,
               help="Torch intra-op threads (CPU: per lane; default: the cores shared out between the lanes).")
+@click.option("--decode", default="threads", show_default=True, type=click.Choice(["threads", "processes"]),
+              help="CPU: decode in the lanes' threads, or in --workers processes feeding one forward pass on all "
+                   "cores. CUDA always decodes in processes.")
 @device_option
 @click.option("--amp", is_flag=True, help="Mixed precision (changes the features slightly).")
 @click.option("--shard-size", default=2048, show_default=True, type=int, help="Rows per HDF5 shard.")
@@ -106,13 +109,13 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file had to be skipped.")
 @quiet_option
 @command
-def extract(data, layers, backbone, weights, split, seed, views, normalize, batch_size, workers, threads, device,
+def extract(data, layers, backbone, weights, split, seed, views, normalize, batch_size, workers, threads, decode, device,
             amp, shard_size, cache, strict, quiet):
     """Extract backbone activations of every image in DATA into a feature set."""
     from featx.extract import extract as run
 
     res = run(data, layers=layers, backbone=backbone, weights=weights, split=split, seed=seed, views=int(views),
-              normalize=normalize, batch_size=batch_size, workers=workers, threads=threads, device=device, amp=amp,
+              normalize=normalize, batch_size=batch_size, workers=workers, threads=threads, decode=decode, device=device, amp=amp,
               shard_size=shard_size, cache=cache, strict=strict, progress=None if not quiet else False)
     m = res.manifest
     logger.info("%s: %d rows (%s), %d skipped", "extracted" if res.computed else "already extracted",
@@ -291,17 +294,22 @@ def finetune(head, quiet, **kw):
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--workers", default=None, type=int, help="Decode processes.")
 @device_option
+@cache_option
 @quiet_option
 @command
-def predict(model, inputs, top_k, fmt, batch_size, workers, device, quiet):
-    """Classify images (files or folders) with a fine-tuned MODEL or a HEAD; bad images get an error row."""
-    from featx.predict import format_predictions, predict as run
+def predict(model, inputs, top_k, fmt, batch_size, workers, device, cache, quiet):
+    """Classify images (files or folders) with a fine-tuned MODEL or a HEAD; bad images get an error row.
 
-    rows = run(model, list(inputs), top_k=top_k, device=device, batch_size=batch_size, workers=workers)
-    click.echo(format_predictions(rows, fmt).rstrip("\n"))
-    bad = sum(1 for r in rows if r.get("error"))
+    Prints the rows (CSV or JSON), then, as the last line, the directory in the cache that keeps them."""
+    from featx.predict import format_predictions, predict_to_cache
+
+    res = predict_to_cache(model, list(inputs), top_k=top_k, device=device, batch_size=batch_size,
+                           workers=workers, cache=cache)
+    click.echo(format_predictions(res.rows, fmt).rstrip("\n"))
+    bad = sum(1 for r in res.rows if r.get("error"))
     if bad:
-        logger.warning("%d of %d image(s) could not be classified (see the error column)", bad, len(rows))
+        logger.warning("%d of %d image(s) could not be classified (see the error column)", bad, len(res.rows))
+    _emit_path(res.path)
 
 
 @main.command()

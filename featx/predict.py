@@ -4,6 +4,9 @@ A head directory is enough: through its source feature set it knows the backbone
 so :func:`featx.finetune.build_from_head` puts it back on the network.  Every image gets a row; one that cannot
 be decoded gets an ``error`` instead of a prediction and never stops the others.
 
+:func:`predict_to_cache` (what ``featx predict`` runs) also keeps the rows in ``<cache>/predictions/<key>/``,
+the key being the model's and every input file's identity, so the same command run again answers at once.
+
 Probabilities are the softmax of the network's outputs.  For logistic-regression and MLP heads those outputs
 are logits and the softmax is the model's own probability; for an SVM head they are decision values and the
 softmax is only a monotone score in [0, 1] (the ranking is the SVM's, the values are not calibrated).
@@ -15,6 +18,7 @@ import io
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,8 +26,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+import featx
 from featx.backbones import Preprocess
-from featx.data import DEFAULT_MAX_PIXELS, _walk_images
+from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
+from featx.data import DEFAULT_MAX_PIXELS, _walk_images, fingerprint_file
 from featx.errors import DataError, UsageError
 from featx.finetune import FinetuneNet, MODEL_META, build_from_head, load_model, preprocess_from_json
 
@@ -40,6 +46,18 @@ class Predictor:
     scores: str               # "logits" or "decision values"
     source: str               # "model" or "head"
     path: Path
+
+
+PREDICTIONS_META = "summary.json"
+
+
+@dataclass
+class PredictResult:
+    """What :func:`predict_to_cache` produced: the directory, the rows, whether they were computed now."""
+
+    path: Path
+    rows: list[dict]
+    computed: bool
 
 
 def load_predictor(model_or_head: str | os.PathLike) -> Predictor:
@@ -105,19 +123,31 @@ def predict(model_or_head: str | os.PathLike | Predictor, inputs: Sequence[str |
         >>> rows = predict("cache/models/0123abcd", ["photos/"], top_k=3)  # doctest: +SKIP
         >>> print(format_predictions(rows, "csv"))  # doctest: +SKIP
     """
-    from featx.extract import _DecodeSet, _collate, default_workers, resolve_device
+    from featx.extract import resolve_device
 
     if top_k < 1 or batch_size < 1:
         raise UsageError("--top-k and --batch-size must be at least 1")
+    paths = _inputs(inputs)
+    dev = resolve_device(device)
+    pr = model_or_head if isinstance(model_or_head, Predictor) else load_predictor(model_or_head)
+    return _predict(pr, paths, top_k=top_k, dev=dev, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+
+
+def _inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     paths = _expand(inputs)
     if not paths:
         raise UsageError("no images to predict: give image files or folders holding images")
-    dev = resolve_device(device)
-    pr = model_or_head if isinstance(model_or_head, Predictor) else load_predictor(model_or_head)
+    return paths
+
+
+def _predict(pr: Predictor, paths: list[Path], *, top_k: int, dev: torch.device, batch_size: int,
+             workers: int | None, max_pixels: int | None) -> list[dict]:
+    from featx.extract import _DecodeSet, _collate, default_workers
+
     net = pr.net.to(dev).to(memory_format=torch.channels_last).eval()
     k = min(int(top_k), len(pr.classes))
     if workers is None:
-        workers = 0 if len(paths) <= 2 * batch_size else default_workers()
+        workers = 0 if len(paths) <= 2 * batch_size else default_workers("cuda")  # decode processes
     batches = [list(range(a, min(a + batch_size, len(paths)))) for a in range(0, len(paths), batch_size)]
     loader = torch.utils.data.DataLoader(_DecodeSet(paths, pr.preprocess, max_pixels), batch_sampler=batches,
                                          num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda")
@@ -140,6 +170,62 @@ def predict(model_or_head: str | os.PathLike | Predictor, inputs: Sequence[str |
     if n_bad:
         logger.warning("%d of %d image(s) could not be used (their rows say why)", n_bad, len(rows))
     return [r for r in rows if r is not None]
+
+
+def predict_to_cache(model_or_head: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, top_k: int = 5,
+                     device: str = "auto", batch_size: int = 32, workers: int | None = None,
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                     cache: str | os.PathLike | None = None) -> PredictResult:
+    """:func:`predict`, with the rows kept in ``<cache>/predictions/<key>/``.
+
+    The directory holds ``predictions.csv`` and ``predictions.json`` (the rows, as :func:`format_predictions`
+    writes them) and ``summary.json`` (the model, the number of images and errors, predicted images per class),
+    written last.  The key hashes the model's metadata (which holds its files' sha256), every input's path, size
+    and sha256, ``top_k`` and ``max_pixels``: the same call again reads the rows back instead of computing them,
+    and a changed image or model makes a new directory.
+
+    Raises:
+        as :func:`predict`.
+    """
+    from featx.extract import resolve_device
+
+    if top_k < 1 or batch_size < 1:
+        raise UsageError("--top-k and --batch-size must be at least 1")
+    from featx.fit import META as HEAD_META
+
+    where = Path(model_or_head).expanduser().absolute()
+    metas = [where / m for m in (MODEL_META, HEAD_META) if (where / m).is_file()]
+    if not metas:
+        load_predictor(where)  # raises the error that says what MODEL should be
+    paths = _inputs(inputs)
+    key = hash_key({"model": sha256_file(metas[0]), "top_k": int(top_k), "max_pixels": max_pixels,
+                    "inputs": [(str(p), str(p.absolute()), *fingerprint_file(p)) for p in paths]})
+    out = cache_root(cache) / "predictions" / key
+    done = read_json(out / PREDICTIONS_META)
+    rows = read_json(out / "predictions.json")
+    if isinstance(done, dict) and done.get("key") == key and isinstance(rows, list):
+        logger.info("predictions %s are already in the cache", key)
+        return PredictResult(out, rows, False)
+    t = time.perf_counter()
+    pr = load_predictor(where)
+    rows = _predict(pr, paths, top_k=top_k, dev=resolve_device(device), batch_size=batch_size, workers=workers,
+                    max_pixels=max_pixels)
+    elapsed = time.perf_counter() - t
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "predictions.csv", format_predictions(rows, "csv").encode())
+    atomic_write_bytes(out / "predictions.json", format_predictions(rows, "json").encode())
+    good = [r for r in rows if not r["error"]]
+    per_class = {c: 0 for c in pr.classes}
+    for r in good:
+        per_class[r["class"]] += 1
+    atomic_write_json(out / PREDICTIONS_META, {
+        "key": key, "featx_version": featx.__version__, "model": str(pr.path), "source": pr.source,
+        "scores": pr.scores, "classes": list(pr.classes), "top_k": int(top_k), "n_images": len(rows),
+        "n_errors": len(rows) - len(good), "predicted_per_class": per_class,
+        "images_per_s": round(len(rows) / elapsed, 2) if elapsed > 0 else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    return PredictResult(out, rows, True)
 
 
 def format_predictions(rows: list[dict], fmt: str = "csv") -> str:

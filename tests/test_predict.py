@@ -150,3 +150,36 @@ def test_bad_invocations(made, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no images"):
         predict(made.model, [tmp_path / "empty"])
+
+
+def test_cli_prints_rows_then_keeps_them_in_the_cache(made, tmp_path):
+    from conftest import run_cli
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for p in sorted(made.data.rglob("*.png"))[:3]:
+        shutil.copy(p, imgs / p.name)
+    shutil.copy(made.bad["text"], imgs / "text.png")
+    args = ("predict", str(made.model), str(imgs), "--top-k", "2", "--cache", str(tmp_path / "c"), "--device", "cpu")
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    *table, last = r.stdout.strip().splitlines()
+    out = Path(last)
+    assert out.parent == tmp_path / "c" / "predictions" and (out / "summary.json").is_file()
+    rows = list(csv.DictReader(io.StringIO("\n".join(table) + "\n")))
+    assert len(rows) == 4 and "not an image" in rows[-1]["error"]
+    assert (out / "predictions.csv").read_text().strip() == "\n".join(table)
+    assert [x["path"] for x in json.loads((out / "predictions.json").read_text())] == [x["path"] for x in rows]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_images"] == 4 and summary["n_errors"] == 1 and sum(summary["predicted_per_class"].values()) == 3
+    assert "could not be classified" in r.stderr and "Traceback" not in r.stderr
+
+    again = run_cli(*args, "--format", "json")  # same inputs: read back from the cache, same directory
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == last
+    assert "already in the cache" in again.stderr
+    shown = json.loads("\n".join(again.stdout.strip().splitlines()[:-1]))
+    assert [x["class"] or "" for x in shown] == [x["class"] for x in rows]
+
+    shutil.copy(sorted(made.data.rglob("*.png"))[5], imgs / sorted(p.name for p in imgs.iterdir())[0])
+    changed = run_cli(*args)  # an image's content changed: new predictions, a new directory
+    assert changed.returncode == 0 and changed.stdout.strip().splitlines()[-1] != last
