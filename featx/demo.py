@@ -81,7 +81,7 @@ def run_demo(*, weights: str | None = None, cache: str | os.PathLike | None = No
         f"  skipped   {len(m['skipped'])} file(s)",
     ]
     last = res.path
-    heads = _fit_heads(res.path, root, device, lines)
+    _fit_heads(res.path, root, device, lines)
     best = _search(res.path, root, device, lines)
     last = _finetune_and_predict(best, root, device, lines, data)
     lines.append(f"  output    {last}")

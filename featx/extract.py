@@ -32,7 +32,7 @@ import featx
 from featx.backbones import Backbone, Preprocess, Tapped, check_layers, dataset_stats_to_preprocess, get_spec, load_backbone
 from featx.cache import atomic_write_json, cache_root, hash_key, read_json
 from featx.devices import resolve_device
-from featx.data import DEFAULT_MAX_PIXELS, BadImage, ImageDataset, Item, discover, fingerprints, open_rgb
+from featx.data import DEFAULT_MAX_PIXELS, BadImage, ImageDataset, discover, fingerprints, open_rgb
 from featx.errors import DataError, StrictError, UsageError
 from featx.store import FORMAT_VERSION, shard_is_valid, shard_name, write_shard
 

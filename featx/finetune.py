@@ -1,14 +1,12 @@
 """``featx finetune``: a fitted head put back on its backbone and trained end to end.
 
-The head directory knows everything needed to rebuild the network that made its features: its source feature
-set's ``manifest.json`` records the backbone, the weights identity (ImageNet, ``random`` with a seed, or a file
-with its sha256), the preprocessing (dataset normalization included), the data root and, in the shards, every
-image's path, label and split.  :func:`build_from_head` turns that into one module::
+:func:`featx.model.build_from_head` rebuilds the network that made the head's features with the head on top::
 
     images -> truncated(backbone, layer) -> fixed feature scaling -> head.to_torch() -> logits
 
 which, before any step, classifies the test images exactly as the head classified their features (recorded as
-``initial_test_accuracy`` beside the head's own ``head_test_accuracy``).
+``initial_test_accuracy`` beside the head's own ``head_test_accuracy``).  The images come from the source
+feature set: its data root and, in the shards, every image's path, label and split.
 
 Training is resumable the way extraction is: after every epoch a checkpoint (model, optimizer, scheduler, best
 state, history) is written atomically with its sha256 embedded, and the same call run again continues from it.
@@ -16,7 +14,7 @@ Every random draw of an epoch (shuffle, augmentation, dropout) is derived from `
 augmented image, from its index too, so a resumed run repeats exactly what the uninterrupted one would have done,
 whatever the number of decode workers.  The output, ``<cache>/models/<key>/``, loads without running code
 (``model.pt`` is a plain state dict read with ``torch.load(weights_only=True)``; ``model.json`` describes the
-architecture).
+architecture; :func:`featx.model.load_model`).
 """
 from __future__ import annotations
 
@@ -41,17 +39,16 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 import featx
-from featx.backbones import Backbone, Preprocess, get_spec, load_backbone, truncated
+from featx.backbones import Preprocess
 from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, open_rgb
-from featx.errors import DataError, IntegrityError, UsageError, WeightsError
-from featx.fit import FittedHead, Scaler, load_fitted, metrics_for
+from featx.errors import DataError, IntegrityError, UsageError
+from featx.fit import load_fitted, metrics_for
+from featx.model import (MODEL_FILE, MODEL_FORMAT, MODEL_META, FinetuneNet, Group, HeadModel, build_from_head,
+                         model_json)
 
 logger = logging.getLogger(__name__)
 
-MODEL_FORMAT = 1
-MODEL_FILE = "model.pt"
-MODEL_META = "model.json"
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.jsonl"
 UNFREEZE_HELP = "none, head, fc, all, gradual or last:N"
@@ -60,298 +57,6 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("step", "plateau", "cosine", "none")
 VAL_FRACTION = 0.1  # of each class's train images, held out for model selection when the data has no val split
 _CKPT_MAGIC = b"\nFEATX-SHA256:"  # trailer of a checkpoint: the sha256 of everything before it
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-
-
-# ============================================================================================ the network
-
-class Affine(nn.Module):
-    """``x * weight + bias`` per feature: a head's ``standard`` scaling as fixed buffers (never trained)."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.register_buffer("weight", torch.ones(d))
-        self.register_buffer("bias", torch.zeros(d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.bias, x, self.weight)
-
-
-class L2Normalize(nn.Module):
-    """Unit-length rows: the ``l2`` scaling (the same floor of 1e-12 on the norm as :class:`featx.fit.Scaler`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def scale_module(kind: str, d: int, scaler: Scaler | None = None) -> nn.Module:
-    """The torch form of a head's feature scaling (``standard`` -> :class:`Affine`, ``l2``, ``none``)."""
-    if kind == "standard":
-        m = Affine(d)
-        if scaler is not None:
-            w, b = scaler.affine(d)
-            m.weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
-            m.bias.copy_(torch.from_numpy(np.asarray(b, dtype=np.float32)))
-        return m
-    if kind == "l2":
-        return L2Normalize()
-    if kind == "none":
-        return nn.Identity()
-    raise DataError(f"unknown feature scaling {kind!r} in the head (expected standard, l2 or none)")
-
-
-@dataclass
-class Group:
-    """One trainable unit of the backbone: a layer with parameters (its BatchNorm attached) and the
-    parameter-free modules whose mode matters around it (the Dropout that feeds it)."""
-
-    name: str            # the layer's name in the torchvision model, e.g. ``features.10`` or ``classifier.4``
-    kind: str            # ``conv``, ``linear`` or ``other``
-    modules: list[nn.Module]
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.modules for p in m.parameters(recurse=False)]
-
-
-def backbone_groups(backbone: nn.Module, names: dict[int, str] | None = None) -> list[Group]:
-    """Cut a truncated backbone into :class:`Group` s, in forward order (the last one is the top)."""
-    names = names or {}
-    groups: list[Group] = []
-    pending: list[nn.Module] = []
-    for qual, m in backbone.named_modules():
-        if any(True for _ in m.children()):
-            continue
-        own = list(m.parameters(recurse=False))
-        if own and isinstance(m, _NORM_TYPES) and groups:
-            groups[-1].modules.extend(pending + [m])  # a norm layer belongs to the layer it normalizes
-            pending = []
-        elif own:
-            kind = "conv" if isinstance(m, nn.modules.conv._ConvNd) else "linear" if isinstance(m, nn.Linear) else "other"
-            groups.append(Group(names.get(id(m), qual), kind, pending + [m]))
-            pending = []
-        else:
-            pending.append(m)  # ReLU, pooling, Dropout: applied before the next layer with parameters
-    if pending and groups:
-        groups[-1].modules.extend(pending)
-    return groups
-
-
-class FinetuneNet(nn.Module):
-    """Images ``[B, 3, H, W]`` -> logits ``[B, k]``: backbone up to the head's layer, scaling, head."""
-
-    def __init__(self, backbone: nn.Module, scale: nn.Module, head: nn.Module, groups: list[Group] | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.scale = scale
-        self.head = head
-        # plain list: the groups' modules are already registered under ``backbone``
-        self.groups = groups if groups is not None else backbone_groups(backbone)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.scale(self.backbone(x)))
-
-    def set_trainable(self, top: set[int]) -> None:
-        """Make the head and the backbone groups of index ``top`` trainable and in train mode; everything else
-        is frozen and in eval mode (so a frozen part's Dropout and BatchNorm behave as at extraction)."""
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        for i in top:
-            for p in self.groups[i].parameters():
-                p.requires_grad_(True)
-        for p in self.head.parameters():
-            p.requires_grad_(True)
-        self.train()
-        self.scale.eval()
-        for i, g in enumerate(self.groups):
-            if i not in top:
-                for m in g.modules:
-                    m.eval()
-
-
-# ------------------------------------------------------------------------------ head modules as data
-
-_LEAVES = {nn.Linear: "linear", nn.ReLU: "relu", nn.Dropout: "dropout", nn.Identity: "identity",
-           nn.Flatten: "flatten", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.GELU: "gelu"}
-
-
-def describe_module(m: nn.Module) -> dict | None:
-    """A JSON description of a head module built from standard layers (``None`` when it is not one), from
-    which :func:`build_module` makes the same module, with the same state-dict keys."""
-    if type(m) is nn.Sequential:
-        children = []
-        for name, c in m.named_children():
-            d = describe_module(c)
-            if d is None:
-                return None
-            children.append([name, d])
-        return {"type": "sequential", "children": children}
-    kind = _LEAVES.get(type(m))
-    if kind is None or list(m.buffers()):
-        return None
-    if kind == "linear":
-        return {"type": kind, "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
-    if kind == "dropout":
-        return {"type": kind, "p": float(m.p)}
-    if kind == "flatten":
-        return {"type": kind, "start": m.start_dim, "end": m.end_dim}
-    return {"type": kind}
-
-
-def build_module(desc: dict) -> nn.Module:
-    """The module :func:`describe_module` described (parameters uninitialized: load a state dict into it)."""
-    t = desc.get("type")
-    if t == "sequential":
-        seq = nn.Sequential()
-        for name, child in desc["children"]:
-            seq.add_module(str(name), build_module(child))
-        return seq
-    if t == "linear":
-        return nn.Linear(int(desc["in"]), int(desc["out"]), bias=bool(desc["bias"]))
-    if t == "dropout":
-        return nn.Dropout(float(desc["p"]))
-    if t == "flatten":
-        return nn.Flatten(int(desc["start"]), int(desc["end"]))
-    simple = {"relu": nn.ReLU, "identity": nn.Identity, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
-    if t in simple:
-        return simple[t]()
-    raise IntegrityError(f"model.json describes an unknown head layer {t!r}: it was written by another featx")
-
-
-# ============================================================================================ from a head
-
-@dataclass
-class HeadModel:
-    """Everything rebuilt from a head directory: the network, its preprocessing and where its data lives."""
-
-    net: FinetuneNet
-    head: FittedHead
-    manifest: dict
-    preprocess: Preprocess
-    weights_id: dict
-    logit_classes: list[int]       # the class index of each logit (the estimator's ``classes_``)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.head.classes)
-
-
-def preprocess_from_json(d: dict) -> Preprocess:
-    """The single-view :class:`Preprocess` recorded in a manifest (dataset normalization included)."""
-    try:
-        return Preprocess(resize=int(d["resize"]), crop=int(d["crop"]), interpolation=str(d["interpolation"]),
-                          antialias=bool(d["antialias"]), mean=tuple(float(x) for x in d["mean"]),
-                          std=tuple(float(x) for x in d["std"]), views=1)
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"the recorded preprocessing is incomplete ({type(e).__name__}: {e})") from None
-
-
-def _source_manifest(fh: FittedHead) -> tuple[Path, dict]:
-    src = fh.meta.get("source") or {}
-    if "backbone" not in src:
-        raise UsageError(f"head {fh.path.name} was fit on a plain HDF5 file ({src.get('features')}): it records no "
-                         f"backbone, weights or images, so it cannot be put back on a network; fit a head on a "
-                         f"feature set made by featx extract")
-    fdir = Path(src["features"])
-    manifest = read_json(fdir / "manifest.json")
-    if not isinstance(manifest, dict):
-        raise DataError(f"head {fh.path.name}: its feature set {str(fdir)!r} is gone (no readable manifest.json); "
-                        f"re-extract it with the same options")
-    if src.get("key") and manifest.get("key") != src["key"]:
-        raise IntegrityError(f"head {fh.path.name}: the feature set at {fdir} is not the one it was fit on "
-                             f"(key {manifest.get('key')} vs {src['key']})")
-    return fdir, manifest
-
-
-def _check_match(fh: FittedHead, config: dict) -> None:
-    """The head, its source record and the feature set's config must name the same network, layer and pixels."""
-    src = fh.meta["source"]
-    spec = get_spec(config["backbone"])
-    layer = fh.layer
-    for what in ("backbone", "weights", "preprocess"):
-        if src.get(what) != config.get(what):
-            raise DataError(f"head {fh.path.name} records another {what} than its feature set "
-                            f"({json.dumps(src.get(what))[:80]} vs {json.dumps(config.get(what))[:80]})")
-    if layer not in spec.dims or layer not in config.get("layers", []):
-        raise DataError(f"layer/backbone mismatch: head {fh.path.name} is on layer {layer!r}, but its {spec.name} "
-                        f"feature set has {', '.join(config.get('layers', [])) or 'no layers'}")
-    d = int(fh.meta.get("n_features") or src.get("dim") or 0)
-    if d != spec.dims[layer]:
-        raise DataError(f"layer/backbone mismatch: head {fh.path.name} expects {d} features, {spec.name} {layer} "
-                        f"gives {spec.dims[layer]}")
-
-
-def _backbone_for(config: dict) -> Backbone:
-    """The backbone with exactly the weights the features were extracted with."""
-    ident = config["weights"]
-    name = config["backbone"]
-    kind = ident.get("kind")
-    pre = preprocess_from_json(config["preprocess"])
-    if kind == "random":
-        torch_now = torch.__version__.split("+")[0]
-        if ident.get("torch") and ident["torch"] != torch_now:
-            logger.warning("the features' random weights were made by torch %s, this is %s: the initialization may "
-                           "differ, and the network may no longer match the head", ident["torch"], torch_now)
-        return load_backbone(name, "random", seed=int(ident.get("seed", 0)), preprocess=pre)
-    if kind == "file":
-        path = Path(ident["file"])
-        if not path.is_file():
-            raise WeightsError(f"the weights file the features were extracted with, {str(path)!r}, is gone: put it back")
-        if sha256_file(path) != ident.get("sha256"):
-            raise IntegrityError(f"the weights file {str(path)!r} changed since the features were extracted "
-                                 f"(sha256 differs): the head no longer matches it; restore it or re-extract")
-        return load_backbone(name, str(path), preprocess=pre)
-    if kind == "imagenet":
-        spec = get_spec(name)
-        if ident.get("enum") not in (None, spec.weights):
-            raise DataError(f"the features used {ident['enum']} but featx's {name} now ships {spec.weights}")
-        return load_backbone(name, "imagenet", preprocess=pre)
-    raise DataError(f"unknown weights kind {kind!r} in the feature set's manifest")
-
-
-def head_torch(fh: FittedHead) -> nn.Module:
-    """The head's estimator as torch layers (``to_torch()``); an RBF SVM and the like cannot be."""
-    to_torch = getattr(fh.estimator, "to_torch", None)
-    if to_torch is None:
-        raise UsageError(f"the {fh.meta.get('kind')} head {fh.path.name} cannot be turned into torch layers")
-    try:
-        module = to_torch()
-    except UsageError as e:
-        raise UsageError(f"head {fh.path.name} cannot be fine-tuned: {e}") from None
-    return module.float()
-
-
-def build_from_head(head: str | os.PathLike | FittedHead) -> HeadModel:
-    """Rebuild backbone + scaling + head from a head directory (weights checked, nothing trained).
-
-    Args:
-        head: a head directory written by ``featx fit`` (or an already loaded :class:`FittedHead`).
-
-    Returns:
-        :class:`HeadModel` with the network in eval mode on the CPU.
-
-    Raises:
-        DataError: the head is not a head, its feature set is gone, or they disagree (layer/backbone mismatch).
-        IntegrityError: a head file or the weights file changed.  UsageError: the head cannot become torch
-        layers (RBF SVM) or was fit on a plain HDF5 file.  WeightsError: weights that cannot be had.
-    """
-    fh = head if isinstance(head, FittedHead) else load_fitted(head)
-    head_module = head_torch(fh)
-    _, manifest = _source_manifest(fh)
-    config = manifest["config"]
-    _check_match(fh, config)
-    bb = _backbone_for(config)
-    names = {id(m): n for n, m in bb.model.named_modules()}
-    trunk = truncated(bb, fh.layer)
-    d = bb.spec.dims[fh.layer]
-    groups = backbone_groups(trunk, names)
-    net = FinetuneNet(trunk, scale_module(fh.scaler.kind, d, fh.scaler), head_module, groups)
-    net.eval()
-    logit_classes = [int(c) for c in np.asarray(getattr(fh.estimator, "classes_", np.arange(len(fh.classes))))]
-    with torch.inference_mode():
-        k = net.head(torch.zeros(1, d)).shape[1]
-    if k != len(logit_classes):
-        raise DataError(f"head {fh.path.name}: its torch form gives {k} logits for {len(logit_classes)} classes")
-    return HeadModel(net, fh, manifest, bb.preprocess, bb.weights_id, logit_classes)
 
 
 # ============================================================================================ images
@@ -1077,76 +782,3 @@ def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict,
                 key, m["accuracy"], initial["test_accuracy"], _fmt(head_acc), best["epoch"],
                 metrics["train_images_per_s"] or 0.0)
     return metrics
-
-
-def model_json(hm: HeadModel, net: FinetuneNet, *, options: dict | None = None, key: str = "",
-               best_epoch: int | None = None) -> dict:
-    """The description ``model.json`` holds: enough to rebuild :class:`FinetuneNet` and preprocess its input."""
-    config = hm.manifest["config"]
-    desc = describe_module(net.head)
-    d = get_spec(config["backbone"]).dims[hm.head.layer]
-    return {
-        "format": MODEL_FORMAT, "featx_version": featx.__version__, "key": key,
-        "backbone": config["backbone"], "weights": hm.weights_id, "layer": hm.head.layer, "dim": d,
-        "preprocess": pre_json(hm.preprocess), "classes": hm.classes, "logit_classes": hm.logit_classes,
-        "head": {"kind": hm.head.meta.get("kind"), "params": hm.head.meta.get("params"),
-                 "scores": "decision values" if hm.head.meta.get("kind") == "svm" else "logits",
-                 "module": desc, "dir": str(hm.head.path), "files": hm.head.meta.get("files"),
-                 "shapes": {k: list(v.shape) for k, v in net.head.state_dict().items()}},
-        "scaler": {"kind": hm.head.scaler.kind, "dim": d},
-        "features": hm.head.meta["source"].get("features"), "features_key": hm.head.meta["source"].get("key"),
-        "options": options, "best_epoch": best_epoch,
-    }
-
-
-def pre_json(pre: Preprocess) -> dict:
-    d = pre.to_json()
-    d.pop("view_names", None)
-    return d
-
-
-def load_model(path: str | os.PathLike) -> tuple[FinetuneNet, dict]:
-    """Rebuild a fine-tuned model directory: ``(net in eval mode on the CPU, model.json)``.
-
-    The backbone architecture comes from the registry and the head from ``model.json``'s description; every
-    tensor comes from ``model.pt`` through ``torch.load(weights_only=True)`` (no code runs).
-
-    Raises:
-        DataError: not a model directory. IntegrityError: ``model.pt`` changed, or does not fit the description.
-    """
-    path = Path(path).expanduser().absolute()
-    meta = read_json(path / MODEL_META)
-    if not isinstance(meta, dict) or "backbone" not in meta:
-        raise DataError(f"{str(path)!r} is not a fine-tuned model (no readable {MODEL_META})")
-    f = path / MODEL_FILE
-    want = (meta.get("files") or {}).get(MODEL_FILE)
-    if not f.is_file():
-        raise IntegrityError(f"model {path.name}: {MODEL_FILE} is missing")
-    if want and sha256_file(f) != want:
-        raise IntegrityError(f"model {path.name}: {MODEL_FILE} was modified after it was written (sha256 differs)")
-    try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise IntegrityError(f"model {path.name}: {MODEL_FILE} cannot be read as a plain state dict "
-                             f"({type(e).__name__})") from None
-    spec = get_spec(meta["backbone"])
-    with torch.device("meta"):  # no time spent initializing weights that the state dict replaces
-        bb = Backbone(spec, spec.build(), meta["weights"], preprocess_from_json(meta["preprocess"]))
-        trunk = truncated(bb, meta["layer"])
-        scale = scale_module(meta["scaler"]["kind"], int(meta["dim"]))
-        desc = meta["head"].get("module")
-        head = build_module(desc) if desc else None
-    if head is None:  # a head whose torch form is not plain layers: rebuild it from its (unchanged) directory
-        fh = load_fitted(meta["head"]["dir"])
-        if fh.meta.get("files") != meta["head"].get("files"):
-            raise IntegrityError(f"model {path.name}: its head directory {meta['head']['dir']} changed")
-        head = head_torch(fh).to("meta")
-    names = {id(m): n for n, m in bb.model.named_modules()}
-    net = FinetuneNet(trunk, scale, head, backbone_groups(trunk, names))
-    try:
-        net.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        first = [l.strip() for l in str(e).splitlines() if l.strip()][1:2]
-        raise IntegrityError(f"model {path.name}: {MODEL_FILE} does not fit model.json ({' '.join(first)[:200]})") from None
-    net.eval()
-    return net, meta

@@ -1,7 +1,7 @@
 """``featx predict``: classes of new images from a fine-tuned model or straight from a fitted head.
 
 A head directory is enough: through its source feature set it knows the backbone, the weights and the layer,
-so :func:`featx.finetune.build_from_head` puts it back on the network.  Every image gets a row; one that cannot
+so :func:`featx.model.build_from_head` puts it back on the network.  Every image gets a row; one that cannot
 be decoded gets an ``error`` instead of a prediction and never stops the others.
 
 :func:`predict_to_cache` (what ``featx predict`` runs) also keeps the rows in ``<cache>/predictions/<key>/``,
@@ -31,7 +31,7 @@ from featx.backbones import Preprocess
 from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
 from featx.data import DEFAULT_MAX_PIXELS, _walk_images, fingerprint_file
 from featx.errors import DataError, UsageError
-from featx.finetune import FinetuneNet, MODEL_META, build_from_head, load_model, preprocess_from_json
+from featx.model import MODEL_META, FinetuneNet, build_from_head, load_model, preprocess_from_json
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import torch
 
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.extract import extract
-from featx.finetune import (CHECKPOINT, ImageRows, _split_rows, build_from_head, finetune, load_checkpoint,
-                            load_model, trainable_groups)
+from featx.finetune import CHECKPOINT, ImageRows, _split_rows, finetune, load_checkpoint, trainable_groups
+from featx.model import build_from_head, load_model
 from featx.fit import fit_head, load_fitted
 from featx.store import FeatureSet
 
