@@ -276,11 +276,20 @@ def test_cli_last_stdout_line_is_the_directory(digits_dir, tmp_path):
     assert "extracted: 60 rows" in r.stderr
 
 
+def test_amp_on_cpu_is_bfloat16_close_and_keyed_apart(digits_dir, tmp_path):
+    exact = extract(digits_dir, cache=tmp_path, **KW)
+    amp = extract(digits_dir, cache=tmp_path, amp=True, **{**KW, "workers": 2})
+    assert amp.path != exact.path and amp.manifest["config"]["amp"] is True
+    a, c = FeatureSet(exact.path).load("pool5"), FeatureSet(amp.path).load("pool5")
+    err = float(np.linalg.norm(a - c) / np.linalg.norm(a))
+    assert 0 < err <= 5e-2  # bfloat16 changes the features a little, not a lot
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(digits_dir, tmp_path):
     cpu = extract(digits_dir, cache=tmp_path / "a", device="cpu", **KW)
-    gpu = extract(digits_dir, cache=tmp_path / "b", device="cuda", **KW)
+    gpu = extract(digits_dir, cache=tmp_path / "b", device="cuda", **{**KW, "workers": 2})  # pinned, decode processes
     a, b = FeatureSet(cpu.path).load("pool5"), FeatureSet(gpu.path).load("pool5")
     assert float(np.linalg.norm(a - b) / np.linalg.norm(a)) <= 1e-3
     amp = extract(digits_dir, cache=tmp_path / "c", device="cuda", amp=True, **KW)
