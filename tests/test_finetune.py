@@ -370,3 +370,32 @@ def test_early_stopping_keeps_the_best_epoch(base, tmp_path):
     best = m["best_epoch"]
     vals = [m["initial_val_accuracy"]] + [h["val_accuracy"] for h in curve]
     assert vals[best] == max(vals) and len(curve) - best == 2
+
+
+def _amp_run(head: Path, cache: Path, device: str) -> dict:
+    res = finetune(head, unfreeze="all", cache=cache, amp=True, device=device, **{**QUICK, "batch_size": 3})
+    m = res.metrics
+    assert res.computed and json.loads((res.path / "model.json").read_text())["options"]["amp"] is True
+    assert all(np.isfinite(h["train_loss"]) for h in m["curve"]) and m["train_images_per_s"] > 0
+    state = torch.load(res.path / "model.pt", map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())  # weights stay float32
+    return m
+
+
+def test_amp_on_cpu_trains_in_bfloat16(tiny, tmp_path):
+    head_acc = json.loads((tiny / "metrics.json").read_text())["test_accuracy"]
+    m = _amp_run(tiny, tmp_path, "cpu")
+    # autocast changes the arithmetic, so the start matches the head up to bfloat16's rounding (3 test images)
+    assert abs(m["initial_test_accuracy"] - head_acc) <= 0.34
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_with_amp_starts_at_the_heads_accuracy_and_loads_on_the_cpu(base, tmp_path):
+    head_acc = json.loads((base.pool5 / "metrics.json").read_text())["test_accuracy"]
+    exact = finetune(base.pool5, unfreeze="head", cache=tmp_path, device="cuda", **{**QUICK, "workers": 2})
+    assert abs(exact.metrics["initial_test_accuracy"] - head_acc) <= 0.01
+    m = _amp_run(base.pool5, tmp_path, "cuda")
+    assert abs(m["initial_test_accuracy"] - head_acc) <= 0.1
+    net, _ = load_model(exact.path)  # a model trained on the GPU loads on the CPU
+    assert next(net.parameters()).device.type == "cpu"
