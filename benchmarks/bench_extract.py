@@ -96,10 +96,11 @@ def _tree_rss_kb(pid: int) -> int:
     return total
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+def timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tuple[float, int]:
     """Wall seconds and peak tree RSS (kB) of a whole process."""
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+                         cwd=cwd)
     peak = 0
     stop = threading.Event()
 
@@ -126,10 +127,12 @@ def run_baseline(data: Path) -> tuple[float, int]:
 
 def run_featx(data: Path, extra: list[str], source: str | None = None) -> tuple[float, int]:
     """``source``: another featx checkout to run instead of this one (an A/B against an earlier commit)."""
+    # `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: run the other checkout from
+    # its own root, or the featx imported would be whichever the current directory holds
     env = {"PYTHONPATH": source} if source else None
     with tempfile.TemporaryDirectory() as tmp:
-        return timed([sys.executable, "-m", "featx", "extract", str(data), "--layer", "pool5", "--weights", "random",
-                      "--cache", tmp, "--quiet", *extra], env=env)
+        return timed([sys.executable, "-m", "featx", "extract", str(data.absolute()), "--layer", "pool5", "--weights",
+                      "random", "--cache", tmp, "--quiet", *extra], env=env, cwd=source or tmp)
 
 
 def ideal(data: Path, n: int) -> dict:

@@ -10,12 +10,10 @@ published ``transforms()``, and the pixels featx feeds the network are exactly t
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import pickle
 import socket
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -306,54 +304,6 @@ class Tapped(nn.Module):
             if name in self.keep:
                 out[name] = x
         return out
-
-
-class OnMkldnn(nn.Module):
-    """A convolutional trunk run on oneDNN's own blocked tensors (``torch.utils.mkldnn``): the input is
-    converted once and the output once, instead of every convolution reordering its input and output.  The same
-    arithmetic (relative error 0 on AlexNet here), and on the 2-core development machine 10-20% more images/s
-    than channels_last (benchmarks/bench_extract.py).  Inference only: no autograd, no autocast."""
-
-    def __init__(self, trunk: nn.Module):
-        super().__init__()
-        from torch.utils import mkldnn
-
-        with warnings.catch_warnings():  # it builds TorchScript modules, whose API torch marks as deprecated
-            warnings.simplefilter("ignore", FutureWarning)
-            self.trunk = mkldnn.to_mkldnn(copy.deepcopy(trunk).eval())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x.to_mkldnn()).to_dense()
-
-
-def for_inference(model: Tapped, device: torch.device, *, amp: bool = False, check: bool = True,
-                  size: int = 224) -> nn.Module:
-    """``model`` ready for inference on ``device``: channels_last, and on the CPU (without ``amp``) its
-    convolutional trunk (the first stage, up to its final Flatten) moved onto oneDNN tensors with
-    :class:`OnMkldnn`.
-
-    ``check``: run one random ``size`` x ``size`` image (the network's input size) through both forms first and
-    keep the oneDNN one only if it gives the same values (relative error <= 1e-5); a backbone with an operation
-    oneDNN tensors lack, or an input size they cannot pool, falls back to channels_last.
-    """
-    model = model.to(device).to(memory_format=torch.channels_last).eval()
-    first = model.stages[0]
-    if (device.type != "cpu" or amp or not torch.backends.mkldnn.is_available()
-            or not isinstance(first, nn.Sequential) or not isinstance(first[-1], nn.Flatten)):
-        return model
-    try:
-        fast = nn.Sequential(OnMkldnn(nn.Sequential(*first[:-1])), first[-1])
-        if check:
-            x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-            with torch.inference_mode():
-                want, got = first(x), fast(x)
-            if got.shape != want.shape or float((got - want).norm()) > 1e-5 * float(want.norm()) + 1e-12:
-                raise ValueError("different values")
-    except Exception as e:  # an operation oneDNN tensors lack: the plain form is as exact, only slower
-        logger.debug("oneDNN trunk not used (%s: %s)", type(e).__name__, e)
-        return model
-    model.stages[0] = fast
-    return model
 
 
 def truncated(backbone: Backbone, layer: str) -> nn.Sequential:

@@ -29,8 +29,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 import featx
-from featx.backbones import (Backbone, Preprocess, Tapped, check_layers, dataset_stats_to_preprocess, for_inference,
-                              get_spec, load_backbone)
+from featx.backbones import Backbone, Preprocess, Tapped, check_layers, dataset_stats_to_preprocess, get_spec, load_backbone
 from featx.cache import atomic_write_json, cache_root, hash_key, read_json
 from featx.devices import resolve_device
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, ImageDataset, discover, fingerprints, open_rgb
@@ -364,7 +363,8 @@ def _run(ds: ImageDataset, bb: Backbone, pre: Preprocess, config: dict, key: str
 def _compute(ds: ImageDataset, bb: Backbone, pre: Preprocess, root: Path, layers: list[str], dev: torch.device,
              todo: list[int], per: int, *, batch_size: int, workers: int, amp: bool, max_pixels: int | None,
              progress: bool | None, threads: int | None, decode: str, timings: dict) -> None:
-    model = for_inference(Tapped(bb.stages(), layers), dev, amp=amp, size=pre.crop)
+    model = Tapped(bb.stages(), layers).to(dev)
+    model = model.to(memory_format=torch.channels_last)
     V = pre.views
     # Batches never cross a shard boundary, so a shard is complete exactly when its last batch is done.
     files: list[Path] = []
