@@ -16,7 +16,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-@pytest.mark.parametrize("name", ["alexnet", "resnet18"])
+@pytest.mark.parametrize("name", ["alexnet", "vgg16", "resnet18", "resnet50"])
 def test_taps_equal_create_feature_extractor(name, photos_dir):
     bb = load_backbone(name, "random", seed=3)
     spec = bb.spec
