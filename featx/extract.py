@@ -34,7 +34,7 @@ from featx.cache import atomic_write_json, cache_root, hash_key, read_json
 from featx.devices import resolve_device
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, ImageDataset, discover, fingerprints, open_rgb
 from featx.errors import DataError, StrictError, UsageError
-from featx.store import FORMAT_VERSION, shard_is_valid, shard_name, write_shard
+from featx.store import FORMAT_VERSION, ShardWriter, shard_is_valid, shard_name
 
 logger = logging.getLogger(__name__)
 
@@ -393,59 +393,69 @@ def _compute(ds: ImageDataset, bb: Backbone, pre: Preprocess, root: Path, layers
                                    autocast=autocast, timings=timings)
     show = (sys.stderr.isatty() if progress is None else progress)
     bar = tqdm(total=len(files), unit="img", disable=not show, file=sys.stderr, desc="extract", dynamic_ncols=True)
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-writer")
-    pending: list[Future] = []
-    cur: _ShardBuffer | None = None
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-writer")  # FIFO: the file's only user
+    pending: deque[Future] = deque()
+    cur: _Shard | None = None
     view_names = list(pre.view_names)
+
+    def submit(fn, *args):
+        while pending and pending[0].done():
+            pending.popleft().result()  # a failed write stops the run here
+        while len(pending) >= 16:  # bound memory: a few batches' rows waiting for the disk
+            pending.popleft().result()
+        pending.append(writer.submit(_timed, timings, fn, *args))
+
     try:
         for idx, feats, bad in source:
             shard = owner[(idx or [i for i, _ in bad])[0]][0]
             if cur is None or cur.shard != shard:
-                cur = _ShardBuffer(shard, ds, per, layers, bb.spec.dims, V)
+                cur = _Shard(shard, ds, per, V)
+                submit(cur.open, root, {l: bb.spec.dims[l] for l in layers})
             for i, why in bad:
                 cur.skip(owner[i][1], why)
             if feats is not None:
-                cur.add([owner[i][1] for i in idx], feats)
+                cur.seen += len(idx)
+                submit(cur.write, [owner[i][1] for i in idx], feats)
             bar.update(len(idx) + len(bad))
             if cur.complete():
-                pending = [f for f in pending if not f.done() or f.result() is None]
-                while len(pending) >= 2:  # bound memory: at most two shards waiting for the disk
-                    pending.pop(0).result()
-                pending.append(writer.submit(_write, cur, root, ds, view_names, timings))
+                submit(cur.finish, ds, view_names)
                 cur = None
-        for f in pending:
-            f.result()
+        while pending:
+            pending.popleft().result()
     finally:
         source.close()
         bar.close()
+        if cur is not None:  # stopped mid-shard: drop its temporary file (a rerun redoes the shard)
+            writer.submit(cur.abort)
         writer.shutdown(wait=True)
         torch.set_num_threads(threads_before)
     logger.info("time: decode %.1fs, forward %.1fs (summed over lanes), waiting for them %.1fs, writing %.1fs "
                 "(in the background)", timings["decode_s"], timings["forward_s"], timings["wait_s"], timings["write_s"])
 
 
-class _ShardBuffer:
-    """The rows of one shard as they arrive, in image order; bad images leave no row."""
+def _timed(timings: dict, fn, *args) -> None:
+    t = time.perf_counter()
+    fn(*args)
+    timings["write_s"] += time.perf_counter() - t
 
-    def __init__(self, shard: int, ds: ImageDataset, per: int, layers: list[str], dims: dict, views: int):
+
+class _Shard:
+    """One shard as its rows arrive (in image order, a batch at a time), written by the writer thread straight
+    into the shard's temporary file (:class:`~featx.store.ShardWriter`); bad images leave no row.
+    ``skip``/``complete`` run on the main thread, ``open``/``write``/``finish``/``abort`` on the writer's."""
+
+    def __init__(self, shard: int, ds: ImageDataset, per: int, views: int):
         self.shard = shard
         self.lo = shard * per
         self.n_images = min(len(ds.items), self.lo + per) - self.lo
         self.views = views
-        self.feats = {l: np.empty((self.n_images * views, dims[l]), dtype=np.float32) for l in layers}
         self.ok = np.zeros(self.n_images, dtype=bool)
         self.seen = 0
         self.skipped: list[dict] = []
         self.ds = ds
+        self.out: ShardWriter | None = None
 
-    def add(self, positions: list[int], feats: dict[str, np.ndarray]) -> None:
-        V = self.views
-        for k, pos in enumerate(positions):
-            for l, arr in feats.items():
-                self.feats[l][pos * V:(pos + 1) * V] = arr[k * V:(k + 1) * V]
-            self.ok[pos] = True
-        self.seen += len(positions)
-
+    # main thread
     def skip(self, pos: int, why: str) -> None:
         self.skipped.append({"path": self.ds.items[self.lo + pos].path, "reason": why})
         self.seen += 1
@@ -453,21 +463,35 @@ class _ShardBuffer:
     def complete(self) -> bool:
         return self.seen == self.n_images
 
+    # writer thread
+    def open(self, root: Path, dims: dict[str, int]) -> None:
+        self.out = ShardWriter(root / shard_name(self.shard), self.n_images * self.views, dims)
 
-def _write(buf: _ShardBuffer, root: Path, ds: ImageDataset, view_names: list[str], timings: dict) -> None:
-    t = time.perf_counter()
-    V = buf.views
-    rows = np.repeat(buf.ok, V)
-    items = [ds.items[buf.lo + p] for p in np.nonzero(buf.ok)[0]]
-    write_shard(root / shard_name(buf.shard),
-                layers={l: a[rows] for l, a in buf.feats.items()},
-                label=np.repeat([it.label for it in items], V).astype(np.int64),
-                paths=[it.path for it in items for _ in range(V)],
-                split=[it.split for it in items for _ in range(V)],
-                view=view_names * len(items), classes=ds.classes,
-                attrs={"shard": buf.shard, "first_image": buf.lo, "n_images": buf.n_images,
-                       "skipped": buf.skipped})
-    timings["write_s"] += time.perf_counter() - t
+    def write(self, positions: list[int], feats: dict[str, np.ndarray]) -> None:
+        V = self.views
+        k = 0
+        while k < len(positions):  # one slice per run of consecutive images
+            j = k
+            while j + 1 < len(positions) and positions[j + 1] == positions[j] + 1:
+                j += 1
+            self.out.write_rows(positions[k] * V, {l: a[k * V:(j + 1) * V] for l, a in feats.items()})
+            self.ok[positions[k]:positions[j] + 1] = True
+            k = j + 1
+
+    def finish(self, ds: ImageDataset, view_names: list[str]) -> None:
+        V = self.views
+        items = [ds.items[self.lo + p] for p in np.nonzero(self.ok)[0]]
+        self.out.finish(np.repeat(self.ok, V),
+                        label=np.repeat([it.label for it in items], V).astype(np.int64),
+                        paths=[it.path for it in items for _ in range(V)],
+                        split=[it.split for it in items for _ in range(V)],
+                        view=view_names * len(items), classes=ds.classes,
+                        attrs={"shard": self.shard, "first_image": self.lo, "n_images": self.n_images,
+                               "skipped": self.skipped})
+
+    def abort(self) -> None:
+        if self.out is not None:
+            self.out.abort()
 
 
 def _finish(ds: ImageDataset, config: dict, key: str, root: Path, layers: list[str], n_shards: int,

@@ -35,14 +35,47 @@ def shard_name(index: int) -> str:
     return SHARD_PATTERN.format(index)
 
 
-def write_shard(path: Path, *, layers: dict[str, np.ndarray], label: np.ndarray, paths: Sequence[str],
-                split: Sequence[str], view: Sequence[str], classes: Sequence[str], attrs: dict | None = None) -> None:
-    """Write one shard to a temporary file, then rename it into place: it is visible only when complete."""
-    tmp = temp_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, arr in layers.items():
-                f.create_dataset(name, data=np.asarray(arr, dtype=np.float32))
+class ShardWriter:
+    """One shard written as its rows arrive, so that memory holds a batch, not a shard.
+
+    The rows go into a temporary file whose layer datasets have the shard's full size; :meth:`finish` adds the
+    per-row columns and renames it into place: a shard is visible only when complete.  Rows
+    that never came (images that could not be decoded) are dropped by copying the kept rows, a chunk at a time,
+    into a second temporary file.  :meth:`abort` removes what was written.  One thread at a time.
+    """
+
+    COPY_ROWS = 1024
+
+    def __init__(self, path: Path, n_rows: int, dims: dict[str, int]):
+        self.path = path
+        self.n_rows = n_rows
+        self.tmp = temp_path(path)
+        self.f = h5py.File(self.tmp, "w")
+        for name, d in dims.items():
+            self.f.create_dataset(name, shape=(n_rows, int(d)), dtype=np.float32)
+
+    def write_rows(self, start: int, layers: dict[str, np.ndarray]) -> None:
+        for name, arr in layers.items():
+            self.f[name][start:start + len(arr)] = arr
+
+    def finish(self, keep: np.ndarray, *, label: np.ndarray, paths: Sequence[str], split: Sequence[str],
+               view: Sequence[str], classes: Sequence[str], attrs: dict | None = None) -> None:
+        """Keep the rows where ``keep`` is true; the columns given are those of the kept rows."""
+        try:
+            keep = np.asarray(keep, dtype=bool)
+            f, extra = self.f, None
+            if not keep.all():
+                extra = temp_path(self.path)
+                g = h5py.File(extra, "w")
+                idx = np.nonzero(keep)[0]
+                for name in list(f):
+                    out = g.create_dataset(name, shape=(len(idx), f[name].shape[1]), dtype=np.float32)
+                    for a in range(0, len(idx), self.COPY_ROWS):
+                        sel = idx[a:a + self.COPY_ROWS]
+                        out[a:a + len(sel)] = f[name][sel[0]:sel[-1] + 1][sel - sel[0]]
+                f.close()
+                Path(self.tmp).unlink(missing_ok=True)
+                self.f, self.tmp, f = g, extra, g
             f.create_dataset("label", data=np.asarray(label, dtype=np.int64))
             f.create_dataset("path", data=np.asarray(list(paths), dtype=object), dtype=STR_DTYPE)
             f.create_dataset("split", data=np.asarray(list(split), dtype=object), dtype=STR_DTYPE)
@@ -51,12 +84,20 @@ def write_shard(path: Path, *, layers: dict[str, np.ndarray], label: np.ndarray,
             f.attrs["format_version"] = FORMAT_VERSION
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v, ensure_ascii=False)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            f.close()
+            with open(self.tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        except Exception:
+            pass
+        Path(self.tmp).unlink(missing_ok=True)
 
 
 def shard_is_valid(path: Path, layers: Sequence[str]) -> bool:
