@@ -6,9 +6,10 @@ while it decodes and resizes), normalizes it and runs one forward pass over it f
 never wait for each other, so a core that is decoding does not stall the forward pass on the other cores, which
 is what happens when decode processes preempt one of the threads of a single multi-threaded forward pass
 (measured: benchmarks/bench_extract.py, docs/benchmarks.md).  On CUDA, decode worker processes (a DataLoader
-with pinned memory) feed the device.  In both cases a writer thread turns finished shards into HDF5 files, so
-the forward pass never waits for the disk.  Work is cut into shards of consecutive images; a shard is written to a
-temporary file and renamed into place when complete, which is what makes a killed run resumable row for row.
+with pinned memory) feed the device.  In both cases a writer thread puts each batch's rows into its shard's
+temporary HDF5 file, so the forward pass never waits for the disk and memory holds batches, not shards.
+Work is cut into shards of consecutive images; a shard's temporary file is renamed into place only when
+complete, which is what makes a killed run resumable row for row.
 """
 from __future__ import annotations
 
