@@ -307,7 +307,7 @@ def predict(model, inputs, top_k, fmt, batch_size, workers, device, cache, quiet
                            workers=workers, cache=cache)
     click.echo(format_predictions(res.rows, fmt).rstrip("\n"))
     bad = sum(1 for r in res.rows if r.get("error"))
-    if bad:
+    if bad and not res.computed:  # when computed now, predict() has already said so
         logger.warning("%d of %d image(s) could not be classified (see the error column)", bad, len(res.rows))
     _emit_path(res.path)
 
