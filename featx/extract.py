@@ -152,8 +152,9 @@ def _lanes(files: Sequence[Path], batches: list[list[int]], pre: Preprocess, mod
 def _decode_processes(files: Sequence[Path], batches: list[list[int]], pre: Preprocess, model: torch.nn.Module,
                       layers: list[str], dev: torch.device, *, workers: int, max_pixels: int | None, autocast,
                       timings: dict):
-    """The CUDA path: ``workers`` processes decode uint8 batches into pinned memory, copied without blocking and
-    normalized on the device (4x fewer bytes over the bus than float32)."""
+    """``workers`` decode processes feed one forward pass.  CUDA: uint8 batches in pinned memory, copied without
+    blocking and normalized on the device (4x fewer bytes over the bus than float32).  CPU (``--decode
+    processes``): the workers also normalize, so the main process only runs the network."""
     ready = dev.type == "cpu" and workers > 0
     loader = _loader(files, batches, pre, workers=workers, pin=dev.type == "cuda", max_pixels=max_pixels, ready=ready)
     t = time.perf_counter()
