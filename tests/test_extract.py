@@ -110,18 +110,26 @@ def _wait_for(path: Path, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_kill_9_then_resume_equals_uninterrupted(photos_dir, tmp_path):
+@pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
+def test_killed_or_interrupted_then_resume_equals_uninterrupted(how, photos_dir, tmp_path):
+    workers = "1" if how == "kill -9" else "2"  # Ctrl-C while two lanes are busy
     args = ["extract", str(photos_dir), "--weights", "random", "--shard-size", "3", "--batch-size", "2",
-            "--workers", "1", "--layer", "pool5", "--layer", "fc7", "--quiet"]
+            "--workers", workers, "--layer", "pool5", "--layer", "fc7", "--quiet"]
     ref = run_cli(*args, "--cache", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     ref_dir = Path(ref.stdout.strip().splitlines()[-1])
     cache = tmp_path / "c"
     proc = subprocess.Popen([sys.executable, "-m", "featx", *args, "--cache", str(cache)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    _wait_for(cache / "features" / ref_dir.name / "shard-00001.h5")
-    os.killpg(proc.pid, signal.SIGKILL)  # kill -9, workers included
-    proc.wait()
+    _wait_for(cache / "features" / ref_dir.name / "shard-00000.h5")  # 9 of 12 images still to do
+    if how == "kill -9":
+        os.killpg(proc.pid, signal.SIGKILL)  # workers included
+        proc.wait()
+    else:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and b"interrupted" in err and b"Traceback" not in err, err
+        assert not list((cache / "features" / ref_dir.name).glob(".tmp-*"))  # the unfinished shard is cleaned up
     done_before = sorted(p.name for p in (cache / "features" / ref_dir.name).glob("shard-*.h5"))
     assert not (cache / "features" / ref_dir.name / "manifest.json").exists()
     mtimes = {n: (cache / "features" / ref_dir.name / n).stat().st_mtime_ns for n in done_before}
