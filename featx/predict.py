@@ -125,12 +125,16 @@ def predict(model_or_head: str | os.PathLike | Predictor, inputs: Sequence[str |
     """
     from featx.extract import resolve_device
 
-    if top_k < 1 or batch_size < 1:
-        raise UsageError("--top-k and --batch-size must be at least 1")
+    _check_sizes(top_k, batch_size)
     paths = _inputs(inputs)
     dev = resolve_device(device)
     pr = model_or_head if isinstance(model_or_head, Predictor) else load_predictor(model_or_head)
     return _predict(pr, paths, top_k=top_k, dev=dev, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+
+
+def _check_sizes(top_k: int, batch_size: int) -> None:
+    if top_k < 1 or batch_size < 1:
+        raise UsageError("--top-k and --batch-size must be at least 1")
 
 
 def _inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -189,8 +193,7 @@ def predict_to_cache(model_or_head: str | os.PathLike, inputs: Sequence[str | os
     """
     from featx.extract import resolve_device
 
-    if top_k < 1 or batch_size < 1:
-        raise UsageError("--top-k and --batch-size must be at least 1")
+    _check_sizes(top_k, batch_size)
     from featx.fit import META as HEAD_META
 
     where = Path(model_or_head).expanduser().absolute()
