@@ -167,8 +167,8 @@ def shard_is_valid(path: Path, layers: Sequence[str], rows: int | None = None) -
 
 def _reason(e: BaseException) -> str:
     msg = " ".join(str(e).split())
-    if "fletcher32" in msg or "checksum" in msg:
-        return "a checksum fails"
+    if "fletcher32" in msg or "checksum" in msg or "filter returned failure" in msg:
+        return "a fletcher32 or metadata checksum fails"
     return f"unreadable: {type(e).__name__}: {msg[:120]}" if msg else f"unreadable: {type(e).__name__}"
 
 
