@@ -271,6 +271,20 @@ class FeatureSet:
             return DataError(f"cannot read features {str(file)!r}: {_reason(e)}")
         return IntegrityError(f"{file} is damaged ({_reason(e)}): {self.repair}")
 
+    def verify(self, layers: Sequence[str] | None = None) -> None:
+        """Read ``layers`` (default: all) and the per-row columns of every shard past their checksums.
+
+        Raises:
+            IntegrityError: a damaged or missing shard, named with the command that recomputes it.
+        """
+        for layer in (self.layers if layers is None else layers):
+            for _ in self._blocks(layer, np.ones(self.n_rows, dtype=bool)):
+                pass
+        for name in ("label", "split", "path", "view"):
+            if name in self._first_keys:
+                for part in self._parts:
+                    self._read(part, name)
+
     # ------------------------------------------------------------------ metadata
     @property
     def key(self) -> str:
