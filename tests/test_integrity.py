@@ -192,7 +192,7 @@ def test_old_format_1_sets_are_still_read(tmp_path, caplog):
 
 
 def test_log_lines_name_the_final_directory_never_a_temporary_one(made, tmp_path, caplog):
-    with caplog.at_level(logging.DEBUG, logger="featx"):
+    with caplog.at_level(logging.INFO, logger="featx"):  # what a user sees (--quiet shows less)
         res = fit_head(made.cache / "features" / made.key, "svm", cache=tmp_path)
         extract(made.data, cache=tmp_path, **{**EXTRACT, "shard_size": 7})
     assert res.computed
