@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import featx
 from featx.backbones import Backbone, Preprocess, Tapped, check_layers, dataset_stats_to_preprocess, get_spec, load_backbone
-from featx.cache import atomic_write_json, cache_root, hash_key, read_json, write_command
+from featx.cache import atomic_write_json, cache_root, hash_key, read_json, seal_ok, write_command
 from featx.devices import resolve_device
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, ImageDataset, discover, fingerprints, open_rgb
 from featx.errors import DataError, IntegrityError, StrictError, UsageError
@@ -343,10 +343,11 @@ def _pre_fields(pre: Preprocess) -> dict:
 def _plan(root: Path, n_items: int, views: int, shard_size: int) -> int:
     """Images per shard, fixed by the first run so that a resumed run cuts shards at the same places."""
     plan = read_json(root / "plan.json")
-    if isinstance(plan, dict) and plan.get("n_items") == n_items and plan.get("views") == views:
+    if isinstance(plan, dict) and seal_ok(plan) is not False and plan.get("n_items") == n_items \
+            and plan.get("views") == views:
         return int(plan["images_per_shard"])
     per = max(1, shard_size // views)
-    atomic_write_json(root / "plan.json", {"n_items": n_items, "views": views, "images_per_shard": per})
+    atomic_write_json(root / "plan.json", {"n_items": n_items, "views": views, "images_per_shard": per}, seal=True)
     return per
 
 
@@ -354,7 +355,7 @@ def _dataset_stats(ds: ImageDataset, pre: Preprocess, root: Path, *, workers: in
                    max_pixels: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean/std of the train split's network-input pixels (centre crop, in [0, 1])."""
     saved = read_json(root / "normalization.json")
-    if isinstance(saved, dict):
+    if isinstance(saved, dict) and seal_ok(saved) is not False:  # damaged or edited: measured again
         return np.asarray(saved["mean"]), np.asarray(saved["std"])
     train = [ds.abspath(it) for it in ds.items if it.split == "train"]
     base = Preprocess(**{**_pre_fields(pre), "views": 1})
@@ -373,7 +374,8 @@ def _dataset_stats(ds: ImageDataset, pre: Preprocess, root: Path, *, workers: in
         raise DataError("--normalize dataset: no usable training image to measure")
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean * mean, 1e-12))
-    atomic_write_json(root / "normalization.json", {"mean": mean.tolist(), "std": std.tolist(), "pixels": n})
+    atomic_write_json(root / "normalization.json", {"mean": mean.tolist(), "std": std.tolist(), "pixels": n},
+                      seal=True)
     logger.info("dataset normalization: mean %s std %s", np.round(mean, 4).tolist(), np.round(std, 4).tolist())
     return mean, std
 
