@@ -367,6 +367,7 @@ def verify(target: str | os.PathLike | None = None, *, cache: str | os.PathLike 
     its, _ = (items(cache), True) if target is None else _resolve(target, cache)
     report = VerifyReport([], [], [])
     for it in its:
+        # TODO(interrupt): interrupt.check("verify.item") once featx.interrupt has landed
         if not it.finished or it.kind == "temporary":
             continue
         if it.status == "in use" and it.kind == "features":
