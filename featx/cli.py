@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from featx import interrupt
 from featx.errors import FeatxError
 
 logger = logging.getLogger("featx")
@@ -49,24 +50,39 @@ def command(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _setup_logging(kwargs.get("quiet", False))
-        try:
-            return fn(*args, **kwargs)
-        except FeatxError as e:
-            click.echo(f"featx: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("featx: interrupted; finished work is kept and the same command resumes it", err=True)
-            sys.exit(130)
-        except Exception as e:  # a bug, not a user error: still one line unless asked for the traceback
-            if os.environ.get("FEATX_DEBUG"):
-                raise
-            click.echo(f"featx: internal error: {type(e).__name__}: {e} (set FEATX_DEBUG=1 for the traceback)", err=True)
-            sys.exit(1)
+        # the signal policy (featx.interrupt): a first SIGINT/SIGTERM asks for a stop at the next unit boundary,
+        # a second stops at once; either way one line and 130 (SIGINT) or 143 (SIGTERM)
+        with interrupt.handling():
+            try:
+                return fn(*args, **kwargs)
+            except interrupt.Interrupted as e:
+                _interrupted(e.signame)
+            except FeatxError as e:
+                if interrupt.stop_requested():  # an error the stop caused (a worker gone): report the stop
+                    _interrupted(interrupt.forced() or interrupt.stop_requested())
+                click.echo(f"featx: error: {e}", err=True)
+                sys.exit(e.exit_code)
+            except KeyboardInterrupt:
+                _interrupted(interrupt.forced() or interrupt.stop_requested() or "SIGINT")
+            except Exception as e:  # a bug, not a user error: still one line unless asked for the traceback
+                if os.environ.get("FEATX_DEBUG"):
+                    raise
+                if interrupt.stop_requested():
+                    # e.g. a second signal that landed inside a library's own bookkeeping: the stop, not a bug
+                    _interrupted(interrupt.forced() or interrupt.stop_requested())
+                click.echo(f"featx: internal error: {type(e).__name__}: {e} (set FEATX_DEBUG=1 for the traceback)", err=True)
+                sys.exit(1)
 
     return wrapper
 
 
+def _interrupted(signame: str) -> None:
+    click.echo(f"featx: {interrupt.MESSAGE.format(signame=signame)}", err=True)
+    sys.exit(interrupt.exit_code_of(signame))
+
+
 def _emit_path(path) -> None:
+    interrupt.check("cli.output")  # a stop requested at the very end: the output exists, the rerun prints it
     click.echo(str(path))
 
 

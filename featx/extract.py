@@ -30,6 +30,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 import featx
+from featx import interrupt
 from featx.backbones import Backbone, Preprocess, Tapped, check_layers, dataset_stats_to_preprocess, get_spec, load_backbone
 from featx.cache import atomic_write_json, cache_root, hash_key, read_json
 from featx.devices import resolve_device
@@ -326,6 +327,7 @@ def _dataset_stats(ds: ImageDataset, pre: Preprocess, root: Path, *, workers: in
     ss = np.zeros(3)
     n = 0
     for _, px, _ in _loader(train, batches, base, workers=workers, pin=False, max_pixels=max_pixels):
+        interrupt.check("extract.stats")
         if px is None:
             continue
         x = px.to(torch.float64) / 255.0
@@ -409,6 +411,8 @@ def _compute(ds: ImageDataset, bb: Backbone, pre: Preprocess, root: Path, layers
 
     try:
         for idx, feats, bad in source:
+            # a stop request abandons the shard in progress (its temporary file, below); finished shards stay
+            interrupt.check("extract.batch")
             shard = owner[(idx or [i for i, _ in bad])[0]][0]
             if cur is None or cur.shard != shard:
                 cur = _Shard(shard, ds, per, V)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 import featx
+from featx import interrupt
 from featx.cache import atomic_write_json, cache_root, canonical_json, hash_key, read_json, sha256_file, temp_path
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.store import FeatureSet
@@ -247,8 +248,11 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
     params = dict(params or {})
     rows = rows or open_rows(features, layer, split=split, seed=seed)
     dev = _resolve_device(device)
+    accepts = make_head(kind, {}).get_params()
+    if "epoch_callback" in accepts and params.get("epoch_callback") is None:
+        params["epoch_callback"] = _stop_between_epochs  # Ctrl-C / SIGTERM: the fit is abandoned, nothing written
     est = make_head(kind, {**params, **({"random_state": seed} if "random_state" not in params else {}),
-                           **({"device": dev} if "device" in make_head(kind, {}).get_params() else {})})
+                           **({"device": dev} if "device" in accepts else {})})
     scaler = Scaler(scale)
     source = source_identity(rows)
     resolved = {k: v for k, v in est.get_params().items() if k not in ("device", "epoch_callback")}
@@ -376,6 +380,10 @@ def measure(est, rows: Rows, scaler: Scaler, *, classes: list[str], train: np.nd
             out["confusion_matrix"] = m["confusion"]
     out["classes"] = list(classes)
     return out
+
+
+def _stop_between_epochs(epoch: int, val_accuracy: float) -> None:
+    interrupt.check("fit.epoch")
 
 
 # ------------------------------------------------------------------------------------------------ saving
