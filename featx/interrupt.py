@@ -18,7 +18,7 @@ when the parent's shared ``flag`` says so (see :func:`share_with_workers`).
 
 Named stop points make tests independent of timing: with ``FEATX_STOP_AT="POINT[:N[:SIGNAL[:TIMES]]]"`` (several
 comma-separated), the N-th (default 1st) ``check(POINT)`` of the process sends SIGNAL (SIGINT or SIGTERM, default
-SIGINT) TIMES times (default 1; 2 exercises the immediate stop) to the process itself with :func:`os.kill`, so the
+SIGINT; SIGKILL stands for ``kill -9``) TIMES times (default 1; 2 exercises the immediate stop) to the process itself with :func:`os.kill`, so the
 real handler runs, exactly then.  ``POINT`` names are ``<stage>.<unit>``, listed in docs/interrupts.md.
 
 Example (a library loop)::
@@ -42,6 +42,7 @@ from featx.errors import FeatxError
 
 ENV_STOP_AT = "FEATX_STOP_AT"
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+_HOOK_SIGNALS = {**SIGNALS, "SIGKILL": signal.SIGKILL}  # the hook may also stand for kill -9, at a chosen point
 MESSAGE = "interrupted ({signame}); finished work is kept and the same command resumes it"
 
 
@@ -142,10 +143,10 @@ def _parse_hook(spec: str) -> list[tuple[str, int, int, int]]:
             continue
         try:
             n = int(fields[1]) if len(fields) > 1 and fields[1] else 1
-            signum = SIGNALS[fields[2].upper()] if len(fields) > 2 and fields[2] else signal.SIGINT
+            signum = _HOOK_SIGNALS[fields[2].upper()] if len(fields) > 2 and fields[2] else signal.SIGINT
             times = int(fields[3]) if len(fields) > 3 and fields[3] else 1
         except (KeyError, ValueError):
-            raise FeatxError(f"{ENV_STOP_AT}={spec!r}: use POINT[:N[:SIGINT|SIGTERM[:TIMES]]], "
+            raise FeatxError(f"{ENV_STOP_AT}={spec!r}: use POINT[:N[:SIGINT|SIGTERM|SIGKILL[:TIMES]]], "
                              f"e.g. search.trial:3:SIGTERM") from None
         out.append((fields[0], n, int(signum), times))
     return out
