@@ -12,11 +12,12 @@ from featx.datasets.base import (
     walk_images,
 )
 from featx.datasets.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
-from featx.datasets.layouts import discover
+from featx.datasets.layouts import LAYOUTS, NAMES, Layout, detect, discover, register
 from featx.datasets.splits import parse_split, stratified
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "SPLITS", "DEFAULT_MAX_PIXELS", "Item", "ImageDataset", "BadImage", "discover",
+    "IMAGE_EXTENSIONS", "SPLITS", "DEFAULT_MAX_PIXELS", "Item", "ImageDataset", "BadImage", "discover", "detect",
+    "LAYOUTS", "NAMES", "Layout", "register",
     "parse_split", "stratified", "open_rgb", "fingerprint_file", "fingerprints", "fingerprints_of",
     "is_image_name", "walk_images",
 ]

@@ -117,3 +117,79 @@ def fingerprints_of(root: Path, paths: list[str], *, threads: int = 4) -> list[t
 def fingerprints(ds: ImageDataset, *, threads: int = 4) -> list[tuple[str, int | None, str]]:
     """``(path, size, sha256)`` for every item, hashed on a few threads (hashlib releases the GIL)."""
     return fingerprints_of(ds.root, [it.path for it in ds.items], threads=threads)
+
+
+# ------------------------------------------------------------------------------------ helpers of the readers
+
+def unused_folder(root: Path, folder: Path, reason: str) -> dict:
+    """An ``unused`` entry for a whole folder: its path, why, and how many image files it holds."""
+    return {"path": rel(folder, root), "reason": reason, "files": len(walk_images(folder))}
+
+
+def unused_file(root: Path, path: Path, reason: str) -> dict:
+    """An ``unused`` entry for one file."""
+    return {"path": rel(path, root), "reason": reason}
+
+
+def visible_files(folder: Path) -> list[Path]:
+    """The files directly in ``folder`` (hidden ones skipped), sorted."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())
+
+
+def visible_dirs(folder: Path) -> list[Path]:
+    """The folders directly in ``folder`` (hidden ones skipped), sorted."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir())
+
+
+def sorted_items(rows: list[tuple[str, int, str]]) -> tuple[Item, ...]:
+    """Items from ``(path, label, split)`` rows, in path order (the order every feature set keeps)."""
+    return tuple(Item(p, lab, s) for p, lab, s in sorted(rows))
+
+
+def read_mat(path: Path, keys: tuple[str, ...], *, layout: str) -> dict:
+    """The variables ``keys`` of a MATLAB file, read with scipy.io.loadmat.
+
+    Raises:
+        DataError: the file is missing, unreadable, or lacks one of ``keys`` (naming the file and the key).
+    """
+    from featx.errors import DataError
+
+    try:
+        import scipy.io
+    except ImportError:  # scipy comes with scikit-learn, so this is a broken installation
+        raise DataError(f"reading {path.name} ({layout}) needs scipy: pip install scipy") from None
+    if not path.is_file():
+        raise DataError(f"{layout}: {str(path)!r} is missing")
+    try:
+        mat = scipy.io.loadmat(str(path))
+    except Exception as e:  # scipy raises ValueError, TypeError, MatReadError... on a damaged file
+        raise DataError(f"{layout}: cannot read {str(path)!r} as a MATLAB file ({type(e).__name__}: {e})") from None
+    missing = [k for k in keys if k not in mat]
+    if missing:
+        have = sorted(k for k in mat if not k.startswith("__"))
+        raise DataError(f"{layout}: {str(path)!r} has no variable {missing[0]!r} (it has {have})")
+    return {k: mat[k] for k in keys}
+
+
+def mat_strings(arr) -> list[str]:
+    """The strings of a MATLAB cell array (any shape) or char matrix, in MATLAB's order (column-major)."""
+    import numpy as np
+
+    a = np.asarray(arr)
+    if a.dtype.kind in "US":  # a char matrix: one string per row
+        return [str(s).strip() for s in a.ravel()]
+    out = []
+    for v in a.ravel(order="F"):
+        v = np.asarray(v)
+        out.append(str(v.ravel()[0]) if v.size else "")
+    return out
+
+
+def mat_ints(arr) -> list[int]:
+    """The numbers of a MATLAB vector (any orientation) as Python ints."""
+    import numpy as np
+
+    a = np.asarray(arr).ravel(order="F")
+    if a.dtype.kind not in "iuf" or (a.dtype.kind == "f" and not np.all(np.isfinite(a))):
+        raise ValueError(f"expected numbers, found dtype {a.dtype}")
+    return [int(x) for x in a]

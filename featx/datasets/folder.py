@@ -20,7 +20,7 @@ from featx.errors import DataError
 logger = logging.getLogger(__name__)
 
 
-def _check_classes(classes: list[str], data: str, *, csv_file: bool = False) -> None:
+def check_classes(classes: list[str], data: str, *, csv_file: bool = False) -> None:
     if not classes and csv_file:
         raise DataError(f"CSV {data!r} lists no images: expected rows path,label[,split] under its header")
     if not classes:
@@ -39,7 +39,7 @@ def _from_class_folders(root: Path, subdirs: list[Path], fractions: dict[str, fl
     loose = [p.name for p in root.iterdir() if p.is_file() and _is_image_name(p.name)]
     if loose:
         logger.warning("ignoring %d image(s) directly in %s: images must be inside a class folder", len(loose), root)
-    _check_classes(classes, data)
+    check_classes(classes, data)
     rows = sorted((_rel(p, root), i) for i, c in enumerate(classes) for p in per_class[c])
     splits = _stratified([lab for _, lab in rows], fractions, seed)
     items = tuple(Item(path, lab, s) for (path, lab), s in zip(rows, splits))
@@ -59,7 +59,7 @@ def _from_split_folders(root: Path, subdirs: list[Path], fractions: dict[str, fl
             for p in _walk_images(cdir):
                 found.append((_rel(p, root), cdir.name, s))
     classes = sorted({c for _, c, _ in found})
-    _check_classes(classes, data)
+    check_classes(classes, data)
     index = {c: i for i, c in enumerate(classes)}
     items = tuple(Item(p, index[c], s) for p, c, s in sorted(found))
     if not any(it.split == "test" for it in items):
@@ -103,7 +103,7 @@ def _from_csv(path: Path, fractions: dict[str, float], seed: int) -> ImageDatase
             raise DataError(f"CSV {str(path)!r} line {n}: split {r.get('split')!r} is not one of train, val, test")
         clean.append((rel, r["label"], s))
     classes = sorted({c for _, c, _ in clean})
-    _check_classes(classes, str(path), csv_file=True)
+    check_classes(classes, str(path), csv_file=True)
     if has_split:
         logger.info("using the split column of %s (--split is not applied)", path)
     index = {c: i for i, c in enumerate(classes)}
