@@ -63,8 +63,9 @@ class ImageDataset:
         return {"layout": self.layout, "classes": list(self.classes),
                 "class_names": list(self.class_names or self.classes), "counts": self.counts(),
                 "split": "made by featx (--split)" if self.split is not None else "the data's own",
-                "unused": [dict(u) for u in self.unused] + [{"path": p, "reason": "outside the class folders, or a folder without images"}
-                                                             for p in self.ignored],
+                "unused": [dict(u) for u in self.unused]
+                + [{"path": p, "reason": "outside the class folders, or a folder without images"}
+                   for p in self.ignored],
                 "report": dict(self.report)}
 
 

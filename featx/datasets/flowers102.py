@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from featx.datasets.base import ImageDataset, is_image_name, mat_ints, read_mat, sorted_items, unused_file, visible_files
+from featx.datasets.base import (
+    ImageDataset, is_image_name, mat_ints, read_mat, sorted_items, unused_file, visible_files,
+)
 from featx.datasets.folder import check_classes
 from featx.errors import DataError
 
