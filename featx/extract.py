@@ -381,8 +381,8 @@ def _run(ds: ImageDataset, bb: Backbone, pre: Preprocess, config: dict, key: str
     extra: dict = {"rows_key": rows_key, "dataset": ds.describe()}
     if todo and source is not None:
         try:
-            _compute_from(source, ds, bb, root, layers, dev, todo, per, V=pre.views, batch_size=batch_size,
-                          workers=workers, amp=amp, progress=progress, threads=threads, decode=decode, timings=timings)
+            _compute_from(source, ds, bb, root, layers, dev, todo, per, V=pre.views, amp=amp, progress=progress,
+                          threads=threads, timings=timings)
             extra["computed_from"] = {"key": source.key, "layer": source.layer}
         except _SourceGone as e:
             logger.warning("cannot compute from the cached %s of %s (%s): computing from the images", source.layer,
@@ -524,38 +524,27 @@ def _source_rows(src: _Source, V: int) -> tuple[dict[str, tuple[Path, int]], dic
     return where, reason
 
 
+REUSE_ROWS = 1024  # rows per matrix product when computing from cached rows: the weights are read once per chunk
+
+
 def _compute_from(src: _Source, ds: ImageDataset, bb: Backbone, root: Path, layers: list[str], dev: torch.device,
-                  todo: list[int], per: int, *, V: int, batch_size: int, workers: int, amp: bool,
-                  progress: bool | None, threads: int | None, decode: str, timings: dict) -> None:
+                  todo: list[int], per: int, *, V: int, amp: bool, progress: bool | None, threads: int | None,
+                  timings: dict) -> None:
     """Write shards ``todo`` from the source's rows of ``src.layer`` through the stages after it.
 
-    The batches, lanes and intra-op threads are those a direct extraction with the same settings uses
-    (``batch_size // V`` images, never crossing a shard, the images the source skipped left out), so the stages
-    after ``src.layer`` multiply the very matrices a direct pass hands them, with the same kernels: the rows
-    come out bit for bit as a direct extraction's (tests/test_extract.py), not merely close.  (Matrix products
-    of a few rows can round differently on 1 and 2 threads, which is why the threads are matched too.)"""
+    The stages after a convolutional trunk are matrix products whose cost is reading their weights (AlexNet's
+    fc6 and fc7: 218 MB), so the rows go through them :data:`REUSE_ROWS` at a time on all cores rather than a
+    direct pass's ``--batch-size``.  The values equal a direct extraction's up to float rounding (products over
+    other numbers of rows may sum in another order; tests/test_extract.py bounds the difference at 1e-6
+    relative), the same latitude two direct extractions with different ``--batch-size`` or ``--workers`` have."""
     model = Tapped(bb.stages(), layers, start=src.layer).to(dev)
     where, reason = _source_rows(src, V)
     autocast = torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16, enabled=amp)
-    img_batch = max(1, batch_size // V)
-    n_batches = sum((min(len(ds.items), (s + 1) * per) - s * per + img_batch - 1) // img_batch for s in todo)
-    lanes = max(0, min(workers, n_batches)) if dev.type == "cpu" and decode == "threads" else 0
+    img_chunk = max(1, REUSE_ROWS // V)
     threads_before = torch.get_num_threads()
-    if dev.type == "cpu" and decode == "threads":
-        torch.set_num_threads(int(threads) if threads else max(1, _cores() // max(1, lanes)))
-    elif threads:
-        torch.set_num_threads(int(threads))
-    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="featx-lane") if lanes > 1 else None
+    if dev.type == "cpu":
+        torch.set_num_threads(int(threads) if threads else _cores())
     handles: dict[Path, h5py.File] = {}
-
-    def forward(batch: tuple[list[int], np.ndarray]):
-        good, x = batch
-        t = time.perf_counter()
-        with torch.inference_mode(), autocast:
-            out = model(torch.from_numpy(x).to(dev))
-        feats = {l: out[l].float().cpu().numpy() for l in layers}
-        return good, feats, time.perf_counter() - t
-
     show = (sys.stderr.isatty() if progress is None else progress)
     bar = tqdm(total=sum(min(len(ds.items), (s + 1) * per) - s * per for s in todo), unit="img", disable=not show,
                file=sys.stderr, desc="extract (from cache)", dynamic_ncols=True)
@@ -566,11 +555,10 @@ def _compute_from(src: _Source, ds: ImageDataset, bb: Backbone, root: Path, laye
             shard = _Shard(s, ds, per, V)
             try:
                 shard.open(root, {l: bb.spec.dims[l] for l in layers})
-                t = time.perf_counter()
-                batches = []
-                for a in range(lo, hi, img_batch):
+                for a in range(lo, hi, img_chunk):
+                    t = time.perf_counter()
                     good, parts = [], []
-                    for j in range(a, min(a + img_batch, hi)):
+                    for j in range(a, min(a + img_chunk, hi)):
                         p = ds.items[j].path
                         if p not in where:
                             shard.skip(j - lo, reason.get(p, "not in the source feature set"))
@@ -580,14 +568,15 @@ def _compute_from(src: _Source, ds: ImageDataset, bb: Backbone, root: Path, laye
                             handles[f] = h5py.File(f, "r")
                         parts.append(handles[f][src.layer][r:r + V])
                         good.append(j - lo)
+                    t_read = time.perf_counter()
+                    timings["read_s"] = timings.get("read_s", 0.0) + t_read - t
                     if good:
-                        batches.append((good, np.concatenate(parts)))
-                timings["read_s"] = timings.get("read_s", 0.0) + time.perf_counter() - t
-                for good, feats, dt in (pool.map(forward, batches) if pool else map(forward, batches)):
-                    timings["forward_s"] += dt
-                    shard.write(good, feats)
-                    shard.seen += len(good)
-                bar.update(hi - lo)
+                        with torch.inference_mode(), autocast:
+                            out = model(torch.from_numpy(np.concatenate(parts)).to(dev))
+                        shard.write(good, {l: out[l].float().cpu().numpy() for l in layers})
+                        shard.seen += len(good)
+                    timings["forward_s"] += time.perf_counter() - t_read
+                    bar.update(min(a + img_chunk, hi) - a)
                 shard.finish(ds, list(VIEW_SETS[V]))
             except BaseException:
                 shard.abort()
@@ -595,13 +584,11 @@ def _compute_from(src: _Source, ds: ImageDataset, bb: Backbone, root: Path, laye
     except (OSError, KeyError) as e:
         raise _SourceGone(f"{type(e).__name__}: {e}") from None
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
         for h in handles.values():
             h.close()
         bar.close()
         torch.set_num_threads(threads_before)
-    logger.info("time: reading the cached %s rows %.1fs, the stages after it %.1fs (summed over lanes)", src.layer,
+    logger.info("time: reading the cached %s rows %.1fs, the stages after it %.1fs", src.layer,
                 timings.get("read_s", 0.0), timings["forward_s"])
 
 

@@ -331,7 +331,7 @@ def test_deeper_layers_from_cached_rows_equal_a_direct_extraction(few_digits, tm
 
     data = few_digits
     (data / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # skipped in both runs
-    # 2 views, 5 images a shard, 3 a batch: batches of 6, 4 and (next to the broken file) 2 rows, several shards
+    # 2 views, 5 images a shard, 3 a batch: several shards, batches of 6, 4 and (next to the broken file) 2 rows
     kw = {**KW, "views": 2, "shard_size": 10, "batch_size": 6, "split": "test=0.25"}
     direct = extract(data, layers=["fc6", "fc7"], cache=tmp_path / "direct", **kw)
     base = extract(data, layers=["pool5"], cache=tmp_path / "c", **kw)
@@ -346,7 +346,9 @@ def test_deeper_layers_from_cached_rows_equal_a_direct_extraction(few_digits, tm
     for layer in ("fc6", "fc7"):
         a, b = _layer_rows(direct.path, layer), _layer_rows(reused.path, layer)
         assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
-        assert np.array_equal(a[0], b[0]), layer  # bit for bit, the very batches a direct pass makes
+        # equal up to float rounding: the cached rows go through fc6/fc7 in larger products than a direct pass
+        err = np.linalg.norm(a[0] - b[0]) / np.linalg.norm(a[0])
+        assert err <= 1e-6 and np.abs(a[0] - b[0]).max() <= 1e-5 * np.abs(a[0]).max(), (layer, err)
     m_direct, m_reused = direct.manifest, reused.manifest
     for k in ("n_rows", "counts", "rows_per_class", "skipped", "shards", "classes", "config"):
         assert m_direct[k] == m_reused[k], k
