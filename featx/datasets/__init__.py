@@ -3,7 +3,9 @@
 :func:`discover` detects the layout of DATA (a published dataset as its publisher ships it, class folders,
 split folders, or a CSV file) and returns an :class:`ImageDataset`.  The modules: :mod:`.base` (the items and
 fingerprints), :mod:`.folder` (the generic layouts), :mod:`.splits` (``--split``), :mod:`.images` (safe
-decoding), :mod:`.layouts` (detection and the registry of readers).
+decoding), :mod:`.layouts` (detection, ``--layout`` and the registry of readers), and one reader per published
+dataset: :mod:`.oxford_pets`, :mod:`.caltech` (101 and 256), :mod:`.tiny_imagenet`, :mod:`.stanford_dogs`,
+:mod:`.dogs_vs_cats`, :mod:`.flowers102` (docs/datasets.md).
 """
 from __future__ import annotations
 
