@@ -1,6 +1,6 @@
 """featx: pretrained-CNN features off the shelf.
 
-The stages, one module each: :mod:`featx.data` (find images) -> :mod:`featx.backbones` (networks and their
+The stages, one module each: :mod:`featx.datasets` (find images) -> :mod:`featx.backbones` (networks and their
 layer taps) -> :mod:`featx.extract` (batch extraction) -> :mod:`featx.store` (feature sets on disk) ->
 :mod:`featx.heads` (classifiers) -> :mod:`featx.fit` -> :mod:`featx.search` -> :mod:`featx.finetune`; the CLI
 (:mod:`featx.cli`) is a thin layer on top.

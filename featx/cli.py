@@ -104,6 +104,11 @@ def main() -> None:
 @click.option("--backbone", default="alexnet", show_default=True, help="alexnet, vgg16, resnet18, resnet50.")
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet, random, or a state-dict file.")
 @click.option("--split", default=None, help="Stratified split when DATA has none: test=0.15[,val=0.1].")
+@click.option("--layout", default=None,
+              help="Force DATA's layout instead of detecting it: oxford-pets, caltech101, caltech256, tiny-imagenet, "
+                   "stanford-dogs, dogs-vs-cats, flowers102, class-folders, split-folders, csv (docs/datasets.md).")
+@click.option("--reuse/--no-reuse", default=True, show_default=True,
+              help="Compute deeper layers from a shallower layer of the same images already in the cache.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--views", default=1, show_default=True, type=click.Choice(["1", "2", "5", "10"]),
               help="Rows per image: centre; +mirror; centre+4 corners; +their mirrors.")
@@ -126,13 +131,14 @@ def main() -> None:
 @quiet_option
 @command
 def extract(data, layers, backbone, weights, split, seed, views, normalize, batch_size, workers, threads, decode, device,
-            amp, shard_size, cache, strict, quiet):
+            amp, shard_size, cache, strict, quiet, layout=None, reuse=True):
     """Extract backbone activations of every image in DATA into a feature set."""
     from featx.extract import extract as run
 
     res = run(data, layers=layers, backbone=backbone, weights=weights, split=split, seed=seed, views=int(views),
               normalize=normalize, batch_size=batch_size, workers=workers, threads=threads, decode=decode, device=device, amp=amp,
-              shard_size=shard_size, cache=cache, strict=strict, progress=None if not quiet else False)
+              shard_size=shard_size, cache=cache, strict=strict, progress=None if not quiet else False,
+              layout=layout, reuse=reuse)
     m = res.manifest
     logger.info("%s: %d rows (%s), %d skipped", "extracted" if res.computed else "already extracted",
                 m.get("n_rows", 0), ", ".join(f"{k} {v}" for k, v in m.get("counts", {}).items()), len(m.get("skipped", [])))
