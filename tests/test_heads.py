@@ -22,7 +22,7 @@ except ImportError:  # benchmarks/ is a plain folder; make it importable when py
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.synth import make_pool5_like
-from featx._solvers import labels_to_pm1, svm_primal_objective
+from featx.heads._solvers import labels_to_pm1, svm_primal_objective
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.heads import LinearProblem, LogisticHead, MLPHead, SVMHead, load_head, save_head
 
@@ -110,7 +110,7 @@ def test_svm_matches_linearsvc(request, shape, binary, C):
 def test_feature_solver_switches_to_factorizations(monkeypatch, tall):
     """When CG stalls (forced here by allowing it one iteration) the feature-space solver must switch to
     per-class Hessian factorizations and still reach LinearSVC's optimum."""
-    import featx._solvers as solvers
+    import featx.heads._solvers as solvers
 
     X, y = tall
     monkeypatch.setattr(solvers, "_CG_MAX", 1)
@@ -140,7 +140,7 @@ def test_gram_mixed_precision_matches_float64(monkeypatch, wide, duplicated):
     """The float32 inverse with refinement (used from 1,500 rows on) must reach the float64 optimum; with
     duplicated rows K is singular, float32 cannot resolve K + I/2C at a large C, and the solver must notice
     and switch to float64."""
-    import featx._solvers as solvers
+    import featx.heads._solvers as solvers
 
     X, y = wide
     C = 100.0 if duplicated else 1.0

@@ -1,6 +1,6 @@
 """Numerical solvers behind :mod:`featx.heads`: L2-regularized squared-hinge SVMs and softmax regression.
 
-Nothing here is public API; :mod:`featx.heads` wraps it in scikit-learn estimators.
+Nothing here is public API; the heads of :mod:`featx.heads` wrap it in scikit-learn estimators.
 
 The linear SVM problem (per one-vs-rest column ``c`` with labels ``y`` in {-1, +1}) is exactly LIBLINEAR's /
 ``sklearn.svm.LinearSVC``'s default::
@@ -65,7 +65,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """Return ``device`` as a :class:`torch.device`, refusing CUDA when it is not available."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import UsageError
+        from ..errors import UsageError
 
         raise UsageError(f"device {device!r} was asked for but CUDA is not available on this machine")
     return dev
