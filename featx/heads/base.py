@@ -8,16 +8,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import DataError, UsageError
 from ._solvers import Batches
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +138,8 @@ class _LinearHead(ClassifierMixin, BaseEstimator):
         With two classes sklearn keeps a single score ``s``; the module outputs ``[-s/2, s/2]`` so that the
         argmax (and, for logistic heads, the softmax) matches.
         """
+        import torch  # only here: the linear heads fit and predict with numpy
+
         check_is_fitted(self)
         W = np.asarray(self.coef_, dtype=np.float64)
         b = np.asarray(self.intercept_, dtype=np.float64)

@@ -1,14 +1,14 @@
 """The one-hidden-layer network head: :class:`MLPHead`, trained with torch, predicting in numpy."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -17,24 +17,34 @@ from ..errors import DataError, UsageError
 from ._solvers import Batches, resolve_device
 from .base import _FLOAT_DTYPES, _PREDICT_BLOCK, _check_int, _check_positive, _encode_targets, _float32_rows, _StreamLabels
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
 
-class _MLPNet(torch.nn.Module):
-    """Linear -> ReLU -> Dropout -> Linear; dropout masks come from an explicit generator (determinism)."""
+@functools.cache
+def _mlp_net_class() -> type:
+    """The network's class, defined on first use: importing this module must not import torch."""
+    import torch
 
-    def __init__(self, d: int, hidden: int, k: int, dropout: float) -> None:
-        super().__init__()
-        self.hidden = torch.nn.Linear(d, hidden)
-        self.out = torch.nn.Linear(hidden, k)
-        self.dropout = dropout
+    class _MLPNet(torch.nn.Module):
+        """Linear -> ReLU -> Dropout -> Linear; dropout masks come from an explicit generator (determinism)."""
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        h = torch.relu(self.hidden(x))
-        if self.training and self.dropout > 0:
-            keep = torch.rand(h.shape, generator=generator, device=h.device) >= self.dropout
-            h = h * keep / (1.0 - self.dropout)
-        return self.out(h)
+        def __init__(self, d: int, hidden: int, k: int, dropout: float) -> None:
+            super().__init__()
+            self.hidden = torch.nn.Linear(d, hidden)
+            self.out = torch.nn.Linear(hidden, k)
+            self.dropout = dropout
+
+        def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+            h = torch.relu(self.hidden(x))
+            if self.training and self.dropout > 0:
+                keep = torch.rand(h.shape, generator=generator, device=h.device) >= self.dropout
+                h = h * keep / (1.0 - self.dropout)
+            return self.out(h)
+
+    return _MLPNet
 
 
 class MLPHead(ClassifierMixin, BaseEstimator):
@@ -107,14 +117,16 @@ class MLPHead(ClassifierMixin, BaseEstimator):
     # -- training -----------------------------------------------------------------------------------------
     def _setup(
         self, d: int, k: int
-    ) -> tuple[_MLPNet, torch.optim.Optimizer, torch.Generator, torch.Generator, torch.device]:
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Generator, torch.Generator, torch.device]:
+        import torch
+
         device = resolve_device(self.device)
         seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
         # Our own generators (init and shuffling on CPU, dropout on the training device): deterministic
         # for a given random_state without touching torch's global RNG.
         gen = torch.Generator(device="cpu").manual_seed(seed)
         drop_gen = torch.Generator(device=device).manual_seed(seed + 1)
-        net = _MLPNet(d, int(self.hidden), k, float(self.dropout))
+        net = _mlp_net_class()(d, int(self.hidden), k, float(self.dropout))
         with torch.no_grad():
             # nn.Linear's default init (uniform +-1/sqrt(fan_in)), drawn from our generator, not the global one.
             for layer in (net.hidden, net.out):
@@ -222,6 +234,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         d: int,
         val: tuple[np.ndarray, np.ndarray] | None,
     ) -> None:
+        import torch
+
         net, opt, gen, drop_gen, device = self._setup(d, k)
         loss_fn = torch.nn.CrossEntropyLoss()
         Xv_t = torch.from_numpy(val[0]).to(device) if val is not None else None
@@ -332,6 +346,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
     def to_torch(self) -> torch.nn.Module:
         """``nn.Sequential(Linear, ReLU, Dropout, Linear)`` with the learned weights, in eval mode."""
+        import torch
+
         check_is_fitted(self)
         d, h, k = self.hidden_weight_.shape[1], self.hidden_weight_.shape[0], self.output_weight_.shape[0]
         seq = torch.nn.Sequential(

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import UsageError
-from ._solvers import Batches, LinearProblem, SolveInfo, labels_to_pm1, lbfgs_linear, resolve_device
+from ._solvers import Batches, LinearProblem, SolveInfo, labels_to_pm1, lbfgs_linear
 from .base import _FLOAT_DTYPES, _check_int, _check_positive, _encode_targets, _float32_rows, _LinearHead, _StreamLabels
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ class SVMHead(_LinearHead):
             n_rows=n,
             tol=float(self.tol),
             max_iter=int(self.max_iter),
-            device=resolve_device(self.device),
+            device=self.device,
             encode=lambda idx: labels_to_pm1(idx, k),
         )
         self._set_solution(coef, intercept, info)
