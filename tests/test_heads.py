@@ -392,3 +392,26 @@ def test_to_torch_argmax_matches_predict(wide):
     rbf = _fitted_heads(X, y)[4]
     with pytest.raises(UsageError, match="an RBF SVM head cannot be turned into torch layers"):
         rbf.to_torch()
+
+
+@pytest.mark.parametrize("space", ["gram", "feature"])
+def test_torch_backend_matches_numpy(monkeypatch, wide, tall, space):
+    """On an accelerator the solver runs the same code on torch tensors; run that back-end on the CPU and check
+    it reaches the numpy back-end's optimum (float32 inverse with refinement included, for the Gram space)."""
+    import featx.heads._solvers as solvers
+
+    X, y = wide if space == "gram" else tall
+    k = len(np.unique(y))
+    Y = labels_to_pm1(y, k)
+    monkeypatch.setattr(solvers, "_MIXED_PRECISION_FROM", 1)
+    on_numpy = LinearProblem(X, space=space)
+    on_torch = LinearProblem(X, space=space)
+    on_torch.xp = solvers._TorchOps(torch.device("cpu"))
+    assert on_numpy.device == "cpu" and isinstance(on_numpy.K if space == "gram" else on_numpy.M, np.ndarray)
+    for C in (0.01, 1.0):
+        wn, bn, i_n = on_numpy.solve_svm(Y, C, tol=1e-8)
+        wt, bt, i_t = on_torch.solve_svm(Y, C, tol=1e-8)
+        assert i_n.converged and i_t.converged
+        on, ot = svm_primal_objective(wn, bn, X, Y, C).sum(), svm_primal_objective(wt, bt, X, Y, C).sum()
+        assert ot == pytest.approx(on, rel=1e-6)
+        np.testing.assert_allclose(wt, wn, atol=1e-3 * np.abs(wn).max())
