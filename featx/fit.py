@@ -317,6 +317,16 @@ def _jsonable(obj):
 
 # ------------------------------------------------------------------------------------------------ metrics
 
+def predict_and_score(est, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(est.predict(X), scores(est, X))``; for a linear SVM from ONE pass over ``X``, since its ``predict`` is
+    exactly the argmax of its decision values (a pass is a float64 product over all the rows: ~0.3 s at 3,400 x
+    9,216). Other heads predict separately (e.g. the RBF SVC votes one-vs-one)."""
+    sc = scores(est, X)
+    if type(est).__name__ == "SVMHead" and getattr(est, "kernel", None) == "linear":
+        return np.asarray(est.classes_)[np.argmax(sc, axis=1)], sc
+    return est.predict(X), sc
+
+
 def scores(est, X: np.ndarray) -> np.ndarray:
     """Per-class scores [n, k] (probabilities or decision values) for top-k accuracy."""
     s = est.predict_proba(X) if hasattr(est, "predict_proba") else est.decision_function(X)
@@ -375,8 +385,9 @@ def measure(est, rows: Rows, scaler: Scaler, *, classes: list[str], train: np.nd
         else:
             chunks = rows.chunks(name, scaler)()
         for X, y in chunks:
-            preds.append(est.predict(X))
-            scs.append(scores(est, X))
+            pred, sc = predict_and_score(est, X)
+            preds.append(pred)
+            scs.append(sc)
             ys.append(y)
         y = np.concatenate(ys)
         m = metrics_for(y, np.concatenate(preds), np.concatenate(scs), est.classes_, classes)
@@ -513,8 +524,9 @@ def evaluate(head: str | os.PathLike, features: str | os.PathLike, *, split: str
         X = np.array(X, dtype=np.float32, copy=True)
         _check_finite(X, split)
         fh.scaler.transform_(X)
-        preds.append(fh.estimator.predict(X))
-        scs.append(scores(fh.estimator, X))
+        pred, sc = predict_and_score(fh.estimator, X)
+        preds.append(pred)
+        scs.append(sc)
         ys.append(y)
     y = np.concatenate(ys)
     m = metrics_for(y, np.concatenate(preds), np.concatenate(scs), fh.estimator.classes_, fh.classes)

@@ -164,10 +164,11 @@ class _NumpyOps:
         inv, info = potri(L, lower=1, overwrite_c=1)
         if info != 0:
             raise np.linalg.LinAlgError(f"LAPACK potri failed (info={info})")
-        # potri fills the lower triangle only: mirror it.
-        lower = np.tril(inv)
-        lower += np.tril(inv, -1).T
-        return lower
+        # potri fills the lower triangle and leaves the upper one as it was: zero, since scipy's cholesky
+        # cleans it.  Mirror with one temporary: inv + inv.T counts the diagonal twice.
+        full = inv + inv.T
+        full.flat[:: full.shape[0] + 1] *= 0.5
+        return full
 
     def solve(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.linalg.solve(a, b)
