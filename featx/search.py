@@ -257,10 +257,16 @@ def _fmt(params: dict) -> str:
 def _run_worker(a: _WorkerArgs) -> None:
     """One search worker: open the rows once, run its share of trials on the shared study."""
     import optuna
-    import torch
 
     if a.threads:
-        torch.set_num_threads(a.threads)
+        if a.kind == "mlp":
+            import torch
+
+            torch.set_num_threads(a.threads)
+        else:  # the linear heads compute with numpy's BLAS, not torch
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(a.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = open_rows(a.features, a.layer, split=a.split, seed=a.seed)
     study = _open_study(a.storage, a.study, attrs=a.attrs, sampler=a.sampler, seed=a.seed + a.worker,
@@ -413,9 +419,9 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
         raise UsageError(f"--sampler {sampler!r}: use tpe or random")
     if trials < 0 or jobs < 1 or cv < 2:
         raise UsageError("--trials must be >= 0, --jobs >= 1 and --cv >= 2")
-    from featx.devices import resolve_device
+    from featx.devices import resolve_device_type
 
-    dev = resolve_device(device).type
+    dev = resolve_device_type(device)
     rows = open_rows(features, layer, split=split, seed=seed)
     storage_url = storage or default_storage(cache)
     name = study or study_name_for(rows, kind)
