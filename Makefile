@@ -28,6 +28,7 @@ test-slow: install
 bench: install
 	$(PY) benchmarks/bench_extract.py
 	$(PY) benchmarks/bench_fit.py
+	$(PY) benchmarks/bench_integrity.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -348,6 +348,67 @@ def demo(weights, cache, device, quiet):
     _emit_path(out)
 
 
+@main.command("ls")
+@cache_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON list instead of the table.")
+@quiet_option
+@command
+def ls_(cache, as_json, quiet):
+    """List every feature set, head, model, study, run and prediction in the cache, with size, date and headline."""
+    import json
+
+    from featx.maintain import format_table, ls
+
+    its = ls(cache)
+    if as_json:
+        click.echo(json.dumps([it.to_json() for it in its], indent=2, default=str))
+    else:
+        click.echo(format_table(its).rstrip("\n"))
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path())
+@cache_option
+@quiet_option
+@command
+def verify(path, cache, quiet):
+    """Check every item under the cache, a folder of it (heads/) or one item; exit non-zero if any is damaged.
+
+    PATH: the cache root, a kind folder, an item's directory or its key (default: the whole cache)."""
+    from featx.maintain import verify as run
+
+    rep = run(path, cache=cache)
+    for note in rep.unverified:
+        logger.warning("%s", note)
+    for p in rep.problems:
+        click.echo(p.line())
+    logger.info("verified %d item(s): %d damaged", len(rep.checked), len({p.path for p in rep.problems}))
+    if rep.problems:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("names", nargs=-1, type=click.Path())
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@click.option("--older-than", default=24.0, show_default=True, type=float,
+              help="Hours without change after which an unfinished item is removed.")
+@cache_option
+@quiet_option
+@command
+def prune(names, dry_run, older_than, cache, quiet):
+    """Remove the named items, or else leftovers of killed runs and unfinished items older than --older-than.
+
+    Never removes an item a featx process is using (it holds the item's lock)."""
+    from featx.maintain import human_size, prune as run
+
+    done = run(names, cache=cache, dry_run=dry_run, older_than=older_than * 3600)
+    for p in done:
+        click.echo(f"{p.action} {p.path} ({human_size(p.size)}): {p.reason}")
+    gone = [p for p in done if p.action != "kept"]
+    logger.info("%s %s in %d item(s)", "would free" if dry_run else "freed", human_size(sum(p.size for p in gone)),
+                len(gone))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
 

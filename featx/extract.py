@@ -35,11 +35,11 @@ from featx.backbones import (
     VIEW_SETS, Backbone, Preprocess, Tapped, check_layers, dataset_stats_to_preprocess, get_spec, load_backbone,
     start_layer,
 )
-from featx.cache import atomic_write_json, cache_root, hash_key, read_json
+from featx.cache import atomic_write_json, cache_root, hash_key, read_json, seal_ok, write_command
 from featx.devices import resolve_device
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, ImageDataset, discover, fingerprints, open_rgb
-from featx.errors import DataError, StrictError, UsageError
-from featx.store import FORMAT_VERSION, ShardWriter, shard_is_valid, shard_name
+from featx.errors import DataError, IntegrityError, StrictError, UsageError
+from featx.store import FORMAT_VERSION, ShardWriter, read_manifest, shard_is_valid, shard_name, shard_problem
 
 logger = logging.getLogger(__name__)
 
@@ -287,9 +287,12 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
         if lock.is_locked:
             logger.info("another featx process is extracting %s; waiting for it", key)
         with lock:
-            res = _complete(root, key)  # it may have finished while we waited
+            res = _complete(root, key, quiet=True)  # it may have finished while we waited
             if res is None:
                 atomic_write_json(root / "images.json", {"fields": ["path", "size", "sha256"], "images": fps})
+                write_command(root, _command(data, layer_list, backbone=spec.name, weights=weights, split=split,
+                                             seed=seed, views=views, normalize=normalize, amp=amp,
+                                             cache=cache_root(cache)))
                 source = reusable_source(root.parent, rows_key, spec.name, layer_list, key) if reuse else None
                 manifest = _run(ds, bb, pre, config, key, root, layer_list, dev, batch_size=batch_size,
                                 source=source, rows_key=rows_key,
@@ -307,13 +310,47 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
     return res
 
 
-def _complete(root: Path, key: str) -> ExtractResult | None:
-    """The finished feature set at ``root``, or None (a missing or unreadable manifest is a miss)."""
-    done = read_json(root / "manifest.json")
-    if isinstance(done, dict) and done.get("key") == key:
-        logger.info("feature set %s is already complete", key)
-        return ExtractResult(root, False, done)
-    return None
+def _complete(root: Path, key: str, *, quiet: bool = False) -> ExtractResult | None:
+    """The finished feature set at ``root``, or None: a missing or damaged manifest, or a damaged or missing shard
+    (every shard is read back past its checksums; what is damaged is recomputed by :func:`_run`)."""
+    try:
+        done = read_manifest(root)
+    except IntegrityError as e:
+        if not quiet:
+            logger.warning("the manifest of feature set %s is damaged (%s): rewriting it", key,
+                           str(e).split(": run ")[0])
+        return None
+    if not (isinstance(done, dict) and done.get("key") == key):
+        return None
+    layers = list(done["config"]["layers"])
+    bad = [(s["file"], why) for s in done.get("shards", [])
+           if (why := shard_problem(root / s["file"], layers, int(s["rows"]))) is not None]
+    if bad:
+        if not quiet:
+            logger.warning("feature set %s: %d shard(s) damaged or missing (%s): recomputing only those", key,
+                           len(bad), ", ".join(f"{f}: {why}" for f, why in bad[:5]))
+        return None
+    logger.info("feature set %s is already complete (%d shard(s) verified)", key, len(done.get("shards", [])))
+    return ExtractResult(root, False, done)
+
+
+def _command(data, layers: list[str], *, backbone: str, weights: str, split: str | None, seed: int, views,
+             normalize: str, amp: bool, cache: Path) -> list[str]:
+    """The ``featx extract`` command line that makes this feature set (and so repairs it)."""
+    w = weights if weights in ("imagenet", "random") else str(Path(weights).expanduser().absolute())
+    argv = ["featx", "extract", str(Path(data).expanduser().absolute())]
+    for layer in layers:
+        argv += ["--layer", layer]
+    argv += ["--backbone", backbone, "--weights", w, "--seed", str(seed)]
+    if split:
+        argv += ["--split", str(split)]
+    if int(views) != 1:
+        argv += ["--views", str(views)]
+    if normalize != "weights":
+        argv += ["--normalize", normalize]
+    if amp:
+        argv.append("--amp")
+    return argv + ["--cache", str(cache)]
 
 
 def _pre_fields(pre: Preprocess) -> dict:
@@ -324,10 +361,11 @@ def _pre_fields(pre: Preprocess) -> dict:
 def _plan(root: Path, n_items: int, views: int, shard_size: int) -> int:
     """Images per shard, fixed by the first run so that a resumed run cuts shards at the same places."""
     plan = read_json(root / "plan.json")
-    if isinstance(plan, dict) and plan.get("n_items") == n_items and plan.get("views") == views:
+    if isinstance(plan, dict) and seal_ok(plan) is not False and plan.get("n_items") == n_items \
+            and plan.get("views") == views:
         return int(plan["images_per_shard"])
     per = max(1, shard_size // views)
-    atomic_write_json(root / "plan.json", {"n_items": n_items, "views": views, "images_per_shard": per})
+    atomic_write_json(root / "plan.json", {"n_items": n_items, "views": views, "images_per_shard": per}, seal=True)
     return per
 
 
@@ -335,7 +373,7 @@ def _dataset_stats(ds: ImageDataset, pre: Preprocess, root: Path, *, workers: in
                    max_pixels: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean/std of the train split's network-input pixels (centre crop, in [0, 1])."""
     saved = read_json(root / "normalization.json")
-    if isinstance(saved, dict):
+    if isinstance(saved, dict) and seal_ok(saved) is not False:  # damaged or edited: measured again
         return np.asarray(saved["mean"]), np.asarray(saved["std"])
     train = [ds.abspath(it) for it in ds.items if it.split == "train"]
     base = Preprocess(**{**_pre_fields(pre), "views": 1})
@@ -355,7 +393,8 @@ def _dataset_stats(ds: ImageDataset, pre: Preprocess, root: Path, *, workers: in
         raise DataError("--normalize dataset: no usable training image to measure")
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean * mean, 1e-12))
-    atomic_write_json(root / "normalization.json", {"mean": mean.tolist(), "std": std.tolist(), "pixels": n})
+    atomic_write_json(root / "normalization.json", {"mean": mean.tolist(), "std": std.tolist(), "pixels": n},
+                      seal=True)
     logger.info("dataset normalization: mean %s std %s", np.round(mean, 4).tolist(), np.round(std, 4).tolist())
     return mean, std
 
@@ -376,7 +415,11 @@ def _run(ds: ImageDataset, bb: Backbone, pre: Preprocess, config: dict, key: str
         config = {**config, "preprocess": pre.to_json()}
     per = _plan(root, len(ds.items), pre.views, shard_size)
     n_shards = (len(ds.items) + per - 1) // per
-    todo = [s for s in range(n_shards) if not shard_is_valid(root / shard_name(s), layers)]
+    problems = {s: shard_problem(root / shard_name(s), layers) for s in range(n_shards)}
+    todo = [s for s, why in problems.items() if why is not None]
+    for s in todo:
+        if problems[s] != "missing":
+            logger.warning("%s is damaged (%s): recomputing it", root / shard_name(s), problems[s])
     logger.info("%s: %d images, %d classes, %d shard(s) (%d to compute), layers %s, %s weights, device %s",
                 key, len(ds.items), len(ds.classes), n_shards, len(todo), ",".join(layers), bb.weights_id["kind"], dev)
     timings = {"decode_s": 0.0, "forward_s": 0.0, "wait_s": 0.0, "write_s": 0.0}
@@ -691,5 +734,5 @@ def _finish(ds: ImageDataset, config: dict, key: str, root: Path, layers: list[s
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }
-    atomic_write_json(root / "manifest.json", manifest)
+    atomic_write_json(root / "manifest.json", manifest, seal=True)
     return manifest

@@ -41,12 +41,14 @@ from torchvision.transforms import functional as TF
 import featx
 from featx import interrupt
 from featx.backbones import Preprocess
-from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
+from featx.cache import (atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file,
+                         write_command)
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.fit import load_fitted, metrics_for
 from featx.model import (MODEL_FILE, MODEL_FORMAT, MODEL_META, FinetuneNet, Group, HeadModel, build_from_head,
                          model_json)
+from featx.model import finetune_command, model_problem
 
 logger = logging.getLogger(__name__)
 
@@ -507,6 +509,7 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
             return FinetuneResult(out, done, False)
         for stale in out.glob(".tmp-*"):  # left by a killed write; we hold the lock
             stale.unlink(missing_ok=True)
+        write_command(out, finetune_command(fh.path, options, seed=int(seed), cache=cache_root(cache)))
         hm = build_from_head(fh)
         fdir = Path(fh.meta["source"]["features"])
         rows = feature_set_images(fdir, hm.manifest)
@@ -519,6 +522,10 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
 def _finished(out: Path) -> dict | None:
     done = read_json(out / "metrics.json")
     if isinstance(done, dict) and (out / MODEL_META).exists() and (out / MODEL_FILE).exists():
+        problem = model_problem(out)
+        if problem is not None:  # damaged: a miss, the same call trains it again
+            logger.warning("model %s is damaged (%s): fine-tuning it again", out.name, problem)
+            return None
         (out / CHECKPOINT).unlink(missing_ok=True)  # a run killed between finishing and tidying up
         return done
     return None
@@ -806,7 +813,7 @@ def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict,
     os.replace(out / (".tmp-" + MODEL_FILE), out / MODEL_FILE)
     model_meta = model_json(hm, net, options=options, key=key, best_epoch=best["epoch"])
     model_meta["files"] = {MODEL_FILE: sha256_file(out / MODEL_FILE)}
-    atomic_write_json(out / MODEL_META, model_meta)
+    atomic_write_json(out / MODEL_META, model_meta, seal=True)
     ips = [h["train_images_per_s"] for h in history]
     head_acc = _head_test_accuracy(hm)
     metrics = {

@@ -19,7 +19,8 @@ import numpy as np
 
 import featx
 from featx import interrupt
-from featx.cache import atomic_write_json, cache_root, canonical_json, hash_key, read_json, sha256_file, temp_path
+from featx.cache import (atomic_write_json, cache_root, canonical_json, hash_key, read_json,
+                         read_sealed_json, repair_hint, sha256_file, temp_path)
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.store import FeatureSet
 
@@ -262,8 +263,11 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
     out = cache_root(cache) / "heads" / key
     done = read_json(out / "metrics.json")
     if isinstance(done, dict) and (out / META).exists():
-        logger.info("head %s is already fitted", key)
-        return FitResult(out, done, False)
+        problem = head_problem(out)
+        if problem is None:
+            logger.info("head %s is already fitted", key)
+            return FitResult(out, done, False)
+        logger.warning("head %s is damaged (%s): fitting it again", key, problem)
     n_train = int(rows.mask("train").sum())
     d = rows.fs.dim(rows.layer)
     if stream is None:
@@ -296,11 +300,34 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
         metrics["best_epoch"] = int(getattr(est, "best_epoch_", -1))
     if extra_meta:
         metrics.update(extra_meta)
+    argv = _command(features, kind, layer=rows.layer, params=params, scale=scale, split=split, seed=seed,
+                    search=bool(extra_meta and "search" in extra_meta), cache=cache_root(cache))
     save_fitted(out, est, scaler, kind=kind, layer=rows.layer, source=source, classes=rows.classes,
-                params=resolved, metrics=metrics, extra_files=extra_files)
+                params=resolved, metrics=metrics, extra_files=extra_files, command=argv)
     logger.info("%s on %s: test accuracy %.4f (train %.4f), fit %.2fs", kind, rows.layer,
                 metrics["test_accuracy"], metrics["train_accuracy"], fit_s)
     return FitResult(out, metrics, True, est)
+
+
+# the head parameters that ``featx fit KIND`` takes as options
+_FIT_OPTIONS = {"svm": ("C", "kernel", "gamma"), "logreg": ("C",),
+                "mlp": ("hidden", "dropout", "lr", "weight_decay", "optimizer", "momentum", "batch_size", "epochs",
+                        "patience")}
+
+
+def _command(features, kind: str, *, layer: str, params: dict, scale: str, split: str | None, seed: int,
+             search: bool, cache: Path) -> list[str]:
+    """The command line that makes this head again (``featx search`` for a search's refit)."""
+    argv = ["featx", "search" if search else "fit", kind, str(Path(features).expanduser().absolute()),
+            "--layer", layer]
+    if not search:
+        argv += ["--scale", scale]
+        for name in _FIT_OPTIONS.get(kind, ()):
+            if name in params:
+                argv += [f"--{name.replace('_', '-')}", str(params[name])]
+    if split:
+        argv += ["--split", str(split)]
+    return argv + ["--seed", str(seed), "--cache", str(cache)]
 
 
 def _jsonable(obj):
@@ -415,8 +442,13 @@ def _stop_between_epochs(epoch: int, val_accuracy: float) -> None:
 # ------------------------------------------------------------------------------------------------ saving
 
 def save_fitted(out: Path, est, scaler: Scaler, *, kind: str, layer: str, source: dict, classes: list[str],
-                params: dict, metrics: dict, extra_files: Callable[[Path], None] | None = None) -> None:
-    """Write a head directory; files appear under a temporary directory renamed into place at the end."""
+                params: dict, metrics: dict, extra_files: Callable[[Path], None] | None = None,
+                command: list[str] | None = None) -> None:
+    """Write a head directory; files appear under a temporary directory renamed into place at the end.
+
+    ``featx-head.json`` is sealed (a digest of its content) and lists the sha256 of every file written before it;
+    ``command``: the command line that makes the head again, kept in ``command.json`` for repair hints."""
+    from featx.cache import write_command
     from featx.heads import save_head
     from featx.plots import plot_confusion, plot_curve
 
@@ -430,8 +462,10 @@ def save_fitted(out: Path, est, scaler: Scaler, *, kind: str, layer: str, source
         meta = {"featx_version": featx.__version__, "kind": kind, "layer": layer, "scale": scaler.kind,
                 "params": _jsonable(params), "classes": list(classes), "source": source, "files": files,
                 "n_features": int(source.get("dim", getattr(est, "n_features_in_", 0)))}
-        atomic_write_json(tmp / META, meta)
+        atomic_write_json(tmp / META, meta, seal=True)
         atomic_write_json(tmp / "metrics.json", metrics)
+        if command:
+            write_command(tmp, command)
         plot_confusion(np.asarray(metrics["confusion_matrix"]), classes, tmp / "confusion.png",
                        title=f"{kind} on {layer}: test accuracy {metrics['test_accuracy']:.3f}")
         if metrics.get("curve"):
@@ -444,6 +478,7 @@ def save_fitted(out: Path, est, scaler: Scaler, *, kind: str, layer: str, source
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    logger.info("saved the %s head to %s", kind, out)
 
 
 @dataclass
@@ -473,19 +508,45 @@ def load_fitted(path: str | os.PathLike) -> FittedHead:
     from featx.heads import load_head
 
     path = Path(path).expanduser().absolute()
-    meta = read_json(path / META)
+    meta = _read_meta(path)
     if not isinstance(meta, dict):
         raise DataError(f"{str(path)!r} is not a featx head (no readable {META}): give a directory printed by featx fit")
-    for name, digest in meta.get("files", {}).items():
-        f = path / name
-        if not f.exists():
-            raise IntegrityError(f"head {path.name}: {name} is missing")
-        if sha256_file(f) != digest:
-            raise IntegrityError(f"head {path.name}: {name} was modified after it was written (sha256 differs); refit it")
-    est = load_head(path)
+    problem = _files_problem(path, meta)
+    if problem:
+        raise IntegrityError(f"head {path}: {problem}: {repair_hint(path, verb='fit it again')}")
+    try:
+        est = load_head(path)
+    except IntegrityError as e:
+        raise IntegrityError(f"{e}: {repair_hint(path, verb='fit it again')}") from None
     with np.load(path / "scaler.npz", allow_pickle=False) as z:
         scaler = Scaler(meta["scale"], z["mean"] if "mean" in z else None, z["scale"] if "scale" in z else None)
     return FittedHead(path, est, scaler, meta)
+
+
+def _read_meta(path: Path) -> dict | None:
+    return read_sealed_json(path / META, what="head metadata", fix=repair_hint(path, verb="fit it again"))
+
+
+def _files_problem(path: Path, meta: dict) -> str | None:
+    for name, digest in meta.get("files", {}).items():
+        f = path / name
+        if not f.exists():
+            return f"{name} is missing"
+        if sha256_file(f) != digest:
+            return f"{name} is damaged or was modified after it was written (sha256 differs)"
+    return None
+
+
+def head_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with a finished head directory (its metadata's seal, every file's sha256), or None."""
+    path = Path(path)
+    try:
+        meta = _read_meta(path)
+    except IntegrityError as e:
+        return str(e).split(": run ")[0]
+    if meta is None:
+        return f"{META} is missing"
+    return _files_problem(path, meta)
 
 
 # ------------------------------------------------------------------------------------------------ evaluate

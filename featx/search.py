@@ -423,6 +423,7 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
 
     dev = resolve_device_type(device)
     rows = open_rows(features, layer, split=split, seed=seed)
+    rows.fs.verify([rows.layer])  # damage stops the search here, not as a failed trial in each worker
     storage_url = storage or default_storage(cache)
     name = study or study_name_for(rows, kind)
     attrs = {"featx_source": rows.fs.key or source_identity(rows).get("sha256", ""), "kind": kind,

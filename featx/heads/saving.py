@@ -90,7 +90,8 @@ def save_head(est: BaseEstimator, directory: str | os.PathLike[str]) -> None:
         )
         _atomic_write(out / "head.npz", data)
     _atomic_write(out / "head.json", (json.dumps(meta, indent=2, allow_nan=True) + "\n").encode("utf-8"))
-    logger.info("saved %s to %s", name, out)
+    # debug only: featx fit saves into a temporary directory and logs the final one once it is in place
+    logger.debug("saved %s to %s", name, out)
 
 
 def load_head(directory: str | os.PathLike[str]) -> BaseEstimator:
