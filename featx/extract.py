@@ -30,8 +30,9 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 import featx
-from featx.backbones import Backbone, Preprocess, Tapped, check_layers, dataset_stats_to_preprocess, get_spec, load_backbone
-from featx.cache import atomic_write_json, cache_root, hash_key, read_json
+from featx.backbones import (Backbone, Preprocess, Tapped, check_layers, dataset_stats_to_preprocess, get_spec, load_backbone,
+                             weights_identity)
+from featx.cache import StagePlan, atomic_write_json, cache_root, hash_key, read_json
 from featx.devices import resolve_device
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, ImageDataset, discover, fingerprints, open_rgb
 from featx.errors import DataError, StrictError, UsageError
@@ -210,7 +211,7 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
             normalize: str = "weights", batch_size: int = 64, workers: int | None = None, device: str = "auto",
             shard_size: int = 2048, cache: str | os.PathLike | None = None, strict: bool = False,
             amp: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool | None = None,
-            threads: int | None = None, decode: str = "threads") -> ExtractResult:
+            threads: int | None = None, decode: str = "threads", plan: bool = False) -> ExtractResult | StagePlan:
     """Extract ``layers`` of ``backbone`` for every image of ``data`` into a feature set.
 
     Args:
@@ -229,9 +230,12 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
         decode: on the CPU, ``threads`` (the lanes above) or ``processes`` (``workers`` decode processes feed one
             forward pass on all cores, as on CUDA; measured 3% slower on 2 cores, kept for machines where the
             GIL would hold the lanes back).  CUDA always decodes in processes.
+        plan: compute nothing: read the data and the weights' identity (no network is built), and return a
+            :class:`~featx.cache.StagePlan` saying where the feature set is and whether it is complete; its
+            ``info`` holds the layout, classes and split counts.
 
     Returns:
-        :class:`ExtractResult` with the feature set's directory.
+        :class:`ExtractResult` with the feature set's directory (``plan``: a :class:`~featx.cache.StagePlan`).
 
     Raises:
         DataError, UsageError, WeightsError, StrictError.
@@ -250,14 +254,20 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
     layer_list = check_layers(spec, list(layers))
     dev = resolve_device(device)
     ds = discover(data, split=split, seed=seed)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-hash") as pool:
-        hashing = pool.submit(fingerprints, ds)  # hashlib and torch's weight init both release the GIL
-        bb = load_backbone(backbone, weights, seed=seed)
-        fps = hashing.result()
-    pre = Preprocess(**{**_pre_fields(bb.preprocess), "views": _views(views)})
+    if plan:  # the same key as below, without building the network
+        bb = None
+        fps = fingerprints(ds)
+        weights_id, base_pre = weights_identity(backbone, weights, seed=seed), Preprocess.from_weights(spec.weights_enum())
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-hash") as pool:
+            hashing = pool.submit(fingerprints, ds)  # hashlib and torch's weight init both release the GIL
+            bb = load_backbone(backbone, weights, seed=seed)
+            fps = hashing.result()
+        weights_id, base_pre = bb.weights_id, bb.preprocess
+    pre = Preprocess(**{**_pre_fields(base_pre), "views": _views(views)})
     config = {
         "data": str(ds.root), "source": ds.source, "layout": ds.layout, "backbone": spec.name,
-        "weights": bb.weights_id, "layers": layer_list, "preprocess": pre.to_json(), "normalize": normalize,
+        "weights": weights_id, "layers": layer_list, "preprocess": pre.to_json(), "normalize": normalize,
         "split": ds.split, "seed": seed, "amp": bool(amp), "max_pixels": max_pixels,
     }
     key = hash_key({"format": FORMAT_VERSION, "config": {k: v for k, v in config.items() if k not in ("data", "source")},
@@ -265,6 +275,9 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
                     "items": [(it.path, it.label, it.split) for it in ds.items], "fingerprints": fps})
     root = cache_root(cache) / "features" / key
     res = _complete(root, key)
+    if plan:
+        return StagePlan(root, res is not None, {"key": key, "layout": ds.layout, "classes": list(ds.classes),
+                                                 "counts": ds.counts(), "n_images": len(ds.items)})
     if res is None:
         root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(root / ".lock"))
