@@ -416,30 +416,33 @@ class _Runner:
                     heads[c.name] = Path(rec["head"]) if ok else None
             else:
                 st["heads"] = ", ".join(c.candidates)
-                st["finetune"] = self._plan_finetune(c, heads)
+                st["finetune"], start = self._plan_finetune(c, heads)
+                if start:
+                    st["from"] = start
             plan.cases[c.name] = st
             if c in chosen:
                 say(f"  {c.name}: " + "; ".join(f"{k} {v}" for k, v in st.items()))
         say(f"results would go to {out}")
         return plan
 
-    def _plan_finetune(self, c: Case, heads: dict[str, Path | None]) -> str:
+    def _plan_finetune(self, c: Case, heads: dict[str, Path | None]) -> tuple[str, str | None]:
+        """(status, the case it would start from): known only when every candidate head is in the cache."""
         from featx.finetune import finetune
 
         paths = [heads.get(n) for n in c.candidates]
         if not paths or any(p is None for p in paths):
-            return "to compute"
-        best, best_val = None, None
-        for n, h in zip(c.candidates, paths):
+            return "to compute", None
+        best, best_val, best_case = None, None, None
+        for n, h in zip(c.candidates, paths):  # as _best: the highest validation accuracy, the first of equals
             m = read_json(h / "metrics.json") or {}
             val = m.get("val_accuracy", (m.get("search") or {}).get("best_value"))
             if best is None or (val is not None and (best_val is None or val > best_val)):
-                best, best_val = h, val
+                best, best_val, best_case = h, val, n
         try:
             sp = finetune(best, **c.params, seed=self.p.data["seed"], device=self.device, cache=self.root, plan=True)
         except FeatxError as e:
-            return f"error: {e}"
-        return ("cached" if sp.cached else "to compute") + f" (from {best.name})"
+            return f"error: {e}", best_case
+        return ("cached" if sp.cached else "to compute"), best_case
 
 
 @dataclass
