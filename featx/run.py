@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import featx
 from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json
-from featx.errors import FeatxError
+from featx.errors import DataError, FeatxError
 from featx.pipeline import Case, Pipeline, Variant, load
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,11 @@ LEAD = ("case", "status")
 METRICS = ("backbone", "weights", "layer", "head", "test_accuracy", "macro_f1", "top5_accuracy", "val_accuracy",
            "seconds", "images_per_s", "reference", "vs_reference", "reference_source", "features", "head_dir",
            "model_dir", "error")
+
+
+# what stops the run rather than failing a case: recorded as "interrupted", the finished results written, re-raised
+# TODO(interrupt): add featx.interrupt.Interrupted once featx/interrupt.py is on main
+_STOPS: tuple[type[BaseException], ...] = (KeyboardInterrupt, SystemExit)
 
 
 class StageFailed(Exception):
@@ -130,6 +135,9 @@ class _Runner:
                 self._data = write_digits(self.root / "demo" / "digits")
             else:
                 self._data = Path(path).expanduser()
+                if not self._data.exists():  # every case would fail the same way: say it once
+                    raise DataError(f"pipeline {self.p.name}: data.path {path!r} does not exist: download the data "
+                                    f"there (the file's header says from where), or give --data PATH")
         return self._data
 
     def _extract_kwargs(self, v: Variant) -> dict[str, Any]:
@@ -171,10 +179,10 @@ class _Runner:
                 got = self._stage(case, "extract", lambda: _pair(extract(self.data_path(), **self._extract_kwargs(v),
                                                                          progress=self.progress)),
                                   lambda r: f"{r.manifest.get('n_rows', 0)} rows {r.manifest.get('counts', {})}")
+            except _STOPS:
+                raise
             except FeatxError as e:
                 got = StageFailed(f"extract: {e}")
-            except (KeyboardInterrupt, SystemExit):
-                raise
             except Exception as e:
                 got = StageFailed(f"extract: {type(e).__name__}: {e}")
             self.features[v] = got
@@ -281,13 +289,13 @@ class _Runner:
         self.outcomes[c.name] = row  # placed first: a fine-tune whose candidates include... itself cannot loop
         try:
             row.update({"fit": self._fit, "search": self._search, "finetune": self._finetune}[c.stage](c))
+        except _STOPS:
+            row.update(status="interrupted", error=f"{c.stage}: interrupted")
+            raise
         except StageFailed as e:
             row.update(status="failed", error=str(e))
         except FeatxError as e:
             row.update(status="failed", error=f"{c.stage}: {e}")
-        except (KeyboardInterrupt, SystemExit):
-            row.update(status="interrupted", error=f"{c.stage}: interrupted")
-            raise
         except Exception as e:  # a head that cannot fit is this case's failure, not the run's
             row.update(status="failed", error=f"{c.stage}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         if row["status"] == "failed":
@@ -295,6 +303,7 @@ class _Runner:
         return row
 
     def run(self, chosen: list[Case], out: Path) -> RunResult:
+        self.data_path()
         logger.info("pipeline %s: %d case(s), results in %s", self.p.name, len(chosen), out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "pipeline.json", {"name": self.p.name, "file": str(self.p.file or ""),

@@ -178,3 +178,34 @@ def test_cli_exits_non_zero_when_a_case_failed_and_prints_the_run_dir(first_run,
     p = run_cli("run", str(DIGITS), "--data", str(digits_dir), "--weights", "random", "--cache", str(cache),
                 "--dry-run", *[a for s in TINY for a in ("--set", s)])
     assert p.returncode == 0 and "pool5-svm: extract cached; fit cached" in p.stdout, p.stderr
+
+
+def test_weights_identity_is_what_loading_the_weights_records(tmp_path):
+    """The dry run knows a feature set's key without building the network: the identity must be the same."""
+    import torch
+
+    from featx.backbones import load_backbone, weights_identity
+
+    assert weights_identity("alexnet", "random", seed=3) == load_backbone("alexnet", "random", seed=3).weights_id
+    f = tmp_path / "w.pt"
+    torch.save(load_backbone("alexnet", "random", seed=1).model.state_dict(), f)
+    assert weights_identity("alexnet", str(f)) == load_backbone("alexnet", str(f)).weights_id
+    ident = weights_identity("alexnet", "imagenet")  # known without the file (offline)
+    assert ident["kind"] == "imagenet" and ident["file"].startswith("alexnet-")
+
+
+def test_every_finetune_option_of_a_pipeline_is_a_finetune_argument():
+    import inspect
+
+    from featx.finetune import finetune
+    from featx.pipeline import FINETUNE_OPTIONS
+
+    assert set(FINETUNE_OPTIONS) <= set(inspect.signature(finetune).parameters)
+
+
+def test_missing_data_is_one_error_before_any_case(tmp_path):
+    from featx.errors import DataError
+
+    with pytest.raises(DataError, match="data.path .* does not exist.*--data"):
+        run_pipeline(DIGITS, data=tmp_path / "nowhere", weights="random", cache=tmp_path)
+    assert not (tmp_path / "runs").exists()
