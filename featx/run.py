@@ -235,9 +235,11 @@ class _Runner:
         done = None
         try:
             st = optuna.load_study(study_name=name, storage=open_storage(storage))
-            states = [t.state for t in st.trials]
-            done = sum(s.is_finished() for s in states)
-            if done != trials or len(states) != trials:
+            S = optuna.trial.TrialState
+            # a trial failed by an interruption (fail_reason "interrupted") is not a finished one
+            done = sum(t.state in (S.COMPLETE, S.PRUNED) or
+                       (t.state == S.FAIL and t.user_attrs.get("fail_reason") != "interrupted") for t in st.trials)
+            if done != trials or len(st.trials) != trials:
                 logger.info("[%s] search: study %s was left unfinished (%d of %d trials); starting it again",
                             c.name, name, done, trials)
                 optuna.delete_study(study_name=name, storage=open_storage(storage))
