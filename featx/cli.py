@@ -409,6 +409,34 @@ def prune(names, dry_run, older_than, cache, quiet):
                 len(gone))
 
 
+@main.command("run")
+@click.argument("pipeline", type=click.Path())
+@click.option("--data", default=None, type=click.Path(), help="Replaces the file's data path.")
+@click.option("--weights", default=None, help="Replaces every backbone's weights: imagenet, random, or a file.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Replaces any value of the file, by dotted key (repeatable): --set features.views=10.")
+@click.option("--only", default=None, metavar="GLOB", help="Run only the cases whose name matches (comma: several).")
+@click.option("--dry-run", is_flag=True, help="Read the data; list every case and what is cached or to compute.")
+@device_option
+@cache_option
+@quiet_option
+@command
+def run_cmd(pipeline, data, weights, sets, only, dry_run, device, cache, quiet):
+    """Run a pipeline file's cases (pipelines/*.toml) and write a results table: docs/pipelines.md."""
+    from featx.run import run_pipeline
+
+    res = run_pipeline(pipeline, data=data, weights=weights, sets=list(sets), only=only, dry_run=dry_run,
+                       cache=cache, device=device, progress=False if quiet else None)
+    if dry_run:
+        click.echo("\n".join(res.lines))
+        return
+    _emit_path(res.path)
+    if res.failed:
+        click.echo(f"featx: error: {len(res.failed)} case(s) failed: {', '.join(res.failed)} "
+                   f"(reasons in {res.path / 'results.csv'})", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
 
