@@ -166,6 +166,7 @@ class Objective:
         import optuna
 
         scale, params = suggest(trial, self.kind)
+        hold_for_tests(trial)  # FEATX_TRIAL_HOLD only: a test kills the process here
         if self.kind == "mlp":
             Xtr, ytr, Xva, yva = self.fold(scale, None if self.has_val else 0)
 
@@ -243,7 +244,6 @@ def _run_worker(a: _WorkerArgs) -> None:
 
     def guarded(trial):
         fail_dead_trials(study)  # a sibling worker killed meanwhile: its trial fails and is queued again
-        hold_for_tests(trial)
         try:
             return objective(trial)
         except optuna.TrialPruned:
