@@ -37,6 +37,7 @@ def run_workers(url: str, h5: Path, head: str, trials: int, workers: int, cache:
     procs = [subprocess.Popen([sys.executable, "-m", "featx", "search", head, str(h5), "--trials", str(n),
                                "--storage", url, "--study", "bench", "--sampler", "random", "--seed", str(i),
                                "--cache", str(cache / f"w{i}"), "--quiet"],
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i, n in enumerate(shares)]
     for p in procs:

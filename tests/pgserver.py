@@ -143,3 +143,16 @@ def running_server(max_connections: int = 100) -> Iterator[Server]:
         if started:
             run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def open_storage_at_barrier(url: str, barrier, results) -> None:  # pragma: no cover - a spawned process
+    """Wait for the others, then open featx's storage on ``url``; put "ok" or the error on ``results``. Lives
+    here, not in a test module, so that the spawned process imports little."""
+    from featx.studies import open_storage
+
+    barrier.wait()  # every process creates the schema at the same instant
+    try:
+        open_storage(url)
+        results.put("ok")
+    except Exception as e:
+        results.put(f"{type(e).__name__}: {e}")

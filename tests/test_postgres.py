@@ -14,9 +14,10 @@ import pytest
 
 from featx.search import search
 from featx.studies import OWNER, open_storage
-from pgserver import running_server, why_unavailable
+from pgserver import open_storage_at_barrier, running_server, why_unavailable
 from test_fit import _blobs, write_h5
-from test_studies import check_dead_trials_fail_and_retry, check_kill9_then_rerun, kill9, search_cmd, start_held
+from test_studies import (ONE_THREAD, _one_blas_thread, check_dead_trials_fail_and_retry,  # noqa: F401 (fixture)
+                          check_kill9_then_rerun, kill9, search_cmd, start_held)
 
 S = optuna.trial.TrialState
 
@@ -45,10 +46,10 @@ def h5file(tmp_path_factory) -> Path:
 
 
 def test_search_on_postgres_opens_with_optuna_itself(db, h5file, tmp_path):
-    res = search(h5file, "logreg", trials=3, storage=db, study="s", cache=tmp_path, sampler="random")
-    assert res.search["finished"] == 3 and res.search["running"] == 0
+    res = search(h5file, "logreg", trials=2, storage=db, study="s", cache=tmp_path, sampler="random")
+    assert res.search["finished"] == 2 and res.search["running"] == 0
     study = optuna.load_study(study_name="s", storage=db)  # the plain URL, Optuna's own storage
-    assert [t.state for t in study.trials] == [S.COMPLETE] * 3
+    assert [t.state for t in study.trials] == [S.COMPLETE] * 2
     assert all(t.system_attrs[OWNER]["pid"] == os.getpid() for t in study.trials)
 
 
@@ -57,21 +58,12 @@ def test_dead_trials_fail_and_are_queued_again(db):
     check_dead_trials_fail_and_retry(db)
 
 
-def _open(url: str, barrier, results) -> None:  # pragma: no cover - runs in a spawned process
-    barrier.wait()  # every process creates the schema at the same instant
-    try:
-        open_storage(url)
-        results.put("ok")
-    except Exception as e:
-        results.put(f"{type(e).__name__}: {e}")
-
-
 @pytest.mark.slow
 def test_processes_opening_an_empty_database_at_once_all_start(db):
     """Optuna alone: all but one fail with UniqueViolation on pg_type_typname_nsp_index (optuna#1092)."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_open, args=(db, barrier, results)) for _ in range(4)]
+    procs = [ctx.Process(target=open_storage_at_barrier, args=(db, barrier, results)) for _ in range(4)]
     for p in procs:
         p.start()
     for p in procs:
@@ -82,7 +74,9 @@ def test_processes_opening_an_empty_database_at_once_all_start(db):
 @pytest.mark.slow
 def test_four_workers_at_once_on_an_empty_database_finish_40_trials(db, h5file, tmp_path):
     procs = [subprocess.Popen(search_cmd(h5file, db, tmp_path / f"cache{i}", 10, "--seed", str(i)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **ONE_THREAD})
+             for i in range(4)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [o[1][-2000:] for o in outs]
     trials = optuna.load_study(study_name="z", storage=db).trials
@@ -119,7 +113,8 @@ def test_a_worker_of_another_machine_killed_mid_trial_is_failed_by_heartbeat_and
     running = optuna.load_study(study_name="z", storage=db).trials
     assert [t.state for t in running] == [S.RUNNING]  # the heartbeat says dead; nobody has looked yet
     workers = [subprocess.Popen(search_cmd(h5file, db, tmp_path / f"cache{i}", 2, "--heartbeat", "1", "--seed",
-                                           str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                           str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **ONE_THREAD})
                for i in range(2)]
     outs = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [o[1][-2000:] for o in outs]
