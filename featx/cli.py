@@ -253,20 +253,24 @@ def evaluate(head, features, split, cache, quiet):
 @click.option("--sampler", default="tpe", show_default=True, type=click.Choice(["tpe", "random"]))
 @click.option("--split", default=None, help="Split to make when FEATURES records none (test=0.15).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--heartbeat", default=60, show_default=True, type=click.IntRange(min=1),
+              help="Database storages: seconds between a running trial's heartbeats; a trial silent for 3 "
+                   "heartbeats (dead worker or machine) is failed and queued again.")
 @device_option
 @cache_option
 @quiet_option
 @command
-def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sampler, split, seed, device, cache, quiet):
+def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sampler, split, seed, heartbeat, device,
+           cache, quiet):
     """Search a head's hyperparameters with Optuna, then refit and save the best."""
     from featx.search import search as run
 
     res = run(features, kind, layer=layer, trials=trials, timeout=timeout, storage=storage, study=study, jobs=jobs,
-              cv=cv, sampler=sampler, seed=seed, split=split, device=device, cache=cache)
+              cv=cv, sampler=sampler, seed=seed, split=split, device=device, cache=cache, heartbeat=heartbeat)
     s = res.search
-    logger.info("study %s: %d trials (%d finished, %d pruned, %d failed); best validation accuracy %.4f; "
-                "refit head test accuracy %.4f", s["study"], s["trials"], s["finished"], s["pruned"], s["failed"],
-                s["best_value"], res.metrics["test_accuracy"])
+    logger.info("study %s: %d trials (%d finished, %d pruned, %d failed, %d running, %d waiting); best validation "
+                "accuracy %.4f; refit head test accuracy %.4f", s["study"], s["trials"], s["finished"], s["pruned"],
+                s["failed"], s["running"], s["waiting"], s["best_value"], res.metrics["test_accuracy"])
     _emit_path(res.path)
 
 
