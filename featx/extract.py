@@ -553,7 +553,8 @@ def reusable_source(features: Path, rows_key: str, backbone: str, layers: Sequen
     best: _Source | None = None
     for path in sorted(features.glob("*/manifest.json")):
         m = read_json(path)
-        if not isinstance(m, dict) or m.get("rows_key") != rows_key or m.get("key") in (None, key):
+        if not isinstance(m, dict) or seal_ok(m) is False or m.get("rows_key") != rows_key \
+                or m.get("key") in (None, key):  # a damaged manifest is no source (its shards are checked as read)
             continue
         start = start_layer(spec, m.get("config", {}).get("layers", []), layers)
         if start is not None and (best is None or order.index(start) > order.index(best.layer)):
