@@ -597,12 +597,13 @@ def _compute_from(src: _Source, ds: ImageDataset, bb: Backbone, root: Path, laye
                file=sys.stderr, desc="extract (from cache)", dynamic_ncols=True)
     try:
         for s in todo:
-            # TODO(interrupt): interrupt.check("extract.shard") between shards once featx.interrupt lands
             lo, hi = s * per, min(len(ds.items), (s + 1) * per)
             shard = _Shard(s, ds, per, V)
             try:
                 shard.open(root, {l: bb.spec.dims[l] for l in layers})
                 for a in range(lo, hi, img_chunk):
+                    # a stop request abandons the shard in progress (aborted below); finished shards stay
+                    interrupt.check("extract.batch")
                     t = time.perf_counter()
                     good, parts = [], []
                     for j in range(a, min(a + img_chunk, hi)):
