@@ -16,8 +16,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# the digits pipeline (pipelines/digits.toml); seeded random weights by default, since a fresh machine may be
+# offline: `make demo DEMO_WEIGHTS=imagenet` for pretrained features
+DEMO_WEIGHTS ?= random
 demo: install
-	$(VENV)/bin/featx demo
+	$(VENV)/bin/featx run pipelines/digits.toml --weights $(DEMO_WEIGHTS)
 
 test: install
 	$(PY) -m pytest -q -m "not slow" -n 2

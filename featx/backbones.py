@@ -238,6 +238,26 @@ def _file_state(path: Path) -> tuple[dict, dict]:
     return state, {"kind": "file", "file": str(path), "sha256": sha256_file(path)}
 
 
+def weights_identity(name: str = "alexnet", weights: str = "imagenet", *, seed: int = 0) -> dict:
+    """The ``weights_id`` that :func:`load_backbone` records for these weights, without building the network or
+    reading the weights (a file is hashed): what a cache key needs to be known in advance (``featx run --dry-run``).
+
+    Raises:
+        UsageError: unknown backbone.  WeightsError: a weights file that does not exist.
+    """
+    spec = get_spec(name)
+    if weights == "random":
+        return {"kind": "random", "seed": int(seed), "torch": torch.__version__.split("+")[0]}
+    if weights == "imagenet":
+        url = spec.weights_enum().url
+        return {"kind": "imagenet", "enum": spec.weights, "file": os.path.basename(url),
+                "sha256_prefix": os.path.basename(url).rsplit("-", 1)[-1].split(".")[0]}
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"--weights {str(path)!r}: no such file (use imagenet, random, or a state-dict file)")
+    return {"kind": "file", "file": str(path), "sha256": sha256_file(path)}
+
+
 @dataclass
 class Backbone:
     """A built backbone: the torch module in eval mode, its stages, weights identity and preprocessing."""

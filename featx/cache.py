@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,14 @@ def read_json(path: str | os.PathLike) -> Any | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+@dataclass
+class StagePlan:
+    """What a stage called with ``plan=True`` would produce, computed without running it: the directory of its
+    output, whether that output is already complete in the cache, and what the stage learnt on the way (e.g. the
+    data's layout and split counts).  ``featx run --dry-run`` is built on these."""
+
+    path: Path
+    cached: bool
+    info: dict[str, Any] = field(default_factory=dict)

@@ -253,20 +253,24 @@ def evaluate(head, features, split, cache, quiet):
 @click.option("--sampler", default="tpe", show_default=True, type=click.Choice(["tpe", "random"]))
 @click.option("--split", default=None, help="Split to make when FEATURES records none (test=0.15).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--heartbeat", default=60, show_default=True, type=click.IntRange(min=1),
+              help="Database storages: seconds between a running trial's heartbeats; a trial silent for 3 "
+                   "heartbeats (dead worker or machine) is failed and queued again.")
 @device_option
 @cache_option
 @quiet_option
 @command
-def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sampler, split, seed, device, cache, quiet):
+def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sampler, split, seed, heartbeat, device,
+           cache, quiet):
     """Search a head's hyperparameters with Optuna, then refit and save the best."""
     from featx.search import search as run
 
     res = run(features, kind, layer=layer, trials=trials, timeout=timeout, storage=storage, study=study, jobs=jobs,
-              cv=cv, sampler=sampler, seed=seed, split=split, device=device, cache=cache)
+              cv=cv, sampler=sampler, seed=seed, split=split, device=device, cache=cache, heartbeat=heartbeat)
     s = res.search
-    logger.info("study %s: %d trials (%d finished, %d pruned, %d failed); best validation accuracy %.4f; "
-                "refit head test accuracy %.4f", s["study"], s["trials"], s["finished"], s["pruned"], s["failed"],
-                s["best_value"], res.metrics["test_accuracy"])
+    logger.info("study %s: %d trials (%d finished, %d pruned, %d failed, %d running, %d waiting); best validation "
+                "accuracy %.4f; refit head test accuracy %.4f", s["study"], s["trials"], s["finished"], s["pruned"],
+                s["failed"], s["running"], s["waiting"], s["best_value"], res.metrics["test_accuracy"])
     _emit_path(res.path)
 
 
@@ -407,6 +411,34 @@ def prune(names, dry_run, older_than, cache, quiet):
     gone = [p for p in done if p.action != "kept"]
     logger.info("%s %s in %d item(s)", "would free" if dry_run else "freed", human_size(sum(p.size for p in gone)),
                 len(gone))
+
+
+@main.command("run")
+@click.argument("pipeline", type=click.Path())
+@click.option("--data", default=None, type=click.Path(), help="Replaces the file's data path.")
+@click.option("--weights", default=None, help="Replaces every backbone's weights: imagenet, random, or a file.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Replaces any value of the file, by dotted key (repeatable): --set features.views=10.")
+@click.option("--only", default=None, metavar="GLOB", help="Run only the cases whose name matches (comma: several).")
+@click.option("--dry-run", is_flag=True, help="Read the data; list every case and what is cached or to compute.")
+@device_option
+@cache_option
+@quiet_option
+@command
+def run_cmd(pipeline, data, weights, sets, only, dry_run, device, cache, quiet):
+    """Run a pipeline file's cases (pipelines/*.toml) and write a results table: docs/pipelines.md."""
+    from featx.run import run_pipeline
+
+    res = run_pipeline(pipeline, data=data, weights=weights, sets=list(sets), only=only, dry_run=dry_run,
+                       cache=cache, device=device, progress=False if quiet else None)
+    if dry_run:
+        click.echo("\n".join(res.lines))
+        return
+    _emit_path(res.path)
+    if res.failed:
+        click.echo(f"featx: error: {len(res.failed)} case(s) failed: {', '.join(res.failed)} "
+                   f"(reasons in {res.path / 'results.csv'})", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

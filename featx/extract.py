@@ -33,9 +33,9 @@ import featx
 from featx import interrupt
 from featx.backbones import (
     VIEW_SETS, Backbone, Preprocess, Tapped, check_layers, dataset_stats_to_preprocess, get_spec, load_backbone,
-    start_layer,
+    start_layer, weights_identity,
 )
-from featx.cache import atomic_write_json, cache_root, hash_key, read_json, seal_ok, write_command
+from featx.cache import StagePlan, atomic_write_json, cache_root, hash_key, read_json, seal_ok, write_command
 from featx.devices import resolve_device
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, ImageDataset, discover, fingerprints, open_rgb
 from featx.errors import DataError, IntegrityError, StrictError, UsageError
@@ -215,7 +215,7 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
             shard_size: int = 2048, cache: str | os.PathLike | None = None, strict: bool = False,
             amp: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool | None = None,
             threads: int | None = None, decode: str = "threads", layout: str | None = None,
-            reuse: bool = True) -> ExtractResult:
+            reuse: bool = True, plan: bool = False) -> ExtractResult | StagePlan:
     """Extract ``layers`` of ``backbone`` for every image of ``data`` into a feature set.
 
     Args:
@@ -239,9 +239,12 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
         reuse: compute the layers from a shallower layer of the same images already in the cache (same backbone,
             weights, transform, views, normalization) instead of from the images, when there is one: the same
             feature set (same key, same rows), without decoding an image (see :func:`reusable_source`).
+        plan: compute nothing: read the data and the weights' identity (no network is built), and return a
+            :class:`~featx.cache.StagePlan` saying where the feature set is and whether it is complete; its
+            ``info`` holds the layout, classes and split counts.
 
     Returns:
-        :class:`ExtractResult` with the feature set's directory.
+        :class:`ExtractResult` with the feature set's directory (``plan``: a :class:`~featx.cache.StagePlan`).
 
     Raises:
         DataError, UsageError, WeightsError, StrictError.
@@ -260,14 +263,20 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
     layer_list = check_layers(spec, list(layers))
     dev = resolve_device(device)
     ds = discover(data, layout=layout, split=split, seed=seed)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-hash") as pool:
-        hashing = pool.submit(fingerprints, ds)  # hashlib and torch's weight init both release the GIL
-        bb = load_backbone(backbone, weights, seed=seed)
-        fps = hashing.result()
-    pre = Preprocess(**{**_pre_fields(bb.preprocess), "views": _views(views)})
+    if plan:  # the same key as below, without building the network
+        bb = None
+        fps = fingerprints(ds)
+        weights_id, base_pre = weights_identity(backbone, weights, seed=seed), Preprocess.from_weights(spec.weights_enum())
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-hash") as pool:
+            hashing = pool.submit(fingerprints, ds)  # hashlib and torch's weight init both release the GIL
+            bb = load_backbone(backbone, weights, seed=seed)
+            fps = hashing.result()
+        weights_id, base_pre = bb.weights_id, bb.preprocess
+    pre = Preprocess(**{**_pre_fields(base_pre), "views": _views(views)})
     config = {
         "data": str(ds.root), "source": ds.source, "layout": ds.layout, "backbone": spec.name,
-        "weights": bb.weights_id, "layers": layer_list, "preprocess": pre.to_json(), "normalize": normalize,
+        "weights": weights_id, "layers": layer_list, "preprocess": pre.to_json(), "normalize": normalize,
         "split": ds.split, "seed": seed, "amp": bool(amp), "max_pixels": max_pixels,
     }
     key = hash_key({"format": FORMAT_VERSION, "config": {k: v for k, v in config.items() if k not in ("data", "source")},
@@ -281,6 +290,9 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
                          "items": [(it.path, it.label, it.split) for it in ds.items], "fingerprints": fps})
     root = cache_root(cache) / "features" / key
     res = _complete(root, key)
+    if plan:
+        return StagePlan(root, res is not None, {"key": key, "layout": ds.layout, "classes": list(ds.classes),
+                                                 "counts": ds.counts(), "n_images": len(ds.items)})
     if res is None:
         root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(root / ".lock"))

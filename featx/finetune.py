@@ -41,8 +41,8 @@ from torchvision.transforms import functional as TF
 import featx
 from featx import interrupt
 from featx.backbones import Preprocess
-from featx.cache import (atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file,
-                         write_command)
+from featx.cache import (StagePlan, atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json,
+                         sha256_file, write_command)
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.fit import load_fitted, metrics_for
@@ -433,7 +433,8 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
              resume: bool | None = None, cache: str | os.PathLike | None = None, workers: int | None = None,
              seed: int = 0, progress: bool | None = None, gradual_every: int = 1, step_size: int = 5,
              plateau_patience: int = 2,
-             on_epoch: Callable[[int, FinetuneNet, dict], None] | None = None) -> FinetuneResult:
+             on_epoch: Callable[[int, FinetuneNet, dict], None] | None = None,
+             plan: bool = False) -> FinetuneResult | StagePlan:
     """Put a fitted head back on its backbone and train the network end to end on the feature set's images.
 
     Args:
@@ -457,6 +458,8 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
         progress: tqdm bar (default: when stderr is a terminal).
         on_epoch: called after each epoch's checkpoint with ``(epoch, net, record)``; an exception it raises
             stops the run with that checkpoint kept (tests use it to stand for a kill).
+        plan: train nothing: return a :class:`~featx.cache.StagePlan` saying where the model is and whether it
+            is already fine-tuned (the options are checked as for a run).
 
     Returns:
         :class:`FinetuneResult`: ``<cache>/models/<key>/`` with ``model.pt``, ``model.json``, ``metrics.json``
@@ -496,6 +499,8 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
                     "featx": featx.__version__.split(".")[0]})
     out = cache_root(cache) / "models" / key
     done = _finished(out)
+    if plan:
+        return StagePlan(out, done is not None, {"key": key})
     if done is not None:
         logger.info("model %s is already fine-tuned", key)
         return FinetuneResult(out, done, False)

@@ -19,7 +19,7 @@ import numpy as np
 
 import featx
 from featx import interrupt
-from featx.cache import (atomic_write_json, cache_root, canonical_json, hash_key, read_json,
+from featx.cache import (StagePlan, atomic_write_json, cache_root, canonical_json, hash_key, read_json,
                          read_sealed_json, repair_hint, sha256_file, temp_path)
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.store import FeatureSet
@@ -225,7 +225,7 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
              scale: str = "standard", split: str | None = None, seed: int = 0, device: str = "auto",
              cache: str | os.PathLike | None = None, stream: bool | None = None,
              rows: Rows | None = None, extra_meta: dict | None = None,
-             extra_files: Callable[[Path], None] | None = None) -> FitResult:
+             extra_files: Callable[[Path], None] | None = None, plan: bool = False) -> FitResult | StagePlan:
     """Fit a head of ``kind`` on ``layer`` of ``features``'s train rows, measure it on the test rows, save it.
 
     Args:
@@ -239,9 +239,11 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
         rows: already-opened rows (the search reuses them).
         extra_meta: more entries for ``metrics.json`` (and the key), e.g. the search's summary.
         extra_files: called with the head's unfinished directory to add files (plots) before it is published.
+        plan: fit nothing: return a :class:`~featx.cache.StagePlan` saying where the head is and whether it is
+            already fitted (the parameters are checked as for a fit).
 
     Returns:
-        :class:`FitResult` with the head's directory.
+        :class:`FitResult` with the head's directory (``plan``: a :class:`~featx.cache.StagePlan`).
 
     Raises:
         DataError, UsageError.
@@ -262,6 +264,8 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
                     "featx": featx.__version__.split(".")[0], "extra": extra_meta})
     out = cache_root(cache) / "heads" / key
     done = read_json(out / "metrics.json")
+    if plan:
+        return StagePlan(out, isinstance(done, dict) and (out / META).exists(), {"key": key})
     if isinstance(done, dict) and (out / META).exists():
         problem = head_problem(out)
         if problem is None:
@@ -402,12 +406,13 @@ def metrics_for(y: np.ndarray, pred: np.ndarray, sc: np.ndarray | None, est_clas
 
 
 def measure(est, rows: Rows, scaler: Scaler, *, classes: list[str], train: np.ndarray | None = None) -> dict:
-    """Train and test metrics of a fitted head (test rows are only ever predicted).
+    """Train, validation (when there are val rows) and test metrics of a fitted head (test rows are only ever
+    predicted).
 
     ``train``: the scaled train rows when they are already in memory (else they are streamed again).
     """
     out: dict[str, Any] = {}
-    for name in ("train", "test"):
+    for name in ("train", "val", "test"):
         if not rows.mask(name).any():
             continue
         preds, ys, scs = [], [], []
@@ -424,6 +429,8 @@ def measure(est, rows: Rows, scaler: Scaler, *, classes: list[str], train: np.nd
         m = metrics_for(y, np.concatenate(preds), np.concatenate(scs), est.classes_, classes)
         if name == "train":
             out["train_accuracy"] = m["accuracy"]
+        elif name == "val":  # what a choice between heads may rely on (the test rows must not choose)
+            out["val_accuracy"] = m["accuracy"]
         else:
             out["test_accuracy"] = m["accuracy"]
             out["macro_f1"] = m["macro_f1"]

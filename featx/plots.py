@@ -68,3 +68,27 @@ def plot_curve(history: Sequence[dict], path: str | os.PathLike, *, title: str =
     a2.set_xlabel("epoch"); a2.set_ylabel("accuracy"); a2.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+def plot_results(cases: Sequence[tuple[str, float | None]], references: Sequence[tuple[float, str, Sequence[str]]],
+                 path: str | os.PathLike, *, title: str = "") -> None:
+    """Test accuracy per case (one horizontal bar each; a failed case is an empty row marked "failed") with each
+    reference drawn as a dashed vertical line labelled with its source."""
+    n = max(1, len(cases))
+    fig = _figure(figsize=(8, 1.2 + 0.32 * n))
+    ax = fig.subplots()
+    names = [c for c, _ in cases]
+    vals = [a if a is not None else 0.0 for _, a in cases]
+    ax.barh(range(len(cases)), vals, color="#4c72b0")
+    for i, (_, a) in enumerate(cases):
+        ax.text((a or 0.0) + 0.005, i, "failed" if a is None else f"{100 * a:.1f}%", va="center", fontsize=7)
+    for j, (acc, label, _) in enumerate(references):
+        ax.axvline(acc, color=f"C{(j + 1) % 10}", linestyle="--", linewidth=1, label=f"{100 * acc:.2f}% {label}")
+    ax.set_yticks(range(len(cases)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.08)
+    ax.set_xlabel("test accuracy")
+    if references:
+        ax.legend(fontsize=6, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)

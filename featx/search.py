@@ -23,9 +23,11 @@ import numpy as np
 
 import featx
 from featx import interrupt
-from featx.cache import cache_root
 from featx.errors import DataError, FeatxError, UsageError
 from featx.fit import HEAD_KINDS, Rows, Scaler, fit_head, make_head, open_rows, source_identity
+from featx.studies import HEARTBEAT, default_storage, fail_dead_trials, hold_for_tests, open_storage
+
+__all__ = ["search", "SearchResult", "Objective", "suggest", "open_storage", "default_storage", "study_name_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,47 +61,16 @@ def suggest(trial, kind: str, *, scales: tuple[str, ...] = ("standard", "l2", "n
 
 # ------------------------------------------------------------------------------------------------ storage
 
-def default_storage(cache: str | os.PathLike | None) -> str:
-    """A journal file under the cache: safe for several local processes (file locks, no 'database is locked')."""
-    path = cache_root(cache) / "studies" / "featx.journal"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return str(path)
-
-
-def open_storage(url: str):
-    """An Optuna storage from a URL (``sqlite:///``, ``postgresql://``, ``mysql://``) or a journal file path
-    (``*.journal``, ``*.log``, or ``journal:PATH``)."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-    try:
-        if "://" not in url or url.startswith("journal:"):
-            path = url[len("journal:"):] if url.startswith("journal:") else url
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            # open() locks work on every filesystem the journal may live on, NFS included
-            backend = JournalFileBackend(str(Path(path).expanduser()), lock_obj=JournalFileOpenLock(str(Path(path).expanduser())))
-            return JournalStorage(backend)
-        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # heartbeats let a study on a shared database mark trials of killed workers as failed
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
-    except FeatxError:
-        raise
-    except Exception as e:
-        raise UsageError(f"cannot open the study storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-
-
 def study_name_for(rows: Rows, kind: str) -> str:
     src = rows.fs.key or source_identity(rows).get("sha256", "")[:20]
     return f"featx-{kind}-{rows.layer}-{src[:12]}"
 
 
-def _open_study(storage_url: str, name: str, *, attrs: dict, sampler: str, seed: int, kind: str, create: bool):
+def _open_study(storage_url: str, name: str, *, attrs: dict, sampler: str, seed: int, kind: str, create: bool,
+                heartbeat: int = HEARTBEAT):
     import optuna
 
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, heartbeat=heartbeat)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # featx logs each trial itself, on its own logger
     smp = optuna.samplers.TPESampler(seed=seed, multivariate=True) if sampler == "tpe" \
         else optuna.samplers.RandomSampler(seed=seed)
@@ -125,6 +96,12 @@ def _open_study(storage_url: str, name: str, *, attrs: dict, sampler: str, seed:
     elif create:
         for k, v in attrs.items():
             study.set_user_attr(k, v)
+    # no zombies: trials left RUNNING by dead processes of this node, or (databases) silent past their grace
+    # period, become FAIL and are queued again
+    fail_dead_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     return study
 
 
@@ -191,6 +168,7 @@ class Objective:
         import optuna
 
         scale, params = suggest(trial, self.kind)
+        hold_for_tests(trial)  # FEATX_TRIAL_HOLD only: a test kills the process here
         if self.kind == "mlp":
             Xtr, ytr, Xva, yva = self.fold(scale, None if self.has_val else 0)
 
@@ -234,6 +212,7 @@ class _WorkerArgs:
     timeout: float | None
     threads: int
     worker: int
+    heartbeat: int = HEARTBEAT
 
 
 def _log_trial(study, trial) -> None:
@@ -270,12 +249,13 @@ def _run_worker(a: _WorkerArgs) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = open_rows(a.features, a.layer, split=a.split, seed=a.seed)
     study = _open_study(a.storage, a.study, attrs=a.attrs, sampler=a.sampler, seed=a.seed + a.worker,
-                        kind=a.kind, create=False)
+                        kind=a.kind, create=False, heartbeat=a.heartbeat)
     objective = Objective(rows, a.kind, cv=a.cv, seed=a.seed, device=a.device)
     started: list = []  # this worker's trials, to fail any a forced stop leaves RUNNING
 
     def guarded(trial):
         started.append(trial)
+        fail_dead_trials(study)  # a sibling worker killed meanwhile: its trial fails and is queued again
         try:
             return objective(trial)
         except optuna.TrialPruned:
@@ -393,7 +373,7 @@ class SearchResult:
 def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, trials: int = 20,
            timeout: float | None = None, storage: str | None = None, study: str | None = None, jobs: int = 1,
            cv: int = 3, sampler: str = "tpe", seed: int = 0, split: str | None = None, device: str = "auto",
-           cache: str | os.PathLike | None = None) -> SearchResult:
+           cache: str | os.PathLike | None = None, heartbeat: int = HEARTBEAT) -> SearchResult:
     """Search ``kind``'s hyperparameters on ``features``, then refit the best and save it as a head.
 
     Args:
@@ -403,6 +383,8 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
         study: study name (default: derived from the feature set, head kind and layer).
         jobs: worker processes sharing the study. cv: folds when the feature set has no val split.
         sampler: ``tpe`` or ``random``.
+        heartbeat: seconds between a running trial's heartbeats on a database storage; a trial silent for 3
+            heartbeats (its worker or machine died) is marked failed and queued again.
 
     Returns:
         :class:`SearchResult` with the best head's directory.
@@ -429,14 +411,15 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
     attrs = {"featx_source": rows.fs.key or source_identity(rows).get("sha256", ""), "kind": kind,
              "layer": rows.layer, "featx_version": featx.__version__, "cv": cv,
              "objective": "validation accuracy (val split)" if rows.mask("val").any() else f"{cv}-fold CV accuracy on train rows"}
-    st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=True)
+    st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=True,
+                     heartbeat=heartbeat)
     before = len(st.trials)
     logger.info("study %s in %s: %d trial(s) so far, adding %d with %d worker(s)", name, storage_url, before, trials, jobs)
     t0 = time.perf_counter()
     cores = os.cpu_count() or 1
     shares = [trials // jobs + (1 if i < trials % jobs else 0) for i in range(jobs)]
     base = dict(features=str(features), layer=rows.layer, kind=kind, split=split, seed=seed, device=dev, cv=cv,
-                storage=storage_url, study=name, attrs=attrs, sampler=sampler, timeout=timeout)
+                storage=storage_url, study=name, attrs=attrs, sampler=sampler, timeout=timeout, heartbeat=heartbeat)
     if jobs == 1:
         if trials:
             _run_worker(_WorkerArgs(**base, n_trials=trials, threads=0, worker=0))
@@ -467,13 +450,18 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
             raise interrupt.Interrupted("SIGTERM" if stopped[0] == interrupt.exit_code_of("SIGTERM") else "SIGINT",
                                         "search.trial")
     elapsed = time.perf_counter() - t0
-    st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=False)
+    st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=False,
+                     heartbeat=heartbeat)
     states = [t.state for t in st.trials]
     S = optuna.trial.TrialState
     summary = {"study": name, "storage": storage_url, "sampler": sampler, "objective": attrs["objective"],
                "trials": len(states), "added": len(states) - before,
                "finished": states.count(S.COMPLETE), "pruned": states.count(S.PRUNED),
-               "failed": states.count(S.FAIL), "seconds": round(elapsed, 2)}
+               "failed": states.count(S.FAIL), "running": states.count(S.RUNNING),
+               "waiting": states.count(S.WAITING), "seconds": round(elapsed, 2)}
+    if summary["running"] or summary["waiting"]:  # other workers (other machines) still at work on the study
+        logger.info("%d trial(s) of the study still running and %d waiting (other workers)",
+                    summary["running"], summary["waiting"])
     complete = [t for t in st.trials if t.state == S.COMPLETE]
     if not complete:
         reasons = [t.user_attrs.get("fail_reason", "") for t in st.trials if t.state == S.FAIL][:1]
