@@ -249,7 +249,12 @@ def init(dev: torch.device) -> Context:
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=_env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        # torchrun's c10d rendezvous hands the workers of every attempt the same agent store, and the gloo mesh
+        # of a restarted attempt then read the dead attempt's addresses ("Connection refused" after an elastic
+        # restart, seen with torch 2.14): keys are put under the attempt's own prefix instead.
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"featx/attempt-{ctx.restart_count}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
         atexit.register(_destroy)
         logger.info("%s: process group started (%s, collectives time out after %s)", ctx, backend, timeout)
     else:

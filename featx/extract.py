@@ -578,14 +578,19 @@ def _extract_ranks(ctx: distributed.Context, ds: ImageDataset, bb: Backbone, pre
     """
     import contextlib
 
-    def finished() -> ExtractResult:
-        distributed.wait_for_files([root / "manifest.json"], what="manifest",
-                                   ready=lambda p: _complete(root, key) is not None)
-        return _complete(root, key)
+    def manifest() -> dict | None:
+        m = read_json(root / "manifest.json")
+        return m if isinstance(m, dict) and m.get("key") == key else None
+
+    def finished(computed: bool) -> ExtractResult:  # rank 0 wrote it, or is about to
+        distributed.wait_for_files([root / "manifest.json"], what="manifest", ready=lambda p: manifest() is not None)
+        return ExtractResult(root, computed, manifest())
 
     if ctx.broadcast(_complete(root, key) is not None if ctx.is_main else None):
-        return finished()
-    ctx.check_shared(root, what="cache")  # else rank 0 would wait forever for shards written elsewhere
+        return finished(False)
+    ctx.check_shared(root.parents[1], what="cache")  # else rank 0 would wait forever for shards written elsewhere
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(root / ".lock")) if ctx.is_main else contextlib.nullcontext()
     plan: dict | None = None
     if ctx.is_main:
@@ -611,7 +616,7 @@ def _extract_ranks(ctx: distributed.Context, ds: ImageDataset, bb: Backbone, pre
                          f"let it finish, then run again (the finished set is reused)")
     try:
         if plan.get("done"):
-            return finished()
+            return finished(False)
         if config["normalize"] == "dataset":
             mean, std = _dataset_stats_ranks(ctx, ds, pre, root, plan["stats"], workers=workers,
                                              batch_size=batch_size, max_pixels=max_pixels)
@@ -627,7 +632,7 @@ def _extract_ranks(ctx: distributed.Context, ds: ImageDataset, bb: Backbone, pre
             _compute(ds, bb, pre, root, layers, dev, mine, per, batch_size=batch_size, workers=workers, amp=amp,
                      max_pixels=max_pixels, progress=progress, threads=threads, decode=decode, timings=timings)
         if not ctx.is_main:
-            return finished()
+            return finished(bool(mine))
         distributed.wait_for_files([root / shard_name(s) for s in todo], what="shards")
         return ExtractResult(root, True, _finish(ds, config, key, root, layers, n_shards, timings, t0))
     finally:

@@ -1,0 +1,167 @@
+"""torchrun: the rank context, extraction shared between ranks (one node, two "nodes" on c10d), bad input.
+
+The multi-process tests start real ``torchrun`` processes on loopback addresses and are marked ``slow``; the
+feature sets they make are compared row for row with a single process's.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featx import distributed
+from featx.errors import UsageError
+from featx.extract import extract
+from featx.store import FeatureSet
+
+HERE = Path(__file__).parent
+TINY = ["--weights", "random", "--workers", "0", "--batch-size", "4", "--shard-size", "5"]
+
+
+# ------------------------------------------------------------------------------------------ the context
+
+def test_context_without_torchrun_is_a_world_of_one(monkeypatch):
+    for v in (*distributed.ENV_VARS, "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(v, raising=False)
+    import torch
+
+    ctx = distributed.init(torch.device("cpu"))  # starts nothing
+    assert (ctx.rank, ctx.world_size, ctx.active, ctx.is_main, ctx.backend) == (0, 1, False, True, None)
+    assert ctx.all_gather("x") == ["x"] and ctx.broadcast(3) == 3 and ctx.all_reduce_sum([1, 2]) == [1.0, 2.0]
+    ctx.agree({"layers": ["pool5"]})
+    ctx.check_shared(Path("/nonexistent/never/made"), what="cache")  # a no-op: nothing to share with
+    assert not Path("/nonexistent/never/made").exists()
+
+
+def test_context_reads_torchruns_variables(monkeypatch):
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RESTART_COUNT": "2"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    ctx = distributed.from_env()
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size, ctx.restart_count) == (3, 4, 1, 2, 2)
+    assert ctx.active and not ctx.is_main
+    cores = len(os.sched_getaffinity(0))
+    assert distributed.cores_per_process() == max(1, cores // 2)  # the node's cores shared out between its 2 ranks
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(UsageError, match="inconsistent torchrun environment"):
+        distributed.from_env()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(UsageError, match="RANK='x'"):
+        distributed.from_env()
+
+
+# ------------------------------------------------------------------------------------------ torchrun runs
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, nnodes: int = 1, nproc: int = 2, port: int | None = None, script: str | None = None,
+             max_restarts: int = 0, env: dict | None = None) -> subprocess.Popen:
+    """Start ``torchrun`` (one "node") running featx with ``args``; the c10d rendezvous on a loopback port."""
+    port = port or _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"featx-test-{port}",
+           "--local-addr", "127.0.0.1", "--max-restarts", str(max_restarts), "--monitor-interval", "0.2"]
+    cmd += [str(HERE / script)] if script else ["-m", "featx"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+
+
+def finish(*procs: subprocess.Popen, timeout: float = 300) -> list[tuple[int, str, str]]:
+    out = []
+    for p in procs:
+        try:
+            so, se = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, so, se))
+    return out
+
+
+def _same_rows(a: Path, b: Path, layers=("pool5",)) -> None:
+    fa, fb = FeatureSet(a), FeatureSet(b)
+    for layer in layers:
+        np.testing.assert_array_equal(fa.load(layer), fb.load(layer))
+    for col in ("path", "split", "view"):
+        assert list(fa.column(col)) == list(fb.column(col))
+    np.testing.assert_array_equal(fa.labels(), fb.labels())
+    ma, mb = fa.manifest, fb.manifest
+    assert {k for k in ma if ma[k] != mb[k]} <= {"timings", "created"}  # config, counts, shards: all the same
+    assert sorted(p.name for p in a.glob("shard-*.h5")) == sorted(p.name for p in b.glob("shard-*.h5"))
+
+
+@pytest.fixture(scope="module")
+def data20(tmp_path_factory):
+    """20 real digits (10 classes): 4 shards of 5 images."""
+    from featx.demo import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("d20") / "digits", limit=20)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_and_a_kill_minus_9_restarts_only_the_missing_shards(data20, tmp_path):
+    single = extract(data20, cache=tmp_path / "one", weights="random", workers=0, batch_size=4, shard_size=5)
+    # rank 1 is killed (SIGKILL) right after its first shard; torchrun restarts both ranks once
+    p = torchrun("extract", str(data20), *TINY, "--cache", str(tmp_path / "two"), script="featx_killed_once.py",
+                 max_restarts=1, env={"KILL_RANK": "1", "KILL_AT": "extract.shard"})
+    (rc, out, err), = finish(p)
+    assert rc == 0, err[-3000:]
+    assert out.strip().splitlines()[-1] == str(tmp_path / "two" / "features" / single.path.name)
+    todo = [int(n) for n in re.findall(r"(\d+) to compute by 2 ranks", err)]
+    assert len(todo) == 4 and todo[:2] == [4, 4] and max(todo[2:]) < 4, err  # the restart computed fewer shards
+    assert err.count("by this one (1") == 1  # shard 1, rank 1's finished one, was kept, not computed again
+    assert not list((tmp_path / "two" / "features" / single.path.name).glob(".tmp-*"))
+    _same_rows(single.path, tmp_path / "two" / "features" / single.path.name)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_the_c10d_rendezvous_equal_one_process(data20, tmp_path):
+    # --normalize dataset: the train split's statistics are measured by both ranks and still equal one process's
+    args = ["extract", str(data20), *TINY, "--layer", "pool5", "--layer", "fc7", "--normalize", "dataset", "--split",
+            "test=0.3", "--cache", str(tmp_path / "two")]
+    port = _free_port()
+    nodes = [torchrun(*args, nnodes=2, nproc=1, port=port) for _ in range(2)]
+    results = finish(*nodes)
+    for rc, out, err in results:
+        assert rc == 0, err[-3000:]
+    single = extract(data20, layers=["pool5", "fc7"], normalize="dataset", split="test=0.3", cache=tmp_path / "one",
+                     weights="random", workers=0, batch_size=4, shard_size=5)
+    assert results[0][1].strip().splitlines()[-1] == str(tmp_path / "two" / "features" / single.path.name)
+    _same_rows(single.path, tmp_path / "two" / "features" / single.path.name, layers=("pool5", "fc7"))
+
+
+@pytest.mark.slow
+def test_ranks_that_disagree_stop_with_one_error_and_write_nothing(data20, tmp_path):
+    port = _free_port()
+    cache = tmp_path / "c"
+    a = torchrun("extract", str(data20), *TINY, "--layer", "pool5", "--cache", str(cache), nnodes=2, nproc=1, port=port)
+    b = torchrun("extract", str(data20), *TINY, "--layer", "fc7", "--cache", str(cache), nnodes=2, nproc=1, port=port)
+    for rc, out, err in finish(a, b):
+        assert rc != 0
+        assert "featx: error: the 2 torchrun ranks disagree on layers: rank 0" in err, err[-3000:]
+        assert "['pool5']" in err and "['fc7']" in err and "nothing was written" in err
+        assert 'featx/extract.py", line' not in err  # featx's own error: one line, no traceback
+    assert not (cache / "features").exists()
+
+
+@pytest.mark.slow
+def test_a_cache_that_is_not_shared_between_nodes_is_detected(data20, tmp_path):
+    port = _free_port()
+    env = {"FEATX_SHARED_WAIT": "1"}
+    a = torchrun("extract", str(data20), *TINY, "--cache", str(tmp_path / "node-a"), nnodes=2, nproc=1, port=port, env=env)
+    b = torchrun("extract", str(data20), *TINY, "--cache", str(tmp_path / "node-b"), nnodes=2, nproc=1, port=port, env=env)
+    for rc, out, err in finish(a, b):
+        assert rc != 0
+        assert "is not shared between the torchrun ranks: rank 1" in err, err[-3000:]
+    assert not list((tmp_path / "node-a").rglob("*-*")) and not list((tmp_path / "node-b").rglob("*-*"))
