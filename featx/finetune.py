@@ -41,6 +41,7 @@ from torchvision.transforms import functional as TF
 import featx
 from featx.backbones import Preprocess
 from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
+from featx.curves import EventLog
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.fit import load_fitted, metrics_for
@@ -612,6 +613,9 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         best = {"epoch": 0, "val_accuracy": initial["val_accuracy"], "val_loss": initial["val_loss"]}
         best_state = _cpu_state(net) if val0 else None
         best_test = test0
+    events = EventLog(out, first_step=start if state is not None else 0)  # TensorBoard, when installed
+    if state is None:
+        events.write(0, initial)
     show = sys.stderr.isatty() if progress is None else bool(progress)
     for epoch in range(start, options["epochs"] + 1):
         if stopped:
@@ -649,6 +653,7 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         if stopped:
             logger.info("early stop: %d epoch(s) without a better validation accuracy; keeping epoch %d",
                         bad_epochs, best["epoch"])
+        events.write(epoch, rec)  # before the checkpoint: a resume rewrites this epoch (purge_step), never skips it
         _save_checkpoint(ckpt_path, {
             "key": key, "epoch": epoch, "model": _cpu_state(net), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
@@ -662,6 +667,7 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         _write_history(out / HISTORY, history)
         if on_epoch is not None:
             on_epoch(epoch, net, rec)
+    events.close()
     if best_state is None:  # no validation images: the last epoch
         best = {"epoch": len(history), "val_accuracy": None, "val_loss": None}
     else:

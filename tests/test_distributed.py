@@ -165,3 +165,63 @@ def test_a_cache_that_is_not_shared_between_nodes_is_detected(data20, tmp_path):
         assert rc != 0
         assert "is not shared between the torchrun ranks: rank 1" in err, err[-3000:]
     assert not list((tmp_path / "node-a").rglob("*-*")) and not list((tmp_path / "node-b").rglob("*-*"))
+
+
+# ------------------------------------------------------------------------------------------ TensorBoard
+
+@pytest.fixture(scope="module")
+def tiny_head(digits_dir, tmp_path_factory):
+    """15 digits of 3 classes (9 train, 3 val, 3 test) -> pool5 -> logreg head."""
+    import shutil
+
+    from featx.fit import fit_head
+
+    root = tmp_path_factory.mktemp("dist-tiny")
+    for c in range(3):
+        (root / "data" / str(c)).mkdir(parents=True)
+        for p in sorted((digits_dir / str(c)).glob("*.png"))[:5]:
+            shutil.copy(p, root / "data" / str(c) / p.name)
+    fs = extract(root / "data", split="test=0.2,val=0.2", cache=root / "c", weights="random", workers=0,
+                 batch_size=20)
+    return fit_head(fs.path, "logreg", cache=root / "c").path
+
+
+def _scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in ``directory``'s event files, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(directory), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_tensorboard_curves_continue_after_a_kill_without_duplicates(tiny_head, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    import featx.finetune as ft
+
+    kw = dict(epochs=3, augment="none", batch_size=5, workers=0, schedule="cosine", progress=False, cache=tmp_path)
+    save = ft._save_checkpoint
+
+    def killed_before_epoch_2s_checkpoint(path, state):
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt  # as a kill: epoch 2's points are on disk, its checkpoint is not
+        save(path, state)
+
+    monkeypatch.setattr(ft, "_save_checkpoint", killed_before_epoch_2s_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(tiny_head, **kw)
+    monkeypatch.setattr(ft, "_save_checkpoint", save)
+    res = ft.finetune(tiny_head, **kw)  # resumes after epoch 1
+    curve = res.metrics["curve"]
+    assert [r["epoch"] for r in curve] == [1, 2, 3]
+    tb = _scalars(res.path)
+    assert list(res.path.glob("events.out.tfevents.*")) and len(list(res.path.glob("events.out.tfevents.*"))) == 2
+    assert {"loss/train", "loss/val", "loss/test", "accuracy/train", "accuracy/val", "accuracy/test", "lr",
+            "world_size"} <= set(tb)
+    assert [s for s, _ in tb["loss/train"]] == [1, 2, 3]  # epoch 2 once: the killed run's point was purged
+    assert [s for s, _ in tb["accuracy/test"]] == [0, 1, 2, 3]  # step 0: the network before training
+    for tag, key in (("loss/train", "train_loss"), ("accuracy/val", "val_accuracy"), ("lr", "lr")):
+        np.testing.assert_allclose([v for s, v in tb[tag] if s > 0], [r[key] for r in curve], rtol=1e-6)
+    assert tb["accuracy/test"][0][1] == pytest.approx(res.metrics["initial_test_accuracy"])
+    assert [v for _, v in tb["world_size"]] == [1.0] * 4
