@@ -39,6 +39,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 import featx
+from featx import distributed
 from featx.backbones import Preprocess
 from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
 from featx.curves import EventLog
@@ -318,8 +319,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def _evaluate(net: FinetuneNet, loader, pre: Preprocess, dev: torch.device, index_of: np.ndarray, *,
-              amp: bool) -> dict:
-    """Loss, accuracy, predictions (class indices) and logits of ``net`` on a loader, in eval mode."""
+              amp: bool, ctx: distributed.Context | None = None) -> dict:
+    """Loss, accuracy, predictions (class indices) and logits of ``net`` on a loader, in eval mode.  Under
+    torchrun each rank's loader holds a consecutive share of the images; the shares are gathered in rank order,
+    so every rank gets the result of the whole set, in the single process's order."""
     net.eval()
     logits, labels, bad = [], [], 0
     label_all = loader.dataset.labels
@@ -331,6 +334,11 @@ def _evaluate(net: FinetuneNet, loader, pre: Preprocess, dev: torch.device, inde
             x = pre.normalize(pixels.to(dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
             logits.append(net(x).float().cpu())
             labels.append(label_all[idx])
+    if ctx is not None and ctx.active:
+        shares = ctx.all_gather(([z.numpy() for z in logits], [np.asarray(y) for y in labels], bad))
+        logits = [torch.from_numpy(z) for share in shares for z in share[0]]
+        labels = [y for share in shares for y in share[1]]
+        bad = sum(share[2] for share in shares)
     if bad:
         logger.warning("%d image(s) could not be decoded during evaluation and were left out", bad)
     if not logits:
@@ -493,6 +501,11 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
                     "options": options, "seed": int(seed), "format": MODEL_FORMAT,
                     "featx": featx.__version__.split(".")[0]})
     out = cache_root(cache) / "models" / key
+    ctx = distributed.init(dev)  # under torchrun: this rank's place; else a world of one
+    if ctx.active:
+        return _finetune_ranks(ctx, fh, out, key, options, strategy, aug, ctx.device(dev), seed=int(seed),
+                               resume=resume, workers=default_workers() if workers is None else int(workers),
+                               progress=progress, on_epoch=on_epoch, t_start=t_start)
     done = _finished(out)
     if done is not None:
         logger.info("model %s is already fine-tuned", key)
@@ -513,6 +526,51 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
         metrics = _train(hm, rows, out, key, options, strategy, aug, dev, seed=int(seed), resume=resume,
                          workers=default_workers() if workers is None else int(workers), progress=progress,
                          on_epoch=on_epoch, t_start=t_start)
+    return FinetuneResult(out, metrics, True)
+
+
+def _finetune_ranks(ctx: distributed.Context, fh, out: Path, key: str, options: dict, strategy: tuple[str, int],
+                    aug: frozenset[str], dev: torch.device, *, seed: int, resume: bool | None, workers: int,
+                    progress: bool | None, on_epoch, t_start: float) -> FinetuneResult:
+    """:func:`finetune` under torchrun: DistributedDataParallel, ``batch_size`` the global batch.
+
+    The ranks first agree on every option (one error otherwise, before anything is written) and on the cache
+    being shared; rank 0 holds the model's lock and alone writes checkpoints, history, curves and the model;
+    every rank reads the same checkpoint to resume, so a rerun after any rank was killed continues from the
+    last finished epoch, with any number of processes.
+    """
+    ctx.agree({**options, "seed": seed, "head": fh.meta.get("files"),
+               "features": (fh.meta.get("source") or {}).get("key")})
+    if options["batch_size"] < ctx.world_size:
+        raise UsageError(f"--batch-size {options['batch_size']} is the global batch, shared out between the "
+                         f"{ctx.world_size} processes: give at least {ctx.world_size}")
+    done = ctx.broadcast(_finished(out) if ctx.is_main else None)
+    if done is not None:
+        logger.info("model %s is already fine-tuned", key)
+        return FinetuneResult(out, done, False)
+    ctx.check_shared(out.parents[1], what="cache")  # a checkpoint only rank 0 can see would not resume the others
+    lock = FileLock(str(out / ".lock"))
+    busy = False
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Exception:  # filelock.Timeout: a process outside this job trains the same model
+            busy = True
+        else:
+            for stale in out.glob(".tmp-*"):  # left by a killed write; the job's ranks write nothing before this
+                stale.unlink(missing_ok=True)
+    if ctx.broadcast(busy):
+        raise UsageError(f"another featx process (not of this torchrun job) is fine-tuning {key} in {out}: let it "
+                         f"finish, then run again (the finished model is reused)")
+    try:
+        hm = build_from_head(fh)
+        rows = feature_set_images(Path(fh.meta["source"]["features"]), hm.manifest)
+        metrics = _train(hm, rows, out, key, options, strategy, aug, dev, seed=seed, resume=resume, workers=workers,
+                         progress=progress if ctx.is_main else False, on_epoch=on_epoch, t_start=t_start, ctx=ctx)
+    finally:
+        if ctx.is_main:
+            lock.release()
     return FinetuneResult(out, metrics, True)
 
 
@@ -548,9 +606,10 @@ def _split_rows(rows: ImageRows, seed: int) -> tuple[dict[str, tuple[list[Path],
 
 def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, strategy: tuple[str, int],
            aug: frozenset[str], dev: torch.device, *, seed: int, resume: bool | None, workers: int,
-           progress: bool | None, on_epoch, t_start: float) -> dict:
+           progress: bool | None, on_epoch, t_start: float, ctx: distributed.Context | None = None) -> dict:
     from tqdm.auto import tqdm
 
+    ctx = ctx or distributed.Context()
     net = hm.net
     pre = hm.preprocess
     k = len(hm.classes)
@@ -569,7 +628,8 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
     pin = dev.type == "cuda"
     train_set = _TrainSet(parts["train"][0], pre, aug, seed)
     train_labels = torch.from_numpy(index_of[parts["train"][1]])
-    evals = {s: _loader(_EvalSet(parts[s][0], parts[s][1], pre), _batches(len(parts[s][0]), options["batch_size"]),
+    evals = {s: _loader(_EvalSet(*_share(ctx, *parts[s]), pre), _batches(len(_share(ctx, *parts[s])[0]),
+                                                                          options["batch_size"]),
                         workers=workers, pin=pin) for s in ("val", "test") if len(parts[s][0])}
     backbone_lr = options["lr"] * options["backbone_lr_factor"]
     opt = _make_optimizer(net, optimizer=options["optimizer"], lr=options["lr"], backbone_lr=backbone_lr,
@@ -600,8 +660,8 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         logger.info("resuming %s after epoch %d of %d (checkpoint %s)", key, start - 1, options["epochs"], ckpt_path)
     else:
         t0 = time.perf_counter()
-        test0 = _evaluate(net, evals["test"], pre, dev, index_of, amp=options["amp"])
-        val0 = _evaluate(net, evals["val"], pre, dev, index_of, amp=options["amp"]) if "val" in evals else None
+        test0 = _evaluate(net, evals["test"], pre, dev, index_of, amp=options["amp"], ctx=ctx)
+        val0 = _evaluate(net, evals["val"], pre, dev, index_of, amp=options["amp"], ctx=ctx) if "val" in evals else None
         initial = {"test_accuracy": test0["accuracy"], "test_loss": test0["loss"],
                    "val_accuracy": val0["accuracy"] if val0 else None, "val_loss": val0["loss"] if val0 else None,
                    "seconds": round(time.perf_counter() - t0, 3)}
@@ -613,9 +673,10 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         best = {"epoch": 0, "val_accuracy": initial["val_accuracy"], "val_loss": initial["val_loss"]}
         best_state = _cpu_state(net) if val0 else None
         best_test = test0
-    events = EventLog(out, first_step=start if state is not None else 0)  # TensorBoard, when installed
+    ctx.agree({"checkpoint": (start, len(history))}, what="checkpoint (the model directory must be shared)")
+    events = EventLog(out, first_step=start if state is not None else 0, enabled=ctx.is_main)  # TensorBoard
     if state is None:
-        events.write(0, initial)
+        events.write(0, initial, world_size=ctx.world_size)
     show = sys.stderr.isatty() if progress is None else bool(progress)
     for epoch in range(start, options["epochs"] + 1):
         if stopped:
@@ -623,8 +684,8 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         top = trainable_groups(net.groups, strategy, epoch, options["gradual_every"] or 1)
         rec = _train_epoch(net, train_set, train_labels, opt, scaler, pre, dev, epoch, top, seed=seed,
                            batch_size=options["batch_size"], workers=workers, pin=pin, amp=options["amp"],
-                           show=show, tqdm=tqdm)
-        results = {s: _evaluate(net, ld, pre, dev, index_of, amp=options["amp"]) for s, ld in evals.items()}
+                           show=show, tqdm=tqdm, ctx=ctx)
+        results = {s: _evaluate(net, ld, pre, dev, index_of, amp=options["amp"], ctx=ctx) for s, ld in evals.items()}
         for s, r in results.items():
             rec[f"{s}_loss"], rec[f"{s}_accuracy"] = r["loss"], r["accuracy"]
         rec.setdefault("val_loss", None)
@@ -653,18 +714,20 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         if stopped:
             logger.info("early stop: %d epoch(s) without a better validation accuracy; keeping epoch %d",
                         bad_epochs, best["epoch"])
-        events.write(epoch, rec)  # before the checkpoint: a resume rewrites this epoch (purge_step), never skips it
-        _save_checkpoint(ckpt_path, {
-            "key": key, "epoch": epoch, "model": _cpu_state(net), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "best": best, "best_state": best_state, "best_test": _pack(best_test), "bad_epochs": bad_epochs,
-            "stopped": stopped,
-            "history": history, "initial": initial, "options": options,
-            # no generator state to carry: every draw of epoch e (shuffle, augmentation, dropout) is seeded
-            # from (seed, e), so the next epoch draws the same after a resume as without one
-            "rng": {"seed": seed, "next_epoch_seed": _epoch_seed(seed, epoch + 1)}})
-        _write_history(out / HISTORY, history)
+        rec["world_size"] = ctx.world_size
+        events.write(epoch, rec, world_size=ctx.world_size)  # before the checkpoint: a resume rewrites this epoch
+        if ctx.is_main:  # every rank holds the same state (DDP); rank 0 writes it
+            _save_checkpoint(ckpt_path, {
+                "key": key, "epoch": epoch, "model": _cpu_state(net), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "best": best, "best_state": best_state, "best_test": _pack(best_test), "bad_epochs": bad_epochs,
+                "stopped": stopped,
+                "history": history, "initial": initial, "options": options,
+                # no generator state to carry: every draw of epoch e (shuffle, augmentation, dropout) is seeded
+                # from (seed, e), so the next epoch draws the same after a resume as without one
+                "rng": {"seed": seed, "next_epoch_seed": _epoch_seed(seed, epoch + 1)}})
+            _write_history(out / HISTORY, history)
         if on_epoch is not None:
             on_epoch(epoch, net, rec)
     events.close()
@@ -672,7 +735,10 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         best = {"epoch": len(history), "val_accuracy": None, "val_loss": None}
     else:
         net.load_state_dict(best_state)
-    return _finish(hm, net, out, key, options, best_test, dev, history, best, initial, val_source, parts, t_start)
+    if not ctx.is_main:
+        return ctx.broadcast(None)  # rank 0's metrics, once it has written the model
+    return ctx.broadcast(_finish(hm, net, out, key, options, best_test, dev, history, best, initial, val_source, parts,
+                                 t_start, world_size=ctx.world_size))
 
 
 def _pack(r: dict) -> dict:
@@ -696,39 +762,58 @@ def _fmt(v) -> str:
 
 def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Tensor, opt, scaler, pre: Preprocess,
                  dev: torch.device, epoch: int, top: set[int], *, seed: int, batch_size: int, workers: int, pin: bool,
-                 amp: bool, show: bool, tqdm) -> dict:
+                 amp: bool, show: bool, tqdm, ctx: distributed.Context | None = None) -> dict:
+    ctx = ctx or distributed.Context()
     t0 = time.perf_counter()
     es = _epoch_seed(seed, epoch)
     order = np.random.default_rng(es).permutation(len(train_set))
     train_set.epoch = epoch
-    loader = _loader(train_set, _batches(len(train_set), batch_size, order), workers=workers, pin=pin)
+    batches = _batches(len(train_set), batch_size, order)
+    if ctx.active:  # --batch-size is the global batch: each step, every rank takes its consecutive part of it
+        batches = [np.array_split(np.asarray(b), ctx.world_size)[ctx.rank].tolist() for b in batches]
+    loader = _loader(train_set, batches, workers=workers, pin=pin)
     net.set_trainable(top)
+    model = _ddp(net, dev) if ctx.active else net  # rebuilt each epoch: what trains may change (gradual)
     loss_sum, correct, seen, bad = 0.0, 0, 0, 0
-    bar = tqdm(total=len(train_set), unit="img", disable=not show, file=sys.stderr, desc=f"epoch {epoch}",
+    bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not show, file=sys.stderr, desc=f"epoch {epoch}",
                dynamic_ncols=True)
     devices = [torch.cuda.current_device()] if dev.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):  # dropout draws from (seed, epoch), the caller's RNG untouched
-            torch.manual_seed(es)
+            # rank 0 draws dropout as one process does; the others from their own stream
+            torch.manual_seed(es if ctx.rank == 0 else int(np.random.default_rng([seed, epoch, 7919, ctx.rank])
+                                                              .integers(0, 2**62)))
             for idx, pixels, skipped in loader:
                 bad += len(skipped)
                 bar.update(len(idx) + len(skipped))
-                if pixels is None:
+                if ctx.active:  # the global batch's decoded images: the loss is their mean, as in one process
+                    n_global = int(ctx.all_reduce_sum([len(idx)])[0])
+                    if n_global == 0:
+                        continue  # every rank skips the step, as one process would
+                    if pixels is None:  # this rank's part is empty or undecodable: it still joins the all-reduce
+                        pixels = torch.zeros((0, 3, pre.crop, pre.crop), dtype=torch.uint8)
+                elif pixels is None:
                     continue
                 y = train_labels[idx].to(dev, non_blocking=True)
                 x = pre.normalize(pixels.to(dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
                 with _autocast(dev, amp):
-                    z = net(x)
-                    loss = F.cross_entropy(z.float(), y)
+                    z = model(x)
+                    if not ctx.active:
+                        loss = F.cross_entropy(z.float(), y)
+                    else:  # DDP averages the ranks' gradients: x world_size / global count = the global mean's
+                        loss = F.cross_entropy(z.float(), y, reduction="sum") * (ctx.world_size / n_global)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
-                loss_sum += float(loss.detach()) * len(idx)
+                loss_sum += float(loss.detach()) * (len(idx) if not ctx.active else n_global / ctx.world_size)
                 correct += int((z.detach().argmax(1) == y).sum())
                 seen += len(idx)
     finally:
         bar.close()
+    if ctx.active:  # the epoch's figures over every rank's part
+        loss_sum, correct, seen, bad = ctx.all_reduce_sum([loss_sum, correct, seen, bad])
+        correct, seen, bad = int(correct), int(seen), int(bad)
     if bad:
         logger.warning("epoch %d: %d training image(s) could not be decoded and were skipped", epoch, bad)
     if not seen:
@@ -739,6 +824,22 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
             "train_images_per_s": round(seen / dt, 2), "_t0": t0}
 
 
+def _ddp(net: FinetuneNet, dev: torch.device) -> nn.Module:
+    """``net`` in DistributedDataParallel over its parameters that train now (DDP fixes that set when built).
+    Building it broadcasts rank 0's parameters, so every rank starts the epoch from the same weights."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _share(ctx: distributed.Context, paths: list, labels: np.ndarray) -> tuple[list, np.ndarray]:
+    """This rank's consecutive share of an evaluation set (all of it in a world of one)."""
+    if not ctx.active:
+        return paths, labels
+    idx = np.array_split(np.arange(len(paths)), ctx.world_size)[ctx.rank]
+    return [paths[i] for i in idx], labels[idx]
+
+
 def _write_history(path: Path, history: list[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in history).encode())
 
@@ -746,7 +847,8 @@ def _write_history(path: Path, history: list[dict]) -> None:
 # ============================================================================================ output
 
 def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict, r: dict, dev: torch.device,
-            history: list[dict], best: dict, initial: dict, val_source: str, parts: dict, t_start: float) -> dict:
+            history: list[dict], best: dict, initial: dict, val_source: str, parts: dict, t_start: float, *,
+            world_size: int = 1) -> dict:
     """Write the model (the best epoch's weights, already in ``net``) and its metrics (``r``: its test results)."""
     from featx.plots import plot_confusion, plot_curve
 
@@ -774,7 +876,7 @@ def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict,
         "images": {s: len(parts[s][0]) for s in ("train", "val", "test")},
         "options": options, "head": str(hm.head.path), "head_kind": hm.head.meta.get("kind"),
         "layer": hm.head.layer, "backbone": hm.manifest["config"]["backbone"], "weights": hm.weights_id,
-        "features": hm.head.meta["source"].get("features"), "device": str(dev),
+        "features": hm.head.meta["source"].get("features"), "device": str(dev), "world_size": int(world_size),
         "seconds": round(time.perf_counter() - t_start, 3), "featx_version": featx.__version__,
     }
     title = f"fine-tuned {hm.head.meta.get('kind')} on {hm.head.layer} ({options['unfreeze']})"
