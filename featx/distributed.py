@@ -247,6 +247,10 @@ def init(dev: torch.device) -> Context:
     if not dist.is_available():  # pragma: no cover - every torch build featx supports has it
         raise UsageError("this torch build has no torch.distributed: run featx without torchrun")
     if not dist.is_initialized():
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            raise UsageError(f"WORLD_SIZE={ctx.world_size} is set but {' and '.join(missing)} not: start featx with "
+                             f"torchrun (which sets them all), or unset WORLD_SIZE to run one process")
         backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=_env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
         # torchrun's c10d rendezvous hands the workers of every attempt the same agent store, and the gloo mesh

@@ -48,6 +48,12 @@ def test_context_reads_torchruns_variables(monkeypatch):
     assert ctx.active and not ctx.is_main
     cores = len(os.sched_getaffinity(0))
     assert distributed.cores_per_process() == max(1, cores // 2)  # the node's cores shared out between its 2 ranks
+    for v in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(v, raising=False)
+    import torch
+
+    with pytest.raises(UsageError, match="WORLD_SIZE=4 is set but MASTER_ADDR and MASTER_PORT not"):
+        distributed.init(torch.device("cpu"))  # a stray WORLD_SIZE: one line, not torch's traceback
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(UsageError, match="inconsistent torchrun environment"):
         distributed.from_env()
