@@ -54,7 +54,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="featx-bench-torchrun-"))
     data = write_digits(work / "digits", limit=a.images)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # featx shares the cores out itself
     print(f"{a.images} digits, AlexNet (random weights), {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
     for what in a.what.split(","):
         for rep in range(a.repeat):

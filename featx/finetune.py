@@ -563,12 +563,16 @@ def _finetune_ranks(ctx: distributed.Context, fh, out: Path, key: str, options: 
     if ctx.broadcast(busy):
         raise UsageError(f"another featx process (not of this torchrun job) is fine-tuning {key} in {out}: let it "
                          f"finish, then run again (the finished model is reused)")
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":  # torchrun sets OMP_NUM_THREADS=1; the node's cores are shared out between its ranks
+        torch.set_num_threads(ctx.cores())
     try:
         hm = build_from_head(fh)
         rows = feature_set_images(Path(fh.meta["source"]["features"]), hm.manifest)
         metrics = _train(hm, rows, out, key, options, strategy, aug, dev, seed=seed, resume=resume, workers=workers,
                          progress=progress if ctx.is_main else False, on_epoch=on_epoch, t_start=t_start, ctx=ctx)
     finally:
+        torch.set_num_threads(threads)
         if ctx.is_main:
             lock.release()
     return FinetuneResult(out, metrics, True)
