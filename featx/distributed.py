@@ -282,10 +282,13 @@ def wait_for_files(paths: Sequence[Path], *, what: str, ready: Callable[[Path], 
     its share waits for the others' work.  Files appear atomically (``os.replace``), so existence means
     complete.  No timeout: a rank that dies is torchrun's to notice, and it then stops this process too;
     slow ranks (uneven work, a slower node) are simply waited for, which a collective's timeout would not do."""
+    from featx import interrupt
+
     todo = list(paths)
     check = ready or (lambda p: p.exists())
     pause, last_log = 0.05, time.monotonic()
     while todo:
+        interrupt.check("distributed.wait")  # a SIGTERM (torchrun passes it on) stops the wait too
         todo = [p for p in todo if not check(p)]
         if not todo:
             return

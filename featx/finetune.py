@@ -39,15 +39,17 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 import featx
-from featx import distributed
+from featx import distributed, interrupt
 from featx.backbones import Preprocess
-from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
+from featx.cache import (StagePlan, atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json,
+                         sha256_file, write_command)
 from featx.curves import EventLog
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.fit import load_fitted, metrics_for
 from featx.model import (MODEL_FILE, MODEL_FORMAT, MODEL_META, FinetuneNet, Group, HeadModel, build_from_head,
                          model_json)
+from featx.model import finetune_command, model_problem
 
 logger = logging.getLogger(__name__)
 
@@ -439,7 +441,8 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
              resume: bool | None = None, cache: str | os.PathLike | None = None, workers: int | None = None,
              seed: int = 0, progress: bool | None = None, gradual_every: int = 1, step_size: int = 5,
              plateau_patience: int = 2,
-             on_epoch: Callable[[int, FinetuneNet, dict], None] | None = None) -> FinetuneResult:
+             on_epoch: Callable[[int, FinetuneNet, dict], None] | None = None,
+             plan: bool = False) -> FinetuneResult | StagePlan:
     """Put a fitted head back on its backbone and train the network end to end on the feature set's images.
 
     Args:
@@ -463,6 +466,8 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
         progress: tqdm bar (default: when stderr is a terminal).
         on_epoch: called after each epoch's checkpoint with ``(epoch, net, record)``; an exception it raises
             stops the run with that checkpoint kept (tests use it to stand for a kill).
+        plan: train nothing: return a :class:`~featx.cache.StagePlan` saying where the model is and whether it
+            is already fine-tuned (the options are checked as for a run).
 
     Returns:
         :class:`FinetuneResult`: ``<cache>/models/<key>/`` with ``model.pt``, ``model.json``, ``metrics.json``
@@ -501,12 +506,15 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
                     "options": options, "seed": int(seed), "format": MODEL_FORMAT,
                     "featx": featx.__version__.split(".")[0]})
     out = cache_root(cache) / "models" / key
-    ctx = distributed.init(dev)  # under torchrun: this rank's place; else a world of one
+    ctx = distributed.init(dev) if not plan else distributed.Context()  # under torchrun: this rank's place
     if ctx.active:
         return _finetune_ranks(ctx, fh, out, key, options, strategy, aug, ctx.device(dev), seed=int(seed),
                                resume=resume, workers=default_workers() if workers is None else int(workers),
-                               progress=progress, on_epoch=on_epoch, t_start=t_start)
+                               progress=progress, on_epoch=on_epoch, t_start=t_start,
+                               command=finetune_command(fh.path, options, seed=int(seed), cache=cache_root(cache)))
     done = _finished(out)
+    if plan:
+        return StagePlan(out, done is not None, {"key": key})
     if done is not None:
         logger.info("model %s is already fine-tuned", key)
         return FinetuneResult(out, done, False)
@@ -520,6 +528,7 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
             return FinetuneResult(out, done, False)
         for stale in out.glob(".tmp-*"):  # left by a killed write; we hold the lock
             stale.unlink(missing_ok=True)
+        write_command(out, finetune_command(fh.path, options, seed=int(seed), cache=cache_root(cache)))
         hm = build_from_head(fh)
         fdir = Path(fh.meta["source"]["features"])
         rows = feature_set_images(fdir, hm.manifest)
@@ -531,7 +540,7 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
 
 def _finetune_ranks(ctx: distributed.Context, fh, out: Path, key: str, options: dict, strategy: tuple[str, int],
                     aug: frozenset[str], dev: torch.device, *, seed: int, resume: bool | None, workers: int,
-                    progress: bool | None, on_epoch, t_start: float) -> FinetuneResult:
+                    progress: bool | None, on_epoch, t_start: float, command: list[str]) -> FinetuneResult:
     """:func:`finetune` under torchrun: DistributedDataParallel, ``batch_size`` the global batch.
 
     The ranks first agree on every option (one error otherwise, before anything is written) and on the cache
@@ -560,6 +569,7 @@ def _finetune_ranks(ctx: distributed.Context, fh, out: Path, key: str, options: 
         else:
             for stale in out.glob(".tmp-*"):  # left by a killed write; the job's ranks write nothing before this
                 stale.unlink(missing_ok=True)
+            write_command(out, command)
     if ctx.broadcast(busy):
         raise UsageError(f"another featx process (not of this torchrun job) is fine-tuning {key} in {out}: let it "
                          f"finish, then run again (the finished model is reused)")
@@ -581,6 +591,10 @@ def _finetune_ranks(ctx: distributed.Context, fh, out: Path, key: str, options: 
 def _finished(out: Path) -> dict | None:
     done = read_json(out / "metrics.json")
     if isinstance(done, dict) and (out / MODEL_META).exists() and (out / MODEL_FILE).exists():
+        problem = model_problem(out)
+        if problem is not None:  # damaged: a miss, the same call trains it again
+            logger.warning("model %s is damaged (%s): fine-tuning it again", out.name, problem)
+            return None
         (out / CHECKPOINT).unlink(missing_ok=True)  # a run killed between finishing and tidying up
         return done
     return None
@@ -661,7 +675,13 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         history, best, initial = state["history"], state["best"], state["initial"]
         start, bad_epochs, stopped = int(state["epoch"]) + 1, int(state["bad_epochs"]), bool(state["stopped"])
         best_state, best_test = state["best_state"], _unpack(state["best_test"])
-        logger.info("resuming %s after epoch %d of %d (checkpoint %s)", key, start - 1, options["epochs"], ckpt_path)
+        partial = state.get("partial")  # stopped mid-epoch (SIGTERM, Ctrl-C): continue at that very step
+        if partial is not None and int(partial["epoch"]) == start:
+            logger.info("resuming %s at step %d of epoch %d of %d (checkpoint %s)", key, int(partial["step"]), start,
+                        options["epochs"], ckpt_path)
+        else:
+            partial = None
+            logger.info("resuming %s after epoch %d of %d (checkpoint %s)", key, start - 1, options["epochs"], ckpt_path)
     else:
         t0 = time.perf_counter()
         test0 = _evaluate(net, evals["test"], pre, dev, index_of, amp=options["amp"], ctx=ctx)
@@ -677,7 +697,26 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         best = {"epoch": 0, "val_accuracy": initial["val_accuracy"], "val_loss": initial["val_loss"]}
         best_state = _cpu_state(net) if val0 else None
         best_test = test0
-    ctx.agree({"checkpoint": (start, len(history))}, what="checkpoint (the model directory must be shared)")
+        partial = None
+    # every rank must start from the same place (a model directory only some ranks see would not)
+    ctx.agree({"checkpoint": (start, len(history), int(partial["step"]) if partial is not None else None)},
+              what="checkpoint (the model directory must be shared)")
+
+    def save_partial(part: dict) -> None:
+        # Stopped before step part["step"] of epoch part["epoch"]: the model, optimizer, scheduler and RNG as they
+        # are now, so that the next run takes that step exactly as this one would have (written atomically).
+        if not ctx.is_main:  # every rank holds the same state (DDP); rank 0 writes it
+            return
+        _save_checkpoint(ckpt_path, {
+            "key": key, "epoch": int(part["epoch"]) - 1, "model": _cpu_state(net), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "best": best, "best_state": best_state, "best_test": _pack(best_test), "bad_epochs": bad_epochs,
+            "stopped": stopped, "history": history, "initial": initial, "options": options, "partial": part,
+            "rng": {"seed": seed, "next_epoch_seed": _epoch_seed(seed, int(part["epoch"]))}})
+        logger.info("stopped before step %d of epoch %d: checkpoint %s; the same command continues from there",
+                    int(part["step"]) + 1, int(part["epoch"]), ckpt_path)
+
     events = EventLog(out, first_step=start if state is not None else 0, enabled=ctx.is_main)  # TensorBoard
     if state is None:
         events.write(0, initial, world_size=ctx.world_size)
@@ -688,7 +727,8 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         top = trainable_groups(net.groups, strategy, epoch, options["gradual_every"] or 1)
         rec = _train_epoch(net, train_set, train_labels, opt, scaler, pre, dev, epoch, top, seed=seed,
                            batch_size=options["batch_size"], workers=workers, pin=pin, amp=options["amp"],
-                           show=show, tqdm=tqdm, ctx=ctx)
+                           show=show, tqdm=tqdm, partial=partial, save_partial=save_partial, ctx=ctx)
+        partial = None
         results = {s: _evaluate(net, ld, pre, dev, index_of, amp=options["amp"], ctx=ctx) for s, ld in evals.items()}
         for s, r in results.items():
             rec[f"{s}_loss"], rec[f"{s}_accuracy"] = r["loss"], r["accuracy"]
@@ -766,19 +806,27 @@ def _fmt(v) -> str:
 
 def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Tensor, opt, scaler, pre: Preprocess,
                  dev: torch.device, epoch: int, top: set[int], *, seed: int, batch_size: int, workers: int, pin: bool,
-                 amp: bool, show: bool, tqdm, ctx: distributed.Context | None = None) -> dict:
+                 amp: bool, show: bool, tqdm, partial: dict | None = None,
+                 save_partial: Callable[[dict], None] | None = None, ctx: distributed.Context | None = None) -> dict:
     ctx = ctx or distributed.Context()
     t0 = time.perf_counter()
     es = _epoch_seed(seed, epoch)
     order = np.random.default_rng(es).permutation(len(train_set))
     train_set.epoch = epoch
+    done = int(partial["step"]) if partial is not None else 0  # steps a stopped run already took this epoch
     batches = _batches(len(train_set), batch_size, order)
     if ctx.active:  # --batch-size is the global batch: each step, every rank takes its consecutive part of it
         batches = [np.array_split(np.asarray(b), ctx.world_size)[ctx.rank].tolist() for b in batches]
-    loader = _loader(train_set, batches, workers=workers, pin=pin)
+    loader = _loader(train_set, batches[done:], workers=workers, pin=pin)
     net.set_trainable(top)
     model = _ddp(net, dev) if ctx.active else net  # rebuilt each epoch: what trains may change (gradual)
     loss_sum, correct, seen, bad = 0.0, 0, 0, 0
+    if partial is not None:
+        if ctx.is_main:  # the sums of the steps taken, over every rank (the others start from 0; summed at the end)
+            loss_sum, correct, seen, bad = float(partial["loss_sum"]), int(partial["correct"]), \
+                int(partial["seen"]), int(partial["bad"])
+        t0 -= float(partial["train_seconds"])
+    step, stop_rng = done, None
     bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not show, file=sys.stderr, desc=f"epoch {epoch}",
                dynamic_ncols=True)
     devices = [torch.cuda.current_device()] if dev.type == "cuda" else []
@@ -787,11 +835,25 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
             # rank 0 draws dropout as one process does; the others from their own stream
             torch.manual_seed(es if ctx.rank == 0 else int(np.random.default_rng([seed, epoch, 7919, ctx.rank])
                                                               .integers(0, 2**62)))
-            for idx, pixels, skipped in loader:
+            steps = iter(loader)  # draws the loader's seed now, before a resumed RNG state is put back
+            if partial is not None and ctx.is_main:
+                _set_rng_state(partial["rng"], devices)
+            for step, (idx, pixels, skipped) in enumerate(steps, done):
+                try:
+                    if not ctx.active:
+                        interrupt.check("finetune.step")
+                    else:  # the ranks stop together, at the same step: one alone would leave the others in DDP
+                        interrupt.mark("finetune.step")
+                        n_global, stops = ctx.all_reduce_sum([len(idx), interrupt.stop_requested() is not None])
+                        if stops:
+                            raise interrupt.Interrupted(interrupt.stop_requested() or "SIGTERM", "finetune.step")
+                except interrupt.Interrupted:
+                    stop_rng = _rng_state(devices)  # dropout's generator as step `step` would find it
+                    raise
                 bad += len(skipped)
                 bar.update(len(idx) + len(skipped))
                 if ctx.active:  # the global batch's decoded images: the loss is their mean, as in one process
-                    n_global = int(ctx.all_reduce_sum([len(idx)])[0])
+                    n_global = int(n_global)
                     if n_global == 0:
                         continue  # every rank skips the step, as one process would
                     if pixels is None:  # this rank's part is empty or undecodable: it still joins the all-reduce
@@ -813,6 +875,13 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
                 loss_sum += float(loss.detach()) * (len(idx) if not ctx.active else n_global / ctx.world_size)
                 correct += int((z.detach().argmax(1) == y).sum())
                 seen += len(idx)
+    except interrupt.Interrupted:
+        if ctx.active and stop_rng is not None:  # every rank stopped at this step: rank 0 saves the sums of all
+            loss_sum, correct, seen, bad = ctx.all_reduce_sum([loss_sum, correct, seen, bad])
+        if save_partial is not None and stop_rng is not None:
+            save_partial({"epoch": epoch, "step": step, "loss_sum": loss_sum, "correct": correct, "seen": seen,
+                          "bad": bad, "train_seconds": time.perf_counter() - t0, "rng": stop_rng})
+        raise
     finally:
         bar.close()
     if ctx.active:  # the epoch's figures over every rank's part
@@ -844,6 +913,16 @@ def _share(ctx: distributed.Context, paths: list, labels: np.ndarray) -> tuple[l
     return [paths[i] for i in idx], labels[idx]
 
 
+def _rng_state(devices: list[int]) -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(d) for d in devices]}
+
+
+def _set_rng_state(state: dict, devices: list[int]) -> None:
+    torch.set_rng_state(state["cpu"])
+    for d, s in zip(devices, state.get("cuda") or []):
+        torch.cuda.set_rng_state(s, d)
+
+
 def _write_history(path: Path, history: list[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in history).encode())
 
@@ -865,7 +944,7 @@ def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict,
     os.replace(out / (".tmp-" + MODEL_FILE), out / MODEL_FILE)
     model_meta = model_json(hm, net, options=options, key=key, best_epoch=best["epoch"])
     model_meta["files"] = {MODEL_FILE: sha256_file(out / MODEL_FILE)}
-    atomic_write_json(out / MODEL_META, model_meta)
+    atomic_write_json(out / MODEL_META, model_meta, seal=True)
     ips = [h["train_images_per_s"] for h in history]
     head_acc = _head_test_accuracy(hm)
     metrics = {
