@@ -609,7 +609,7 @@ def _compute_from(src: _Source, ds: ImageDataset, bb: Backbone, root: Path, laye
                file=sys.stderr, desc="extract (from cache)", dynamic_ncols=True)
     try:
         for s in todo:
-            # TODO(interrupt): interrupt.check("extract.shard") between shards once featx.interrupt lands
+            interrupt.check("extract.shard")  # between shards computed from cached rows
             lo, hi = s * per, min(len(ds.items), (s + 1) * per)
             shard = _Shard(s, ds, per, V)
             try:
