@@ -9,6 +9,9 @@
 * Each worker count gets a fresh database and study; N ``featx search HEAD FILE --trials T/N --storage URL
   --study bench --sampler random --seed i`` processes are started at the same moment (whole processes, as a
   Slurm job array starts them), each refitting the best head at its end as usual.
+* Storage cost: the same bookkeeping with an objective that does nothing (in this process: ask, the owner
+  record, the dead-trial check, the heartbeat thread, tell), 60 trials; its inverse is the ceiling the database
+  puts on one worker's throughput.
 * Throughput: finished trials / (last trial's end - first trial's start), from the study's own timestamps, so
   that Python start-up and the final refit do not count; the wall time of the whole run is given beside it.
 """
@@ -54,6 +57,27 @@ def run_workers(url: str, h5: Path, head: str, trials: int, workers: int, cache:
             "median_trial_s": round(per_trial[len(per_trial) // 2], 3), "wall_s": round(wall, 1)}
 
 
+def storage_cost(url: str, trials: int = 60) -> dict:
+    """Seconds of pure study bookkeeping per trial on ``url`` (featx's storage and hooks, a no-op objective)."""
+    import optuna
+
+    from featx.studies import fail_dead_trials, open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="cost", storage=open_storage(url), direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial) -> float:
+        fail_dead_trials(study)
+        trial.suggest_categorical("scale", ["standard", "l2", "none"])
+        return trial.suggest_float("C", 1e-4, 1e3, log=True)  # two parameters, as a logreg trial has
+
+    t = time.perf_counter()
+    study.optimize(objective, n_trials=trials)
+    per = (time.perf_counter() - t) / trials
+    return {"storage_s_per_trial": round(per, 4), "ceiling_trials_per_min": round(60 / per)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="a server URL (its user may CREATE DATABASE); default: start one")
@@ -88,12 +112,16 @@ def main() -> None:
             from pgserver import running_server
 
             new_database = stack.enter_context(running_server()).new_database
+        cost = storage_cost(new_database("bench_cost"))
+        print(json.dumps(cost), flush=True)
         for w in args.workers:
             url = new_database(f"bench_w{w}")
             row = run_workers(url, h5, args.head, args.trials, w, work / f"cache{w}")
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print(f"\n{args.head} on {args.n} x {args.d} rows, {args.trials} trials, {os.cpu_count()} CPUs")
+    print(f"\nstorage bookkeeping: {cost['storage_s_per_trial']} s per trial "
+          f"(at most {cost['ceiling_trials_per_min']} trials/min per worker)")
+    print(f"{args.head} on {args.n} x {args.d} rows, {args.trials} trials, {os.cpu_count()} CPUs")
     print("| workers | trials | trials/min | median trial (s) | whole run (s) |")
     print("|---|---|---|---|---|")
     for r in rows:

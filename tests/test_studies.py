@@ -83,6 +83,7 @@ def test_dead_trials_fail_and_are_queued_again(kind, tmp_path):
     check_dead_trials_fail_and_retry(storage_url(kind, tmp_path))
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
 def test_process_alive_knows_reused_pids_and_unreaped_children():
     me = owner()
     assert process_alive(me["pid"], me["started"]) and process_alive(me["pid"], None)
