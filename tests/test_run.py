@@ -108,28 +108,44 @@ def test_dry_run_says_cached_and_to_compute(first_run, digits_dir):
     assert plan.cases["finetune-all"]["finetune"] == "to compute"
 
 
+def cli_args(digits_dir, cache, *extra) -> list[str]:
+    return ["run", str(DIGITS), "--data", str(digits_dir), "--weights", "random", "--cache", str(cache), "--device",
+            "cpu", *[a for s in TINY for a in ("--set", s)], *extra]
+
+
 @pytest.mark.slow
-def test_killed_mid_search_then_rerun_redoes_only_the_unfinished_stage(first_run, digits_dir, tmp_path):
-    """kill -9 right after the search's first trial (a named point: the trial callback), then run again."""
+@pytest.mark.parametrize("point, redone", [
+    ("search.trial:1:SIGKILL", {"extract": 0, "fit": 0, "search": 1, "finetune": 1}),   # after its first trial
+    ("finetune.step:2:SIGKILL", {"extract": 0, "fit": 0, "search": 0, "finetune": 1}),  # inside the fine-tune
+])
+def test_killed_mid_stage_then_rerun_redoes_only_the_unfinished_stage(first_run, digits_dir, tmp_path, point, redone):
+    """kill -9 at a named point (FEATX_STOP_AT), then the same run again: same results as an uninterrupted run."""
     res, _ = first_run
     cache = tmp_path / "cache"
-    script = textwrap.dedent(f"""
-        import os, signal
-        import featx.search
-        from featx.run import run_pipeline
-        def die(study, trial):
-            os.kill(os.getpid(), signal.SIGKILL)
-        featx.search._log_trial = die
-        run_pipeline({str(DIGITS)!r}, data={str(digits_dir)!r}, weights="random", sets={TINY!r},
-                     cache={str(cache)!r}, device="cpu", progress=False)
-    """)
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    p = run_cli(*cli_args(digits_dir, cache), env={"FEATX_STOP_AT": point})
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-    killed = accuracies(next((cache / "runs").glob("*/")))
-    assert [c for c, r in killed.items() if r[0] == "ok"] == list(killed)[:3]  # the heads were written as they finished
+    killed = accuracies(cache / "runs" / res.path.name)
+    n_ok = 3 if point.startswith("search") else 4
+    assert [c for c, r in killed.items() if r[0] == "ok"] == list(killed)[:n_ok]  # rows written as cases finish
     again = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=TINY, cache=cache, device="cpu",
                          progress=False)
-    assert again.computed == {"extract": 0, "fit": 0, "search": 1, "finetune": 1}
+    assert again.computed == redone
+    assert accuracies(again.path) == accuracies(res.path)
+
+
+@pytest.mark.slow
+def test_sigint_at_a_named_point_records_the_case_interrupted_and_exits_130(first_run, digits_dir, tmp_path):
+    res, _ = first_run
+    cache = tmp_path / "cache"
+    p = run_cli(*cli_args(digits_dir, cache), env={"FEATX_STOP_AT": "fit.epoch:2"})  # the MLP's second epoch
+    assert p.returncode == 130, p.stderr[-2000:]
+    assert "interrupted (SIGINT)" in p.stderr
+    rows = results(cache / "runs" / res.path.name)
+    assert [r["status"] for r in rows.values()] == ["ok", "ok", "interrupted", "not run", "not run"]
+    assert (cache / "runs" / res.path.name / "report.md").exists()
+    again = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=TINY, cache=cache, device="cpu",
+                         progress=False)
+    assert again.computed == {"extract": 0, "fit": 1, "search": 1, "finetune": 1}
     assert accuracies(again.path) == accuracies(res.path)
 
 
