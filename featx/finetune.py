@@ -717,13 +717,14 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
 def _diverged_message(d: _Diverged, used: int, opt: torch.optim.Optimizer, epoch: int) -> str:
     """The one line a run that gave up on divergence ends with: what happened, what was kept, what to change."""
     lr = opt.param_groups[0]["lr"]
+    lrs = ", ".join(f"{g.get('name', 'head')} lr {g['lr']:.3g}" for g in opt.param_groups)
     where = f"step {d.step}" if d.step else "its evaluation"
     again = (f", still after {used} retr{'y' if used == 1 else 'ies'} at {RECOVER_FACTOR:g}x the learning rate"
              if used else "")
     kept = (f"the checkpoint of epoch {epoch - 1} is left as it was" if epoch > 1 else "no epoch had finished")
-    return (f"fine-tuning diverged: {d.what} was {d.value} at epoch {d.epoch}, {where}{again} (head lr {lr:.3g}); "
-            f"nothing of epoch {epoch} was written and {kept}: run again with a lower --lr (e.g. {lr / 10:.3g}), "
-            f"--clip-grad 1.0, --unfreeze head, or a larger --recover")
+    return (f"fine-tuning diverged: {d.what} was {d.value} at epoch {d.epoch}, {where}{again} ({lrs}); "
+            f"nothing of epoch {epoch} was written and {kept}: run again with a lower --lr (e.g. {lr / 10:.3g}) "
+            f"or --backbone-lr-factor, --clip-grad 1.0, --unfreeze head, or a larger --recover")
 
 
 def _pack(r: dict) -> dict:
