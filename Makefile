@@ -16,8 +16,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# the digits pipeline (pipelines/digits.toml); seeded random weights by default, since a fresh machine may be
+# offline: `make demo DEMO_WEIGHTS=imagenet` for pretrained features
+DEMO_WEIGHTS ?= random
 demo: install
-	$(VENV)/bin/featx demo
+	$(VENV)/bin/featx run pipelines/digits.toml --weights $(DEMO_WEIGHTS)
 
 test: install
 	$(PY) -m pytest -q -m "not slow" -n 2
@@ -28,6 +31,7 @@ test-slow: install
 bench: install
 	$(PY) benchmarks/bench_extract.py
 	$(PY) benchmarks/bench_fit.py
+	$(PY) benchmarks/bench_integrity.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,8 +1,9 @@
 """featx: pretrained-CNN features off the shelf.
 
-The stages, one module each: :mod:`featx.data` (find images) -> :mod:`featx.backbones` (networks and their
+The stages, one module each: :mod:`featx.datasets` (find images) -> :mod:`featx.backbones` (networks and their
 layer taps) -> :mod:`featx.extract` (batch extraction) -> :mod:`featx.store` (feature sets on disk) ->
-:mod:`featx.heads` (classifiers) -> :mod:`featx.fit` -> :mod:`featx.search` -> :mod:`featx.finetune`; the CLI
+:mod:`featx.heads` (classifiers) -> :mod:`featx.fit` -> :mod:`featx.search` -> :mod:`featx.finetune` ->
+:mod:`featx.run` (the cases of a pipeline file, read by :mod:`featx.pipeline`, through those stages); the CLI
 (:mod:`featx.cli`) is a thin layer on top.
 """
 from __future__ import annotations

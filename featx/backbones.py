@@ -238,6 +238,26 @@ def _file_state(path: Path) -> tuple[dict, dict]:
     return state, {"kind": "file", "file": str(path), "sha256": sha256_file(path)}
 
 
+def weights_identity(name: str = "alexnet", weights: str = "imagenet", *, seed: int = 0) -> dict:
+    """The ``weights_id`` that :func:`load_backbone` records for these weights, without building the network or
+    reading the weights (a file is hashed): what a cache key needs to be known in advance (``featx run --dry-run``).
+
+    Raises:
+        UsageError: unknown backbone.  WeightsError: a weights file that does not exist.
+    """
+    spec = get_spec(name)
+    if weights == "random":
+        return {"kind": "random", "seed": int(seed), "torch": torch.__version__.split("+")[0]}
+    if weights == "imagenet":
+        url = spec.weights_enum().url
+        return {"kind": "imagenet", "enum": spec.weights, "file": os.path.basename(url),
+                "sha256_prefix": os.path.basename(url).rsplit("-", 1)[-1].split(".")[0]}
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"--weights {str(path)!r}: no such file (use imagenet, random, or a state-dict file)")
+    return {"kind": "file", "file": str(path), "sha256": sha256_file(path)}
+
+
 @dataclass
 class Backbone:
     """A built backbone: the torch module in eval mode, its stages, weights identity and preprocessing."""
@@ -287,23 +307,46 @@ def load_backbone(name: str = "alexnet", weights: str = "imagenet", *, seed: int
 # ------------------------------------------------------------------------------------------------- forwards
 
 class Tapped(nn.Module):
-    """Runs a backbone's stages up to the deepest requested layer; returns ``{layer: [B, d] tensor}``."""
+    """Runs a backbone's stages up to the deepest requested layer; returns ``{layer: [B, d] tensor}``.
 
-    def __init__(self, stages: list[tuple[str, nn.Module]], layers: Sequence[str]):
+    ``start``: run "from tap A to tap B": the input is then the output of layer ``start`` (rows a feature set
+    holds) rather than images, and only the stages after it run; ``start`` itself may be among ``layers``
+    (returned as given).  That is how a deeper layer is computed from a cached shallower one, with the very
+    modules a direct pass would run after it.
+    """
+
+    def __init__(self, stages: list[tuple[str, nn.Module]], layers: Sequence[str], *, start: str | None = None):
         super().__init__()
         names = [n for n, _ in stages]
+        first = 0 if start is None else names.index(start) + 1
         last = max(names.index(l) for l in layers)
-        self.names = names[:last + 1]
+        if last < first - 1:
+            raise ValueError(f"layers {list(layers)} lie before the start layer {start!r}")
+        self.start = start
+        self.names = names[first:last + 1]
         self.keep = set(layers)
-        self.stages = nn.ModuleList([m for _, m in stages[:last + 1]])
+        self.stages = nn.ModuleList([m for _, m in stages[first:last + 1]])
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
+        if self.start is not None and self.start in self.keep:
+            out[self.start] = x
         for name, stage in zip(self.names, self.stages):
             x = stage(x)
             if name in self.keep:
                 out[name] = x
         return out
+
+
+def start_layer(spec: BackboneSpec, have: Sequence[str], want: Sequence[str]) -> str | None:
+    """The layer of ``have`` (cached) from which every layer of ``want`` can be computed: the deepest one at or
+    before the shallowest wanted layer; None when every cached layer lies deeper than some wanted one."""
+    order = list(spec.layers)
+    if not want or any(l not in order for l in list(have) + list(want)):
+        return None
+    lo = min(order.index(l) for l in want)
+    before = [l for l in have if order.index(l) <= lo]
+    return max(before, key=order.index) if before else None
 
 
 def truncated(backbone: Backbone, layer: str) -> nn.Sequential:

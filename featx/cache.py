@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,87 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, seal: bool = False) -> None:
+    """Atomically write ``obj`` as indented JSON; ``seal``: with a ``digest`` field (see :func:`sealed`)."""
+    if seal:
+        obj = sealed(obj)
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode())
+
+
+# ------------------------------------------------------------------------------------------- sealed JSON
+# A sealed JSON object carries DIGEST_FIELD = "sha256:<hex>" of the canonical JSON of everything else in it, so
+# an edited or torn file is told apart from a good one (a truncated file no longer parses at all).
+
+DIGEST_FIELD = "digest"
+
+
+def _digest(body: dict) -> str:
+    # the digest is taken over the value as it reads back from JSON, so that tuples, numpy scalars and the like
+    # hash the same when written and when read
+    plain = json.loads(json.dumps(body, ensure_ascii=False, default=str))
+    return "sha256:" + hashlib.sha256(canonical_json(plain).encode()).hexdigest()
+
+
+def sealed(obj: dict) -> dict:
+    """``obj`` with a ``digest`` field over the rest of it."""
+    body = {k: v for k, v in obj.items() if k != DIGEST_FIELD}
+    return {**body, DIGEST_FIELD: _digest(body)}
+
+
+def seal_ok(obj: Any) -> bool | None:
+    """True: the digest matches; False: it does not (edited or damaged); None: no digest (written before seals)."""
+    if not isinstance(obj, dict) or DIGEST_FIELD not in obj:
+        return None
+    return obj[DIGEST_FIELD] == _digest({k: v for k, v in obj.items() if k != DIGEST_FIELD})
+
+
+def read_sealed_json(path: str | os.PathLike, *, what: str = "", fix: str = "") -> dict | None:
+    """A JSON object checked against its digest; None when the file does not exist.
+
+    Raises:
+        IntegrityError: the file exists but does not parse (truncated, torn), is not an object, or its content
+            differs from its digest (edited, damaged); the message names the file and ``fix``.
+    """
+    from featx.errors import IntegrityError
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise IntegrityError(f"{what or path.name} {path} cannot be read ({e.strerror or e}){_fix(fix)}") from None
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        raise IntegrityError(f"{what or path.name} {path} is damaged (not complete JSON: truncated or torn)"
+                             f"{_fix(fix)}") from None
+    if not isinstance(obj, dict) or seal_ok(obj) is False:
+        raise IntegrityError(f"{what or path.name} {path} is damaged or was edited (its content differs from its "
+                             f"digest){_fix(fix)}")
+    return obj
+
+
+def _fix(fix: str) -> str:
+    return f": {fix}" if fix else ""
+
+
+COMMAND_FILE = "command.json"
+
+
+def write_command(directory: str | os.PathLike, argv: list[str]) -> None:
+    """Record in ``directory/command.json`` the command that makes (and so repairs) this cache entry."""
+    import shlex
+
+    atomic_write_json(Path(directory) / COMMAND_FILE, {"argv": list(argv), "command": shlex.join(argv)})
+
+
+def repair_hint(directory: str | os.PathLike, *, verb: str = "make it again") -> str:
+    """``run `featx ...` to <verb>``, from the entry's ``command.json``; a general hint when it has none."""
+    rec = read_json(Path(directory) / COMMAND_FILE)
+    if isinstance(rec, dict) and isinstance(rec.get("command"), str):
+        return f"run `{rec['command']}` to {verb}"
+    return f"run the featx command that made {Path(directory).name} again to {verb}"
 
 
 def temp_path(path: str | os.PathLike) -> Path:
@@ -78,3 +157,14 @@ def read_json(path: str | os.PathLike) -> Any | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+@dataclass
+class StagePlan:
+    """What a stage called with ``plan=True`` would produce, computed without running it: the directory of its
+    output, whether that output is already complete in the cache, and what the stage learnt on the way (e.g. the
+    data's layout and split counts).  ``featx run --dry-run`` is built on these."""
+
+    path: Path
+    cached: bool
+    info: dict[str, Any] = field(default_factory=dict)

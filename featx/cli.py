@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from featx import interrupt
 from featx.errors import FeatxError
 
 logger = logging.getLogger("featx")
@@ -49,24 +50,39 @@ def command(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _setup_logging(kwargs.get("quiet", False))
-        try:
-            return fn(*args, **kwargs)
-        except FeatxError as e:
-            click.echo(f"featx: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("featx: interrupted; finished work is kept and the same command resumes it", err=True)
-            sys.exit(130)
-        except Exception as e:  # a bug, not a user error: still one line unless asked for the traceback
-            if os.environ.get("FEATX_DEBUG"):
-                raise
-            click.echo(f"featx: internal error: {type(e).__name__}: {e} (set FEATX_DEBUG=1 for the traceback)", err=True)
-            sys.exit(1)
+        # the signal policy (featx.interrupt): a first SIGINT/SIGTERM asks for a stop at the next unit boundary,
+        # a second stops at once; either way one line and 130 (SIGINT) or 143 (SIGTERM)
+        with interrupt.handling():
+            try:
+                return fn(*args, **kwargs)
+            except interrupt.Interrupted as e:
+                _interrupted(e.signame)
+            except FeatxError as e:
+                if interrupt.stop_requested():  # an error the stop caused (a worker gone): report the stop
+                    _interrupted(interrupt.forced() or interrupt.stop_requested())
+                click.echo(f"featx: error: {e}", err=True)
+                sys.exit(e.exit_code)
+            except KeyboardInterrupt:
+                _interrupted(interrupt.forced() or interrupt.stop_requested() or "SIGINT")
+            except Exception as e:  # a bug, not a user error: still one line unless asked for the traceback
+                if os.environ.get("FEATX_DEBUG"):
+                    raise
+                if interrupt.stop_requested():
+                    # e.g. a second signal that landed inside a library's own bookkeeping: the stop, not a bug
+                    _interrupted(interrupt.forced() or interrupt.stop_requested())
+                click.echo(f"featx: internal error: {type(e).__name__}: {e} (set FEATX_DEBUG=1 for the traceback)", err=True)
+                sys.exit(1)
 
     return wrapper
 
 
+def _interrupted(signame: str) -> None:
+    click.echo(f"featx: {interrupt.MESSAGE.format(signame=signame)}", err=True)
+    sys.exit(interrupt.exit_code_of(signame))
+
+
 def _emit_path(path) -> None:
+    interrupt.check("cli.output")  # a stop requested at the very end: the output exists, the rerun prints it
     click.echo(str(path))
 
 
@@ -88,6 +104,11 @@ def main() -> None:
 @click.option("--backbone", default="alexnet", show_default=True, help="alexnet, vgg16, resnet18, resnet50.")
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet, random, or a state-dict file.")
 @click.option("--split", default=None, help="Stratified split when DATA has none: test=0.15[,val=0.1].")
+@click.option("--layout", default=None,
+              help="Force DATA's layout instead of detecting it: oxford-pets, caltech101, caltech256, tiny-imagenet, "
+                   "stanford-dogs, dogs-vs-cats, flowers102, class-folders, split-folders, csv (docs/datasets.md).")
+@click.option("--reuse/--no-reuse", default=True, show_default=True,
+              help="Compute deeper layers from a shallower layer of the same images already in the cache.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--views", default=1, show_default=True, type=click.Choice(["1", "2", "5", "10"]),
               help="Rows per image: centre; +mirror; centre+4 corners; +their mirrors.")
@@ -110,13 +131,14 @@ def main() -> None:
 @quiet_option
 @command
 def extract(data, layers, backbone, weights, split, seed, views, normalize, batch_size, workers, threads, decode, device,
-            amp, shard_size, cache, strict, quiet):
+            amp, shard_size, cache, strict, quiet, layout=None, reuse=True):
     """Extract backbone activations of every image in DATA into a feature set."""
     from featx.extract import extract as run
 
     res = run(data, layers=layers, backbone=backbone, weights=weights, split=split, seed=seed, views=int(views),
               normalize=normalize, batch_size=batch_size, workers=workers, threads=threads, decode=decode, device=device, amp=amp,
-              shard_size=shard_size, cache=cache, strict=strict, progress=None if not quiet else False)
+              shard_size=shard_size, cache=cache, strict=strict, progress=None if not quiet else False,
+              layout=layout, reuse=reuse)
     m = res.manifest
     logger.info("%s: %d rows (%s), %d skipped", "extracted" if res.computed else "already extracted",
                 m.get("n_rows", 0), ", ".join(f"{k} {v}" for k, v in m.get("counts", {}).items()), len(m.get("skipped", [])))
@@ -231,20 +253,24 @@ def evaluate(head, features, split, cache, quiet):
 @click.option("--sampler", default="tpe", show_default=True, type=click.Choice(["tpe", "random"]))
 @click.option("--split", default=None, help="Split to make when FEATURES records none (test=0.15).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--heartbeat", default=60, show_default=True, type=click.IntRange(min=1),
+              help="Database storages: seconds between a running trial's heartbeats; a trial silent for 3 "
+                   "heartbeats (dead worker or machine) is failed and queued again.")
 @device_option
 @cache_option
 @quiet_option
 @command
-def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sampler, split, seed, device, cache, quiet):
+def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sampler, split, seed, heartbeat, device,
+           cache, quiet):
     """Search a head's hyperparameters with Optuna, then refit and save the best."""
     from featx.search import search as run
 
     res = run(features, kind, layer=layer, trials=trials, timeout=timeout, storage=storage, study=study, jobs=jobs,
-              cv=cv, sampler=sampler, seed=seed, split=split, device=device, cache=cache)
+              cv=cv, sampler=sampler, seed=seed, split=split, device=device, cache=cache, heartbeat=heartbeat)
     s = res.search
-    logger.info("study %s: %d trials (%d finished, %d pruned, %d failed); best validation accuracy %.4f; "
-                "refit head test accuracy %.4f", s["study"], s["trials"], s["finished"], s["pruned"], s["failed"],
-                s["best_value"], res.metrics["test_accuracy"])
+    logger.info("study %s: %d trials (%d finished, %d pruned, %d failed, %d running, %d waiting); best validation "
+                "accuracy %.4f; refit head test accuracy %.4f", s["study"], s["trials"], s["finished"], s["pruned"],
+                s["failed"], s["running"], s["waiting"], s["best_value"], res.metrics["test_accuracy"])
     _emit_path(res.path)
 
 
@@ -328,6 +354,95 @@ def demo(weights, cache, device, quiet):
 
     out = run_demo(weights=weights, cache=cache, device=device)
     _emit_path(out)
+
+
+@main.command("ls")
+@cache_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON list instead of the table.")
+@quiet_option
+@command
+def ls_(cache, as_json, quiet):
+    """List every feature set, head, model, study, run and prediction in the cache, with size, date and headline."""
+    import json
+
+    from featx.maintain import format_table, ls
+
+    its = ls(cache)
+    if as_json:
+        click.echo(json.dumps([it.to_json() for it in its], indent=2, default=str))
+    else:
+        click.echo(format_table(its).rstrip("\n"))
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path())
+@cache_option
+@quiet_option
+@command
+def verify(path, cache, quiet):
+    """Check every item under the cache, a folder of it (heads/) or one item; exit non-zero if any is damaged.
+
+    PATH: the cache root, a kind folder, an item's directory or its key (default: the whole cache)."""
+    from featx.maintain import verify as run
+
+    rep = run(path, cache=cache)
+    for note in rep.unverified:
+        logger.warning("%s", note)
+    for p in rep.problems:
+        click.echo(p.line())
+    logger.info("verified %d item(s): %d damaged", len(rep.checked), len({p.path for p in rep.problems}))
+    if rep.problems:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("names", nargs=-1, type=click.Path())
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@click.option("--older-than", default=24.0, show_default=True, type=float,
+              help="Hours without change after which an unfinished item is removed.")
+@cache_option
+@quiet_option
+@command
+def prune(names, dry_run, older_than, cache, quiet):
+    """Remove the named items, or else leftovers of killed runs and unfinished items older than --older-than.
+
+    Never removes an item a featx process is using (it holds the item's lock)."""
+    from featx.maintain import human_size, prune as run
+
+    done = run(names, cache=cache, dry_run=dry_run, older_than=older_than * 3600)
+    for p in done:
+        click.echo(f"{p.action} {p.path} ({human_size(p.size)}): {p.reason}")
+    gone = [p for p in done if p.action != "kept"]
+    logger.info("%s %s in %d item(s)", "would free" if dry_run else "freed", human_size(sum(p.size for p in gone)),
+                len(gone))
+
+
+@main.command("run")
+@click.argument("pipeline", type=click.Path())
+@click.option("--data", default=None, type=click.Path(), help="Replaces the file's data path.")
+@click.option("--weights", default=None, help="Replaces every backbone's weights: imagenet, random, or a file.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Replaces any value of the file, by dotted key (repeatable): --set features.views=10.")
+@click.option("--only", default=None, metavar="GLOB", help="Run only the cases whose name matches (comma: several).")
+@click.option("--dry-run", is_flag=True, help="Read the data; list every case and what is cached or to compute.")
+@device_option
+@cache_option
+@quiet_option
+@command
+def run_cmd(pipeline, data, weights, sets, only, dry_run, device, cache, quiet):
+    """Run a pipeline file's cases (pipelines/*.toml) and write a results table: docs/pipelines.md."""
+    from featx.run import run_pipeline
+
+    res = run_pipeline(pipeline, data=data, weights=weights, sets=list(sets), only=only, dry_run=dry_run,
+                       cache=cache, device=device, progress=False if quiet else None)
+    if dry_run:
+        click.echo("\n".join(res.lines))
+        return
+    _emit_path(res.path)
+    if res.failed:
+        click.echo(f"featx: error: {len(res.failed)} case(s) failed: {', '.join(res.failed)} "
+                   f"(reasons in {res.path / 'results.csv'})", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from featx import interrupt
 from featx.cache import cache_root
 from featx.errors import WeightsError
 
@@ -81,8 +82,11 @@ def run_demo(*, weights: str | None = None, cache: str | os.PathLike | None = No
         f"  skipped   {len(m['skipped'])} file(s)",
     ]
     last = res.path
+    interrupt.check("demo.stage")  # between stages; each stage also stops between its own units
     _fit_heads(res.path, root, device, lines)
+    interrupt.check("demo.stage")
     best = _search(res.path, root, device, lines)
+    interrupt.check("demo.stage")
     last = _finetune_and_predict(best, root, device, lines, data)
     lines.append(f"  output    {last}")
     if weights == "random":
@@ -97,6 +101,7 @@ def _fit_heads(features: Path, root: Path, device: str, lines: list[str]) -> dic
 
     out = {}
     for kind, params in (("svm", {"C": 0.01}), ("logreg", {"C": 1.0}), ("mlp", {"hidden": 256, "epochs": 30})):
+        interrupt.check("demo.stage")
         r = fit_head(features, kind, params=params, cache=root, device=device)
         out[kind] = r.path
         m = r.metrics

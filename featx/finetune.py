@@ -39,13 +39,16 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 import featx
+from featx import interrupt
 from featx.backbones import Preprocess
-from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
+from featx.cache import (StagePlan, atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json,
+                         sha256_file, write_command)
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from featx.errors import DataError, DivergenceError, IntegrityError, UsageError
 from featx.fit import load_fitted, metrics_for
 from featx.model import (MODEL_FILE, MODEL_FORMAT, MODEL_META, FinetuneNet, Group, HeadModel, build_from_head,
                          model_json)
+from featx.model import finetune_command, model_problem
 
 logger = logging.getLogger(__name__)
 
@@ -435,7 +438,8 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
              resume: bool | None = None, cache: str | os.PathLike | None = None, workers: int | None = None,
              seed: int = 0, progress: bool | None = None, gradual_every: int = 1, step_size: int = 5,
              plateau_patience: int = 2, clip_grad: float | None = None, recover: int = 3,
-             on_epoch: Callable[[int, FinetuneNet, dict], None] | None = None) -> FinetuneResult:
+             on_epoch: Callable[[int, FinetuneNet, dict], None] | None = None,
+             plan: bool = False) -> FinetuneResult | StagePlan:
     """Put a fitted head back on its backbone and train the network end to end on the feature set's images.
 
     Args:
@@ -464,6 +468,8 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
             with :class:`~featx.errors.DivergenceError`.
         on_epoch: called after each epoch's checkpoint with ``(epoch, net, record)``; an exception it raises
             stops the run with that checkpoint kept (tests use it to stand for a kill).
+        plan: train nothing: return a :class:`~featx.cache.StagePlan` saying where the model is and whether it
+            is already fine-tuned (the options are checked as for a run).
 
     Returns:
         :class:`FinetuneResult`: ``<cache>/models/<key>/`` with ``model.pt``, ``model.json``, ``metrics.json``
@@ -506,6 +512,8 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
                     "featx": featx.__version__.split(".")[0]})
     out = cache_root(cache) / "models" / key
     done = _finished(out)
+    if plan:
+        return StagePlan(out, done is not None, {"key": key})
     if done is not None:
         logger.info("model %s is already fine-tuned", key)
         return FinetuneResult(out, done, False)
@@ -519,6 +527,7 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
             return FinetuneResult(out, done, False)
         for stale in out.glob(".tmp-*"):  # left by a killed write; we hold the lock
             stale.unlink(missing_ok=True)
+        write_command(out, finetune_command(fh.path, options, seed=int(seed), cache=cache_root(cache)))
         hm = build_from_head(fh, envelope=True)  # features held to the head's train range while training
         fdir = Path(fh.meta["source"]["features"])
         rows = feature_set_images(fdir, hm.manifest)
@@ -531,6 +540,10 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
 def _finished(out: Path) -> dict | None:
     done = read_json(out / "metrics.json")
     if isinstance(done, dict) and (out / MODEL_META).exists() and (out / MODEL_FILE).exists():
+        problem = model_problem(out)
+        if problem is not None:  # damaged: a miss, the same call trains it again
+            logger.warning("model %s is damaged (%s): fine-tuning it again", out.name, problem)
+            return None
         (out / CHECKPOINT).unlink(missing_ok=True)  # a run killed between finishing and tidying up
         return done
     return None
@@ -609,7 +622,14 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         history, best, initial = state["history"], state["best"], state["initial"]
         start, bad_epochs, stopped = int(state["epoch"]) + 1, int(state["bad_epochs"]), bool(state["stopped"])
         best_state, best_test = state["best_state"], _unpack(state["best_test"])
-        logger.info("resuming %s after epoch %d of %d (checkpoint %s)", key, start - 1, options["epochs"], ckpt_path)
+        partial = state.get("partial")  # stopped mid-epoch (SIGTERM, Ctrl-C): continue at that very step
+        events = list(state.get("recoveries") or [])
+        if partial is not None and int(partial["epoch"]) == start:
+            logger.info("resuming %s at step %d of epoch %d of %d (checkpoint %s)", key, int(partial["step"]), start,
+                        options["epochs"], ckpt_path)
+        else:
+            partial = None
+            logger.info("resuming %s after epoch %d of %d (checkpoint %s)", key, start - 1, options["epochs"], ckpt_path)
     else:
         t0 = time.perf_counter()
         env, net.envelope = net.envelope, None  # before any step the network is exactly the head, unclamped
@@ -627,17 +647,36 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         best = {"epoch": 0, "val_accuracy": initial["val_accuracy"], "val_loss": initial["val_loss"]}
         best_state = _cpu_state(net) if val0 else None
         best_test = test0
+        partial, events = None, []
+
+    def save_partial(part: dict) -> None:
+        # Stopped before step part["step"] of epoch part["epoch"]: the model, optimizer, scheduler and RNG as they
+        # are now, so that the next run takes that step exactly as this one would have (written atomically).
+        _save_checkpoint(ckpt_path, {
+            "key": key, "epoch": int(part["epoch"]) - 1, "model": _cpu_state(net), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "best": best, "best_state": best_state, "best_test": _pack(best_test), "bad_epochs": bad_epochs,
+            "stopped": stopped, "history": history, "initial": initial, "options": options, "partial": part,
+            "recoveries": events,  # retries of the stopped epoch so far (divergence guard)
+            "rng": {"seed": seed, "next_epoch_seed": _epoch_seed(seed, int(part["epoch"]))}})
+        logger.info("stopped before step %d of epoch %d: checkpoint %s; the same command continues from there",
+                    int(part["step"]) + 1, int(part["epoch"]), ckpt_path)
+
     show = sys.stderr.isatty() if progress is None else bool(progress)
     for epoch in range(start, options["epochs"] + 1):
         if stopped:
             break
         top = trainable_groups(net.groups, strategy, epoch, options["gradual_every"] or 1)
-        snap, events = _snapshot(net, opt, sched, scaler), []
+        # retries of this epoch so far (a run stopped mid-epoch records those it made before the stop)
+        events = list(events) if partial is not None else []
+        snap = _snapshot(net, opt, sched, scaler)
         while True:  # the epoch, retried from its start at a lower learning rate while it diverges
             try:
                 rec = _train_epoch(net, train_set, train_labels, opt, scaler, pre, dev, epoch, top, seed=seed,
                                    batch_size=options["batch_size"], workers=workers, pin=pin, amp=options["amp"],
-                                   show=show, tqdm=tqdm, clip_grad=options["clip_grad"])
+                                   show=show, tqdm=tqdm, partial=partial, save_partial=save_partial,
+                                   clip_grad=options["clip_grad"])
                 results = {s: _evaluate(net, ld, pre, dev, index_of, amp=options["amp"]) for s, ld in evals.items()}
                 for s, r in results.items():
                     if r["loss"] is not None and not math.isfinite(r["loss"]):
@@ -659,6 +698,7 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
                                RECOVER_FACTOR, opt.param_groups[0]["lr"],
                                f", backbone {opt.param_groups[1]['lr']:.3g}" if len(lrs) > 1 else "",
                                options["recover"] - used - 1, "y" if options["recover"] - used - 1 == 1 else "ies")
+        partial = None
         rec["recoveries"] = events
         for s, r in results.items():
             rec[f"{s}_loss"], rec[f"{s}_accuracy"] = r["loss"], r["accuracy"]
@@ -748,22 +788,37 @@ def _fmt(v) -> str:
 
 def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Tensor, opt, scaler, pre: Preprocess,
                  dev: torch.device, epoch: int, top: set[int], *, seed: int, batch_size: int, workers: int, pin: bool,
-                 amp: bool, show: bool, tqdm, clip_grad: float | None = None) -> dict:
+                 amp: bool, show: bool, tqdm, partial: dict | None = None,
+                 save_partial: Callable[[dict], None] | None = None, clip_grad: float | None = None) -> dict:
     """One epoch of steps; raises :class:`_Diverged` at the first non-finite loss or gradient (before stepping)."""
     t0 = time.perf_counter()
     es = _epoch_seed(seed, epoch)
     order = np.random.default_rng(es).permutation(len(train_set))
     train_set.epoch = epoch
-    loader = _loader(train_set, _batches(len(train_set), batch_size, order), workers=workers, pin=pin)
+    done = int(partial["step"]) if partial is not None else 0  # steps a stopped run already took this epoch
+    loader = _loader(train_set, _batches(len(train_set), batch_size, order)[done:], workers=workers, pin=pin)
     net.set_trainable(top)
-    loss_sum, correct, seen, bad, step, norms = 0.0, 0, 0, 0, 0, []
+    loss_sum, correct, seen, bad, norms = 0.0, 0, 0, 0, []
+    if partial is not None:
+        loss_sum, correct, seen, bad = float(partial["loss_sum"]), int(partial["correct"]), int(partial["seen"]), \
+            int(partial["bad"])
+        t0 -= float(partial["train_seconds"])
+    step, stop_rng = done, None
     bar = tqdm(total=len(train_set), unit="img", disable=not show, file=sys.stderr, desc=f"epoch {epoch}",
                dynamic_ncols=True)
     devices = [torch.cuda.current_device()] if dev.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):  # dropout draws from (seed, epoch), the caller's RNG untouched
             torch.manual_seed(es)
-            for idx, pixels, skipped in loader:
+            batches = iter(loader)  # draws the loader's seed now, before a resumed RNG state is put back
+            if partial is not None:
+                _set_rng_state(partial["rng"], devices)
+            for step, (idx, pixels, skipped) in enumerate(batches, done):
+                try:
+                    interrupt.check("finetune.step")
+                except interrupt.Interrupted:
+                    stop_rng = _rng_state(devices)  # dropout's generator as step `step` would find it
+                    raise
                 bad += len(skipped)
                 bar.update(len(idx) + len(skipped))
                 if pixels is None:
@@ -773,17 +828,16 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
                 with _autocast(dev, amp):
                     z = net(x)
                     loss = F.cross_entropy(z.float(), y)
-                step += 1
                 value = float(loss.detach())
                 if not math.isfinite(value):  # checked before backward: this step changes nothing
-                    raise _Diverged(epoch, step, "the loss", value)
+                    raise _Diverged(epoch, step + 1, "the loss", value)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 norm = _grad_norm(opt, scaler, clip_grad)
                 # with fp16 loss scaling an overflowing gradient is expected now and then: the scaler skips that
                 # step and lowers its scale, so only an unscaled non-finite gradient is divergence
                 if not math.isfinite(norm) and not scaler.is_enabled():
-                    raise _Diverged(epoch, step, "the gradient norm", norm)
+                    raise _Diverged(epoch, step + 1, "the gradient norm", norm)
                 scaler.step(opt)
                 scaler.update()
                 if math.isfinite(norm):
@@ -791,6 +845,11 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
                 loss_sum += value * len(idx)
                 correct += int((z.detach().argmax(1) == y).sum())
                 seen += len(idx)
+    except interrupt.Interrupted:
+        if save_partial is not None and stop_rng is not None:
+            save_partial({"epoch": epoch, "step": step, "loss_sum": loss_sum, "correct": correct, "seen": seen,
+                          "bad": bad, "train_seconds": time.perf_counter() - t0, "rng": stop_rng})
+        raise
     finally:
         bar.close()
     if bad:
@@ -865,6 +924,16 @@ def _scale_lr(opt: torch.optim.Optimizer, sched, factor: float) -> None:
             setattr(sched, attr, [v * factor for v in getattr(sched, attr)])
 
 
+def _rng_state(devices: list[int]) -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(d) for d in devices]}
+
+
+def _set_rng_state(state: dict, devices: list[int]) -> None:
+    torch.set_rng_state(state["cpu"])
+    for d, s in zip(devices, state.get("cuda") or []):
+        torch.cuda.set_rng_state(s, d)
+
+
 def _write_history(path: Path, history: list[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in history).encode())
 
@@ -885,7 +954,7 @@ def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict,
     os.replace(out / (".tmp-" + MODEL_FILE), out / MODEL_FILE)
     model_meta = model_json(hm, net, options=options, key=key, best_epoch=best["epoch"])
     model_meta["files"] = {MODEL_FILE: sha256_file(out / MODEL_FILE)}
-    atomic_write_json(out / MODEL_META, model_meta)
+    atomic_write_json(out / MODEL_META, model_meta, seal=True)
     ips = [h["train_images_per_s"] for h in history]
     head_acc = _head_test_accuracy(hm)
     metrics = {

@@ -26,7 +26,7 @@ from torch import nn
 
 import featx
 from featx.backbones import Backbone, Preprocess, get_spec, load_backbone, truncated
-from featx.cache import read_json, sha256_file
+from featx.cache import read_sealed_json, repair_hint, sha256_file
 from featx.errors import DataError, IntegrityError, UsageError, WeightsError
 from featx.fit import FittedHead, Scaler, load_fitted
 
@@ -254,8 +254,10 @@ def _source_manifest(fh: FittedHead) -> tuple[Path, dict]:
         raise UsageError(f"head {fh.path.name} was fit on a plain HDF5 file ({src.get('features')}): it records no "
                          f"backbone, weights or images, so it cannot be put back on a network; fit a head on a "
                          f"feature set made by featx extract")
+    from featx.store import read_manifest
+
     fdir = Path(src["features"])
-    manifest = read_json(fdir / "manifest.json")
+    manifest = read_manifest(fdir) if fdir.is_dir() else None
     if not isinstance(manifest, dict):
         raise DataError(f"head {fh.path.name}: its feature set {str(fdir)!r} is gone (no readable manifest.json); "
                         f"re-extract it with the same options")
@@ -410,6 +412,48 @@ def pre_json(pre: Preprocess) -> dict:
     return d
 
 
+def finetune_command(head: Path, options: dict, *, seed: int, cache: Path) -> list[str]:
+    """The ``featx finetune`` command line of these options (each option's flag is its name with dashes)."""
+    argv = ["featx", "finetune", str(head)]
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        else:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    return argv + ["--seed", str(seed), "--cache", str(cache)]
+
+
+def read_model_meta(path: Path) -> dict | None:
+    """``model.json`` checked against its digest (None when there is none). Raises IntegrityError when damaged."""
+    return read_sealed_json(Path(path) / MODEL_META, what="model description",
+                            fix=repair_hint(path, verb="fine-tune it again"))
+
+
+def model_file_problem(path: Path, meta: dict) -> str | None:
+    """What is wrong with ``model.pt`` against the sha256 that ``model.json`` records, or None."""
+    f = Path(path) / MODEL_FILE
+    if not f.is_file():
+        return f"{MODEL_FILE} is missing"
+    want = (meta.get("files") or {}).get(MODEL_FILE)
+    if want and sha256_file(f) != want:
+        return f"{MODEL_FILE} is damaged or was modified after it was written (sha256 differs)"
+    return None
+
+
+def model_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with a finished model directory (``model.json``'s seal, ``model.pt``'s sha256), or None."""
+    try:
+        meta = read_model_meta(Path(path))
+    except IntegrityError as e:
+        return str(e).split(": run ")[0]
+    if meta is None:
+        return f"{MODEL_META} is missing"
+    return model_file_problem(Path(path), meta)
+
+
 def load_model(path: str | os.PathLike) -> tuple[FinetuneNet, dict]:
     """Rebuild a fine-tuned model directory: ``(net in eval mode on the CPU, model.json)``.
 
@@ -420,15 +464,13 @@ def load_model(path: str | os.PathLike) -> tuple[FinetuneNet, dict]:
         DataError: not a model directory. IntegrityError: ``model.pt`` changed, or does not fit the description.
     """
     path = Path(path).expanduser().absolute()
-    meta = read_json(path / MODEL_META)
+    meta = read_model_meta(path)
     if not isinstance(meta, dict) or "backbone" not in meta:
         raise DataError(f"{str(path)!r} is not a fine-tuned model (no readable {MODEL_META})")
     f = path / MODEL_FILE
-    want = (meta.get("files") or {}).get(MODEL_FILE)
-    if not f.is_file():
-        raise IntegrityError(f"model {path.name}: {MODEL_FILE} is missing")
-    if want and sha256_file(f) != want:
-        raise IntegrityError(f"model {path.name}: {MODEL_FILE} was modified after it was written (sha256 differs)")
+    problem = model_file_problem(path, meta)
+    if problem:
+        raise IntegrityError(f"model {path}: {problem}: {repair_hint(path, verb='fine-tune it again')}")
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import featx
+from featx import interrupt
 from featx.backbones import Preprocess
 from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
 from featx.data import DEFAULT_MAX_PIXELS, _walk_images, fingerprint_file
@@ -157,6 +158,7 @@ def _predict(pr: Predictor, paths: list[Path], *, top_k: int, dev: torch.device,
                                          num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda")
     rows: list[dict | None] = [None] * len(paths)
     for idx, pixels, bad in loader:
+        interrupt.check("predict.batch")  # nothing is written before every row is known
         for i, why in bad:
             reason = "no such file" if not os.path.lexists(paths[i]) else why
             rows[i] = {"path": str(paths[i]), "class": None, "probability": None, "top_k": [], "error": reason}

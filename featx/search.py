@@ -8,6 +8,7 @@ When the trials are done, the best parameters are refit on all train rows and sa
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
@@ -21,9 +22,12 @@ from typing import Any
 import numpy as np
 
 import featx
-from featx.cache import cache_root
+from featx import interrupt
 from featx.errors import DataError, FeatxError, UsageError
 from featx.fit import HEAD_KINDS, Rows, Scaler, fit_head, make_head, open_rows, source_identity
+from featx.studies import HEARTBEAT, default_storage, fail_dead_trials, hold_for_tests, open_storage
+
+__all__ = ["search", "SearchResult", "Objective", "suggest", "open_storage", "default_storage", "study_name_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,47 +61,16 @@ def suggest(trial, kind: str, *, scales: tuple[str, ...] = ("standard", "l2", "n
 
 # ------------------------------------------------------------------------------------------------ storage
 
-def default_storage(cache: str | os.PathLike | None) -> str:
-    """A journal file under the cache: safe for several local processes (file locks, no 'database is locked')."""
-    path = cache_root(cache) / "studies" / "featx.journal"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return str(path)
-
-
-def open_storage(url: str):
-    """An Optuna storage from a URL (``sqlite:///``, ``postgresql://``, ``mysql://``) or a journal file path
-    (``*.journal``, ``*.log``, or ``journal:PATH``)."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-    try:
-        if "://" not in url or url.startswith("journal:"):
-            path = url[len("journal:"):] if url.startswith("journal:") else url
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            # open() locks work on every filesystem the journal may live on, NFS included
-            backend = JournalFileBackend(str(Path(path).expanduser()), lock_obj=JournalFileOpenLock(str(Path(path).expanduser())))
-            return JournalStorage(backend)
-        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # heartbeats let a study on a shared database mark trials of killed workers as failed
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
-    except FeatxError:
-        raise
-    except Exception as e:
-        raise UsageError(f"cannot open the study storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-
-
 def study_name_for(rows: Rows, kind: str) -> str:
     src = rows.fs.key or source_identity(rows).get("sha256", "")[:20]
     return f"featx-{kind}-{rows.layer}-{src[:12]}"
 
 
-def _open_study(storage_url: str, name: str, *, attrs: dict, sampler: str, seed: int, kind: str, create: bool):
+def _open_study(storage_url: str, name: str, *, attrs: dict, sampler: str, seed: int, kind: str, create: bool,
+                heartbeat: int = HEARTBEAT):
     import optuna
 
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, heartbeat=heartbeat)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # featx logs each trial itself, on its own logger
     smp = optuna.samplers.TPESampler(seed=seed, multivariate=True) if sampler == "tpe" \
         else optuna.samplers.RandomSampler(seed=seed)
@@ -123,6 +96,12 @@ def _open_study(storage_url: str, name: str, *, attrs: dict, sampler: str, seed:
     elif create:
         for k, v in attrs.items():
             study.set_user_attr(k, v)
+    # no zombies: trials left RUNNING by dead processes of this node, or (databases) silent past their grace
+    # period, become FAIL and are queued again
+    fail_dead_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     return study
 
 
@@ -189,10 +168,12 @@ class Objective:
         import optuna
 
         scale, params = suggest(trial, self.kind)
+        hold_for_tests(trial)  # FEATX_TRIAL_HOLD only: a test kills the process here
         if self.kind == "mlp":
             Xtr, ytr, Xva, yva = self.fold(scale, None if self.has_val else 0)
 
             def report(epoch: int, val_accuracy: float) -> None:
+                interrupt.check("search.epoch")  # between MLP epochs: the trial is abandoned, never half-told
                 trial.report(val_accuracy, epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {epoch} (validation accuracy {val_accuracy:.4f})")
@@ -202,6 +183,7 @@ class Objective:
         else:
             accs = []
             for f in ([None] if self.has_val else range(len(self.folds))):
+                interrupt.check("search.fold")
                 Xtr, ytr, Xva, yva = self.fold(scale, f)
                 est = self._fit(params, Xtr, ytr, problem_key=(scale, f))
                 accs.append(float(np.mean(est.predict(Xva) == yva)))
@@ -230,6 +212,7 @@ class _WorkerArgs:
     timeout: float | None
     threads: int
     worker: int
+    heartbeat: int = HEARTBEAT
 
 
 def _log_trial(study, trial) -> None:
@@ -253,37 +236,129 @@ def _fmt(params: dict) -> str:
 def _run_worker(a: _WorkerArgs) -> None:
     """One search worker: open the rows once, run its share of trials on the shared study."""
     import optuna
-    import torch
 
     if a.threads:
-        torch.set_num_threads(a.threads)
+        if a.kind == "mlp":
+            import torch
+
+            torch.set_num_threads(a.threads)
+        else:  # the linear heads compute with numpy's BLAS, not torch
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(a.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = open_rows(a.features, a.layer, split=a.split, seed=a.seed)
     study = _open_study(a.storage, a.study, attrs=a.attrs, sampler=a.sampler, seed=a.seed + a.worker,
-                        kind=a.kind, create=False)
+                        kind=a.kind, create=False, heartbeat=a.heartbeat)
     objective = Objective(rows, a.kind, cv=a.cv, seed=a.seed, device=a.device)
+    started: list = []  # this worker's trials, to fail any a forced stop leaves RUNNING
 
     def guarded(trial):
+        started.append(trial)
+        fail_dead_trials(study)  # a sibling worker killed meanwhile: its trial fails and is queued again
         try:
             return objective(trial)
         except optuna.TrialPruned:
+            raise
+        except interrupt.Interrupted:  # abandoned between folds or epochs: FAIL "interrupted", no trial after it
+            quiet.numbers.add(trial.number)
+            trial.set_user_attr("fail_reason", "interrupted")
+            study.stop()
+            raise
+        except KeyboardInterrupt:  # a second signal: Optuna fails the trial and raises it again
+            quiet.numbers.add(trial.number)
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("fail_reason", "interrupted")
             raise
         except (FeatxError, Exception) as e:  # a failed trial is recorded with its reason; the search goes on
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {str(e)[:300]}")
             raise
 
-    study.optimize(guarded, n_trials=a.n_trials, timeout=a.timeout, catch=(Exception,), callbacks=[_log_trial],
-                   gc_after_trial=False)
+    def between_trials(study, trial) -> None:
+        _log_trial(study, trial)
+        try:
+            interrupt.check("search.trial")
+        except interrupt.Interrupted:
+            study.stop()  # Optuna ends its loop before asking for another trial; raised again below
+
+    # No KeyboardInterrupt may reach Optuna's trial loop (optuna/optuna#3336, #5280): the first signal only asks
+    # for a stop, which the objective notices between folds and epochs and the callback between trials.
+    quiet = _quiet_interrupted_trials()
+    quiet.numbers.clear()  # trial numbers are per study
+    interrupt.raise_if_requested("search.trial")  # stopped while loading: no trial to abandon
+    try:
+        study.optimize(guarded, n_trials=a.n_trials, timeout=a.timeout, catch=(Exception,),
+                       callbacks=[between_trials], gc_after_trial=False)
+    except BaseException:
+        if interrupt.stop_requested():  # a second signal landed anywhere, Optuna's bookkeeping included
+            _abandon(study, started)
+        raise
+    interrupt.raise_if_requested("search.trial")
 
 
-def _child(a: _WorkerArgs, level: int) -> None:  # pragma: no cover - runs in a spawned process
+def _abandon(study, trials: list) -> None:
+    """Fail (reason "interrupted") those of ``trials`` still RUNNING: an immediate stop leaves none behind."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    try:
+        running = {t.number for t in study.get_trials(deepcopy=False, states=(S.RUNNING,))}
+        for trial in trials:
+            if trial.number in running:
+                trial.set_user_attr("fail_reason", "interrupted")
+                study.tell(trial, state=S.FAIL, skip_if_finished=True)
+                logger.info("trial %d fail (interrupted)", trial.number)
+    except Exception as e:  # the storage itself may be what the stop cut short; the rerun still works
+        logger.warning("could not mark the interrupted trial as failed: %s: %s", type(e).__name__, e)
+
+
+class _DropInterruptedTrials:
+    """A logging filter: Optuna's warnings (one with a traceback) about trials the stop failed, which featx
+    reports in one line instead.  ``numbers``: those trials."""
+
+    def __init__(self) -> None:
+        self.numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (interrupt.Interrupted, KeyboardInterrupt)):
+            return False
+        msg = record.getMessage()
+        return not any(msg.startswith(f"Trial {n} failed") for n in self.numbers)
+
+
+def _quiet_interrupted_trials() -> _DropInterruptedTrials:
+    log = logging.getLogger("optuna.study._optimize")  # where Optuna logs "Trial N failed ..."
+    for f in log.filters:
+        if isinstance(f, _DropInterruptedTrials):
+            return f
+    f = _DropInterruptedTrials()
+    log.addFilter(f)
+    return f
+
+
+def _child(a: _WorkerArgs, level: int, stop_flag=None) -> None:  # pragma: no cover - runs in a spawned process
     import sys
 
-    logging.basicConfig(level=level, stream=sys.stderr, format=f"featx[w{a.worker}]: %(message)s")
+    # SIGINT and SIGTERM are blocked until handling() takes them (the parent held them while starting us); the
+    # exit code tells the parent how this worker ended: 130/143 when a stop ended it
+    code = 0
     try:
-        _run_worker(a)
-    except KeyboardInterrupt:
-        pass
+        with interrupt.handling(parent=stop_flag):
+            logging.basicConfig(level=level, stream=sys.stderr, format=f"featx[w{a.worker}]: %(message)s")
+            try:
+                _run_worker(a)
+            except interrupt.Interrupted as e:
+                code = e.exit_code
+            except Exception:
+                name = interrupt.stop_requested()
+                if name is None:
+                    raise
+                code = interrupt.exit_code_of(name)  # what a second signal broke is the stop, not a bug
+    except KeyboardInterrupt as e:  # a second signal (raised by featx.interrupt with the signal's name)
+        code = interrupt.exit_code_of(str(e.args[0]) if e.args else "SIGINT")
+    if code:
+        sys.exit(code)
 
 
 @dataclass
@@ -298,7 +373,7 @@ class SearchResult:
 def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, trials: int = 20,
            timeout: float | None = None, storage: str | None = None, study: str | None = None, jobs: int = 1,
            cv: int = 3, sampler: str = "tpe", seed: int = 0, split: str | None = None, device: str = "auto",
-           cache: str | os.PathLike | None = None) -> SearchResult:
+           cache: str | os.PathLike | None = None, heartbeat: int = HEARTBEAT) -> SearchResult:
     """Search ``kind``'s hyperparameters on ``features``, then refit the best and save it as a head.
 
     Args:
@@ -308,6 +383,8 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
         study: study name (default: derived from the feature set, head kind and layer).
         jobs: worker processes sharing the study. cv: folds when the feature set has no val split.
         sampler: ``tpe`` or ``random``.
+        heartbeat: seconds between a running trial's heartbeats on a database storage; a trial silent for 3
+            heartbeats (its worker or machine died) is marked failed and queued again.
 
     Returns:
         :class:`SearchResult` with the best head's directory.
@@ -324,48 +401,67 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
         raise UsageError(f"--sampler {sampler!r}: use tpe or random")
     if trials < 0 or jobs < 1 or cv < 2:
         raise UsageError("--trials must be >= 0, --jobs >= 1 and --cv >= 2")
-    from featx.devices import resolve_device
+    from featx.devices import resolve_device_type
 
-    dev = resolve_device(device).type
+    dev = resolve_device_type(device)
     rows = open_rows(features, layer, split=split, seed=seed)
+    rows.fs.verify([rows.layer])  # damage stops the search here, not as a failed trial in each worker
     storage_url = storage or default_storage(cache)
     name = study or study_name_for(rows, kind)
     attrs = {"featx_source": rows.fs.key or source_identity(rows).get("sha256", ""), "kind": kind,
              "layer": rows.layer, "featx_version": featx.__version__, "cv": cv,
              "objective": "validation accuracy (val split)" if rows.mask("val").any() else f"{cv}-fold CV accuracy on train rows"}
-    st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=True)
+    st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=True,
+                     heartbeat=heartbeat)
     before = len(st.trials)
     logger.info("study %s in %s: %d trial(s) so far, adding %d with %d worker(s)", name, storage_url, before, trials, jobs)
     t0 = time.perf_counter()
     cores = os.cpu_count() or 1
     shares = [trials // jobs + (1 if i < trials % jobs else 0) for i in range(jobs)]
     base = dict(features=str(features), layer=rows.layer, kind=kind, split=split, seed=seed, device=dev, cv=cv,
-                storage=storage_url, study=name, attrs=attrs, sampler=sampler, timeout=timeout)
+                storage=storage_url, study=name, attrs=attrs, sampler=sampler, timeout=timeout, heartbeat=heartbeat)
     if jobs == 1:
         if trials:
             _run_worker(_WorkerArgs(**base, n_trials=trials, threads=0, worker=0))
     else:
         ctx = mp.get_context("spawn")  # never fork a process that holds torch's thread pools
+        flag = interrupt.share_with_workers(ctx)  # our stop request reaches the workers through it
         procs = [ctx.Process(target=_child, args=(_WorkerArgs(**base, n_trials=n, threads=max(1, cores // jobs), worker=i),
-                                                  logging.getLogger("featx").getEffectiveLevel()))
+                                                  logging.getLogger("featx").getEffectiveLevel(), flag))
                  for i, n in enumerate(shares) if n]
         try:
             for p in procs:
-                p.start()
+                with interrupt.workers_starting():
+                    p.start()
+            interrupt.mark("search.workers")
             for p in procs:
                 p.join()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second signal: the workers stop at once too, failing their RUNNING trials
+            interrupt.stop_workers_now(procs)
             for p in procs:
-                p.join(timeout=30)
+                p.join(timeout=60)
             raise
+        finally:
+            interrupt.release_workers(flag)
+        interrupt.raise_if_requested("search.trial")
+        codes = [p.exitcode for p in procs]
+        stopped = [c for c in codes if c in (interrupt.exit_code_of("SIGINT"), interrupt.exit_code_of("SIGTERM"))]
+        if stopped:  # a worker alone was sent a signal (by a scheduler, say): the search as a whole stops
+            raise interrupt.Interrupted("SIGTERM" if stopped[0] == interrupt.exit_code_of("SIGTERM") else "SIGINT",
+                                        "search.trial")
     elapsed = time.perf_counter() - t0
-    st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=False)
+    st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=False,
+                     heartbeat=heartbeat)
     states = [t.state for t in st.trials]
     S = optuna.trial.TrialState
     summary = {"study": name, "storage": storage_url, "sampler": sampler, "objective": attrs["objective"],
                "trials": len(states), "added": len(states) - before,
                "finished": states.count(S.COMPLETE), "pruned": states.count(S.PRUNED),
-               "failed": states.count(S.FAIL), "seconds": round(elapsed, 2)}
+               "failed": states.count(S.FAIL), "running": states.count(S.RUNNING),
+               "waiting": states.count(S.WAITING), "seconds": round(elapsed, 2)}
+    if summary["running"] or summary["waiting"]:  # other workers (other machines) still at work on the study
+        logger.info("%d trial(s) of the study still running and %d waiting (other workers)",
+                    summary["running"], summary["waiting"])
     complete = [t for t in st.trials if t.state == S.COMPLETE]
     if not complete:
         reasons = [t.user_attrs.get("fail_reason", "") for t in st.trials if t.state == S.FAIL][:1]

@@ -7,6 +7,12 @@ be fit on features made elsewhere.
 
 Reading never makes two copies of a layer: :meth:`FeatureSet.load` fills one preallocated array shard by shard,
 and :meth:`FeatureSet.iter_chunks` streams bounded chunks for data larger than memory.
+
+Everything is checked as it is read (format 2): every dataset of a shard is chunked with HDF5's fletcher32
+checksum (string columns are fixed-length so that the filter covers them too) and the file's metadata is written
+in the versions that carry checksums (``libver`` 1.8 and later); ``manifest.json`` is sealed with a digest.
+Damage is an :class:`~featx.errors.IntegrityError` naming the file and the command that recomputes it
+(measured against a sha256 per shard: benchmarks/bench_integrity.py, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -20,19 +26,40 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from featx.cache import read_json, temp_path
-from featx.errors import DataError
+from featx.cache import read_json, read_sealed_json, repair_hint, temp_path
+from featx.errors import DataError, FeatxError, IntegrityError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fletcher32 on every dataset, fixed-length strings, sealed manifest (1: no checks)
+READABLE_VERSIONS = (1, 2)
 SHARD_PATTERN = "shard-{:05d}.h5"
 STR_DTYPE = h5py.string_dtype("utf-8")
 CHUNK_ROWS = 4096  # rows read at a time from a single-file feature set
+# ~256 KiB chunks: measured as cheap to check as 1 MiB ones and cheaper than 4 MiB (docs/benchmarks.md); a read
+# verifies only the chunks it touches.
+CHUNK_BYTES = 256 << 10
+LIBVER = ("v108", "v110")  # superblock 2 and object headers 2: the file's own metadata carries checksums
 
 
 def shard_name(index: int) -> str:
     return SHARD_PATTERN.format(index)
+
+
+def _checked(shape: tuple[int, ...], itemsize: int) -> dict:
+    """``create_dataset`` options for a checksummed dataset (an empty one cannot be chunked: nothing to check)."""
+    n = shape[0]
+    if n == 0:
+        return {}
+    per_row = itemsize * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else itemsize
+    rows = max(1, min(n, CHUNK_BYTES // max(1, per_row)))
+    return {"chunks": (rows, *shape[1:]), "fletcher32": True}
+
+
+def _fixed_strings(values: Sequence[str]) -> np.ndarray:
+    """UTF-8 strings as a fixed-length array: unlike variable-length strings, they can carry a checksum."""
+    enc = [str(v).encode("utf-8") for v in values]
+    return np.asarray(enc, dtype=h5py.string_dtype("utf-8", max([1, *map(len, enc)])))
 
 
 class ShardWriter:
@@ -50,9 +77,9 @@ class ShardWriter:
         self.path = path
         self.n_rows = n_rows
         self.tmp = temp_path(path)
-        self.f = h5py.File(self.tmp, "w")
+        self.f = h5py.File(self.tmp, "w", libver=LIBVER)
         for name, d in dims.items():
-            self.f.create_dataset(name, shape=(n_rows, int(d)), dtype=np.float32)
+            self.f.create_dataset(name, shape=(n_rows, int(d)), dtype=np.float32, **_checked((n_rows, int(d)), 4))
 
     def write_rows(self, start: int, layers: dict[str, np.ndarray]) -> None:
         for name, arr in layers.items():
@@ -66,20 +93,22 @@ class ShardWriter:
             f, extra = self.f, None
             if not keep.all():
                 extra = temp_path(self.path)
-                g = h5py.File(extra, "w")
+                g = h5py.File(extra, "w", libver=LIBVER)
                 idx = np.nonzero(keep)[0]
                 for name in list(f):
-                    out = g.create_dataset(name, shape=(len(idx), f[name].shape[1]), dtype=np.float32)
+                    shape = (len(idx), f[name].shape[1])
+                    out = g.create_dataset(name, shape=shape, dtype=np.float32, **_checked(shape, 4))
                     for a in range(0, len(idx), self.COPY_ROWS):
                         sel = idx[a:a + self.COPY_ROWS]
                         out[a:a + len(sel)] = f[name][sel[0]:sel[-1] + 1][sel - sel[0]]
                 f.close()
                 Path(self.tmp).unlink(missing_ok=True)
                 self.f, self.tmp, f = g, extra, g
-            f.create_dataset("label", data=np.asarray(label, dtype=np.int64))
-            f.create_dataset("path", data=np.asarray(list(paths), dtype=object), dtype=STR_DTYPE)
-            f.create_dataset("split", data=np.asarray(list(split), dtype=object), dtype=STR_DTYPE)
-            f.create_dataset("view", data=np.asarray(list(view), dtype=object), dtype=STR_DTYPE)
+            lab = np.asarray(label, dtype=np.int64)
+            f.create_dataset("label", data=lab, **_checked(lab.shape, 8))
+            for name, col in (("path", paths), ("split", split), ("view", view)):
+                arr = _fixed_strings(list(col))
+                f.create_dataset(name, data=arr, **_checked(arr.shape, arr.dtype.itemsize))
             f.attrs["classes"] = json.dumps(list(classes), ensure_ascii=False)
             f.attrs["format_version"] = FORMAT_VERSION
             for k, v in (attrs or {}).items():
@@ -100,14 +129,58 @@ class ShardWriter:
         Path(self.tmp).unlink(missing_ok=True)
 
 
-def shard_is_valid(path: Path, layers: Sequence[str]) -> bool:
-    """A finished shard that opens and holds every layer with matching row counts (a torn file is a miss)."""
+def shard_problem(path: Path, layers: Sequence[str], rows: int | None = None) -> str | None:
+    """What is wrong with a finished shard, or None when it is whole: it opens, holds every layer and column with
+    the same number of rows (``rows`` when given), and every byte of every dataset reads back past its checksum
+    (a full read: format 2 shards are verified, format 1 shards only read)."""
+    if not path.is_file():
+        return "missing"
     try:
         with h5py.File(path, "r") as f:
+            if "label" not in f:
+                return "no label dataset"
             n = f["label"].shape[0]
-            return all(name in f and f[name].shape[0] == n for name in list(layers) + ["path", "split", "view"])
-    except Exception:
-        return False
+            for name in list(layers) + ["label", "path", "split", "view"]:
+                if name not in f:
+                    return f"no {name} dataset"
+                if f[name].shape[0] != n:
+                    return f"{name} has {f[name].shape[0]} rows, label {n}"
+            if rows is not None and n != rows:
+                return f"{n} rows where the manifest records {rows}"
+            for name in f:
+                ds = f[name]
+                if not isinstance(ds, h5py.Dataset):
+                    continue
+                step = max(1, (64 << 20) // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))))
+                for a in range(0, ds.shape[0], step):  # bounded memory: 64 MB at a time
+                    ds[a:a + step]
+            dict(f.attrs)
+    except Exception as e:  # anything h5py raises here means the file cannot be trusted
+        return _reason(e)
+    return None
+
+
+def shard_is_valid(path: Path, layers: Sequence[str], rows: int | None = None) -> bool:
+    """A finished shard that is whole (see :func:`shard_problem`); a torn or damaged file is a miss."""
+    return shard_problem(path, layers, rows) is None
+
+
+def _reason(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    if "fletcher32" in msg or "checksum" in msg or "filter returned failure" in msg:
+        return "a fletcher32 or metadata checksum fails"
+    return f"unreadable: {type(e).__name__}: {msg[:120]}" if msg else f"unreadable: {type(e).__name__}"
+
+
+def read_manifest(root: Path) -> dict | None:
+    """A feature set's ``manifest.json`` checked against its digest; None when there is none (unfinished).
+
+    Raises:
+        IntegrityError: the manifest is truncated, edited or damaged (the message says how to rewrite it).
+    """
+    root = Path(root)
+    return read_sealed_json(root / "manifest.json", what="the manifest of feature set",
+                            fix=repair_hint(root, verb="rewrite it"))
 
 
 def _decode(values) -> np.ndarray:
@@ -138,10 +211,18 @@ class FeatureSet:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser().absolute()
         if self.path.is_dir():
-            self.manifest = read_json(self.path / "manifest.json")
+            self.manifest = read_manifest(self.path)
             if not isinstance(self.manifest, dict):
-                raise DataError(f"{str(path)!r} is not a finished feature set (no readable manifest.json): "
+                raise DataError(f"{str(path)!r} is not a finished feature set (no manifest.json): "
                                 f"run featx extract to make or finish it")
+            version = self.manifest.get("format_version", 1)
+            if version not in READABLE_VERSIONS:
+                raise DataError(f"feature set {self.path.name} is in format {version}; this featx reads formats "
+                                f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade featx or extract it again")
+            if version < 2:
+                logger.warning("feature set %s is in format %s, whose shards carry no checksums: damage to them "
+                               "cannot be detected; extract it again to get format %d", self.path.name, version,
+                               FORMAT_VERSION)
             files = [self.path / s["file"] for s in self.manifest.get("shards", [])]
             self.kind = "featx"
         elif self.path.is_file():
@@ -152,8 +233,11 @@ class FeatureSet:
             raise DataError(f"features {str(path)!r} not found: give a feature-set directory or an HDF5 file")
         self._parts: list[_Part] = []
         start = 0
+        f = self.path
         try:
             for f in files:
+                if self.kind == "featx" and not f.is_file():
+                    raise IntegrityError(f"{f} is missing from feature set {self.path.name}: {self.repair}")
                 with h5py.File(f, "r") as h:
                     if "label" not in h:
                         raise DataError(f"{str(f)!r} has no 'label' dataset: an HDF5 feature file needs an integer "
@@ -164,15 +248,42 @@ class FeatureSet:
                         self._classes_attr = h.attrs.get("classes")
                 self._parts.append(_Part(f, n, start))
                 start += n
-        except DataError:
+        except (DataError, IntegrityError):
             raise
         except OSError as e:
-            raise DataError(f"cannot read features {str(path)!r}: {e}") from None
+            raise self._damaged(f, e) from None
         if not self._parts:
             raise DataError(f"feature set {str(path)!r} holds no shards")
         self.n_rows = start
         self._labels: np.ndarray | None = None
         self._splits: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ integrity
+    @property
+    def repair(self) -> str:
+        """How to repair a damaged shard of this feature set (the command that extracted it)."""
+        if self.kind == "featx":
+            return repair_hint(self.path, verb="recompute it")
+        return "the file cannot be trusted: write it again"
+
+    def _damaged(self, file: Path, e: BaseException) -> FeatxError:
+        if self.kind != "featx":
+            return DataError(f"cannot read features {str(file)!r}: {_reason(e)}")
+        return IntegrityError(f"{file} is damaged ({_reason(e)}): {self.repair}")
+
+    def verify(self, layers: Sequence[str] | None = None) -> None:
+        """Read ``layers`` (default: all) and the per-row columns of every shard past their checksums.
+
+        Raises:
+            IntegrityError: a damaged or missing shard, named with the command that recomputes it.
+        """
+        for layer in (self.layers if layers is None else layers):
+            for _ in self._blocks(layer, np.ones(self.n_rows, dtype=bool)):
+                pass
+        for name in ("label", "split", "path", "view"):
+            if name in self._first_keys:
+                for part in self._parts:
+                    self._read(part, name)
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -207,10 +318,12 @@ class FeatureSet:
             return None
         return np.concatenate([self._read(p, name) for p in self._parts])
 
-    @staticmethod
-    def _read(part: _Part, name: str) -> np.ndarray:
-        with h5py.File(part.file, "r") as h:
-            arr = h[name][()]
+    def _read(self, part: _Part, name: str) -> np.ndarray:
+        try:
+            with h5py.File(part.file, "r") as h:
+                arr = h[name][()]
+        except OSError as e:  # a fletcher32 or metadata checksum that fails, a torn file
+            raise self._damaged(part.file, e) from None
         return arr
 
     def labels(self, split: str | None = None) -> np.ndarray:
@@ -279,14 +392,21 @@ class FeatureSet:
 
     def _blocks(self, layer: str, m: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for part in self._parts:
-            with h5py.File(part.file, "r") as h:
+            try:
+                h = h5py.File(part.file, "r")
+            except OSError as e:
+                raise self._damaged(part.file, e) from None
+            with h:
                 ds = h[layer]
                 for a in range(0, part.n, CHUNK_ROWS):
                     b = min(part.n, a + CHUNK_ROWS)
                     local = m[part.start + a:part.start + b]
                     if not local.any():
                         continue
-                    block = ds[a:b]
+                    try:
+                        block = ds[a:b]
+                    except OSError as e:  # HDF5 checks each chunk's fletcher32 as it reads it
+                        raise self._damaged(part.file, e) from None
                     if block.dtype != np.float32:
                         block = block.astype(np.float32)
                     rows = np.nonzero(local)[0]

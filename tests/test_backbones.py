@@ -153,3 +153,20 @@ def test_preprocess_read_off_the_weights():
     p = Preprocess.from_weights(get_spec("alexnet").weights_enum())
     assert (p.resize, p.crop, p.interpolation) == (256, 224, "bilinear")
     assert np.allclose(p.mean, (0.485, 0.456, 0.406))
+
+
+def test_tapped_runs_from_a_cached_tap_to_deeper_ones():
+    from featx.backbones import start_layer
+
+    bb = load_backbone("alexnet", "random", seed=4)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.inference_mode():
+        full = Tapped(bb.stages(), ["pool5", "fc6", "fc7"])(x)
+        part = Tapped(bb.stages(), ["pool5", "fc7"], start="pool5")(full["pool5"].clone())
+    assert set(part) == {"pool5", "fc7"} and torch.equal(part["fc7"], full["fc7"])
+    assert torch.equal(part["pool5"], full["pool5"])
+    spec = get_spec("alexnet")
+    assert start_layer(spec, ["pool5"], ["fc6", "fc7"]) == "pool5"
+    assert start_layer(spec, ["pool5", "fc6"], ["fc7", "logits"]) == "fc6"
+    assert start_layer(spec, ["fc7"], ["fc6"]) is None  # nothing computes backwards
+    assert start_layer(spec, ["pool5", "fc7"], ["pool5"]) == "pool5"

@@ -102,14 +102,6 @@ def test_torn_and_temporary_files_are_never_read(digits_dir, tmp_path):
     assert not list(res_dir.glob(".tmp-*"))
 
 
-def _wait_for(path: Path, timeout: float = 120) -> None:
-    t = time.time()
-    while not path.exists():
-        if time.time() - t > timeout:
-            raise TimeoutError(path)
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
 def test_killed_or_interrupted_then_resume_equals_uninterrupted(how, photos_dir, tmp_path):
     workers = "1" if how == "kill -9" else "2"  # Ctrl-C while two lanes are busy
@@ -119,16 +111,16 @@ def test_killed_or_interrupted_then_resume_equals_uninterrupted(how, photos_dir,
     assert ref.returncode == 0, ref.stderr
     ref_dir = Path(ref.stdout.strip().splitlines()[-1])
     cache = tmp_path / "c"
-    proc = subprocess.Popen([sys.executable, "-m", "featx", *args, "--cache", str(cache)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    _wait_for(cache / "features" / ref_dir.name / "shard-00000.h5")  # 9 of 12 images still to do
+    # Ctrl-C at the 3rd batch (the first of shard 1, shard 0 done, 9 of 12 images still to do): the process sends
+    # itself the signal there (featx.interrupt's test hook), so the test does not depend on when a signal lands
+    at = "extract.batch:5:SIGKILL" if how == "kill -9" else "extract.batch:3:SIGINT"  # kill -9: 2 shards asked for
+    proc = subprocess.run([sys.executable, "-m", "featx", *args, "--cache", str(cache)], capture_output=True,
+                          env={**os.environ, "FEATX_STOP_AT": at}, timeout=300)
     if how == "kill -9":
-        os.killpg(proc.pid, signal.SIGKILL)  # workers included
-        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
     else:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130 and b"interrupted" in err and b"Traceback" not in err, err
+        err = proc.stderr
+        assert proc.returncode == 130 and b"interrupted (SIGINT)" in err and b"Traceback" not in err, err
         assert not list((cache / "features" / ref_dir.name).glob(".tmp-*"))  # the unfinished shard is cleaned up
     done_before = sorted(p.name for p in (cache / "features" / ref_dir.name).glob("shard-*.h5"))
     assert not (cache / "features" / ref_dir.name / "manifest.json").exists()
@@ -304,3 +296,78 @@ def test_cuda_matches_cpu(digits_dir, tmp_path):
     assert amp.path.name != gpu.path.name  # --amp changes the features, so it changes the key
     c = FeatureSet(amp.path).load("pool5")
     assert float(np.linalg.norm(a - c) / np.linalg.norm(a)) <= 5e-2
+
+
+# ------------------------------------------------------------------------- deeper layers from cached rows
+
+def _layer_rows(path: Path, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    fs = FeatureSet(path)
+    return fs.load(layer), fs.column("path"), fs.column("view")
+
+
+@pytest.fixture
+def few_digits(digits_dir, tmp_path) -> Path:
+    """16 of the digits (4 classes x 4), so that the several extractions of a test stay quick."""
+    import shutil
+
+    out = tmp_path / "few"
+    for c in ("0", "1", "2", "3"):
+        (out / c).mkdir(parents=True)
+        for p in sorted((digits_dir / c).iterdir())[:4]:
+            shutil.copy(p, out / c / p.name)
+    return out
+
+
+def test_deeper_layers_from_cached_rows_equal_a_direct_extraction(few_digits, tmp_path, monkeypatch):
+    import featx.extract as fx
+
+    data = few_digits
+    (data / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # skipped in both runs
+    # 2 views, 5 images a shard, 3 a batch: several shards, batches of 6, 4 and (next to the broken file) 2 rows
+    kw = {**KW, "views": 2, "shard_size": 10, "batch_size": 6, "split": "test=0.25"}
+    direct = extract(data, layers=["fc6", "fc7"], cache=tmp_path / "direct", **kw)
+    base = extract(data, layers=["pool5"], cache=tmp_path / "c", **kw)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(fx, "_decode", no_decoding)  # the deeper layers must come from the cached rows alone
+    reused = extract(data, layers=["fc7", "fc6"], cache=tmp_path / "c", **kw)
+    assert reused.computed and reused.manifest["computed_from"] == {"key": base.path.name, "layer": "pool5"}
+    assert reused.path.name == direct.path.name  # the same feature set: the same content key
+    for layer in ("fc6", "fc7"):
+        a, b = _layer_rows(direct.path, layer), _layer_rows(reused.path, layer)
+        assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+        # equal up to float rounding: the cached rows go through fc6/fc7 in larger products than a direct pass
+        err = np.linalg.norm(a[0] - b[0]) / np.linalg.norm(a[0])
+        assert err <= 1e-6 and np.abs(a[0] - b[0]).max() <= 1e-5 * np.abs(a[0]).max(), (layer, err)
+    m_direct, m_reused = direct.manifest, reused.manifest
+    for k in ("n_rows", "counts", "rows_per_class", "skipped", "shards", "classes", "config"):
+        assert m_direct[k] == m_reused[k], k
+    assert [s["reason"] for s in m_reused["skipped"]] and m_reused["skipped"][0]["path"] == "3/broken.png"
+    # a cached layer asked for again is copied, and the deeper one computed on top of it; the deepest cached
+    # layer at or before the shallowest one asked for serves (fc7 here, of the set just made, not pool5)
+    deeper = extract(data, layers=["fc7", "logits"], cache=tmp_path / "c", **kw)
+    assert deeper.manifest["computed_from"] == {"key": reused.path.name, "layer": "fc7"}
+    assert np.array_equal(_layer_rows(deeper.path, "fc7")[0], _layer_rows(reused.path, "fc7")[0])
+
+
+def test_no_reuse_across_a_different_network_or_when_refused(few_digits, tmp_path):
+    extract(few_digits, layers=["pool5"], cache=tmp_path, **KW)
+    other = extract(few_digits, layers=["fc7"], cache=tmp_path, **{**KW, "seed": 1})  # other weights and split
+    assert "computed_from" not in other.manifest
+    refused = extract(few_digits, layers=["fc6"], cache=tmp_path, reuse=False, **KW)
+    assert "computed_from" not in refused.manifest
+    deeper_only = extract(few_digits, layers=["pool5", "fc6", "fc7"], cache=tmp_path / "x", **KW)
+    shallow = extract(few_digits, layers=["pool5"], cache=tmp_path / "x", **KW)
+    assert shallow.manifest["computed_from"]["layer"] == "pool5"  # a subset of the cached layers: copied
+    assert np.array_equal(_layer_rows(shallow.path, "pool5")[0], _layer_rows(deeper_only.path, "pool5")[0])
+
+
+def test_reuse_falls_back_to_the_images_when_the_source_is_damaged(few_digits, tmp_path):
+    base = extract(few_digits, layers=["pool5"], cache=tmp_path, **KW)
+    (base.path / "shard-00000.h5").write_bytes(b"torn")
+    res = extract(few_digits, layers=["fc6"], cache=tmp_path, **KW)
+    assert "computed_from" not in res.manifest and res.manifest["n_rows"] == 16
+    ref = extract(few_digits, layers=["fc6"], cache=tmp_path / "ref", **KW)
+    assert np.array_equal(_layer_rows(res.path, "fc6")[0], _layer_rows(ref.path, "fc6")[0])

@@ -1,6 +1,6 @@
 """Numerical solvers behind :mod:`featx.heads`: L2-regularized squared-hinge SVMs and softmax regression.
 
-Nothing here is public API; :mod:`featx.heads` wraps it in scikit-learn estimators.
+Nothing here is public API; the heads of :mod:`featx.heads` wrap it in scikit-learn estimators.
 
 The linear SVM problem (per one-vs-rest column ``c`` with labels ``y`` in {-1, +1}) is exactly LIBLINEAR's /
 ``sklearn.svm.LinearSVC``'s default::
@@ -49,23 +49,249 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.linalg
-import scipy.optimize
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
 Batches = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 
 
+# -- array back-ends ---------------------------------------------------------------------------------------------
+# The solvers are written once against the small set of operations below.  On the CPU they run on numpy and
+# scipy's LAPACK, so that `featx fit svm` never imports torch (2-4 s of start-up); on a CUDA device the same code
+# runs on torch tensors.
+
+
+def _is_tensor(a: Any) -> bool:
+    """True for a torch tensor, without importing torch."""
+    return type(a).__module__.startswith("torch")
+
+
+class _NumpyOps:
+    """numpy arrays and scipy's LAPACK: the CPU back-end."""
+
+    name = "numpy"
+    device_type = "cpu"
+    f32 = np.dtype(np.float32)
+    f64 = np.dtype(np.float64)
+
+    def asarray(self, a: Any, dtype: Any = None) -> np.ndarray:
+        return np.asarray(a, dtype=dtype)
+
+    def numpy(self, a: Any) -> np.ndarray:
+        return np.asarray(a)
+
+    def cast(self, a: np.ndarray, dtype: Any) -> np.ndarray:
+        return a.astype(dtype, copy=False)
+
+    def copy(self, a: np.ndarray, dtype: Any = None) -> np.ndarray:
+        return a.astype(a.dtype if dtype is None else dtype, copy=True)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    def full(self, shape: tuple[int, ...], value: float, dtype: Any) -> np.ndarray:
+        return np.full(shape, value, dtype=dtype)
+
+    def where(self, cond: Any, a: Any, b: Any) -> np.ndarray:
+        return np.where(cond, a, b)
+
+    def clamp(self, a: Any, lo: float | None = None, hi: float | None = None) -> Any:
+        return np.clip(a, lo, hi)
+
+    def sqrt(self, a: Any) -> Any:
+        return np.sqrt(a)
+
+    def isfinite(self, a: Any) -> Any:
+        return np.isfinite(a)
+
+    def sort0(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(a, axis=0)
+        return np.take_along_axis(a, order, 0), order
+
+    def gather0(self, a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(a, idx, 0)
+
+    def cumsum0(self, a: np.ndarray) -> np.ndarray:
+        return np.cumsum(a, axis=0)
+
+    def cat0(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts, axis=0)
+
+    def argmax0(self, a: np.ndarray) -> np.ndarray:
+        return np.argmax(a, axis=0)
+
+    def norm0(self, a: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.einsum("ij,ij->j", a, a)) if a.ndim == 2 else np.linalg.norm(a, axis=0)
+
+    def nonzero(self, mask: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(mask)
+
+    def rows(self, a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return a[idx]
+
+    def cols(self, a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return a[:, idx]
+
+    def diag(self, a: np.ndarray) -> np.ndarray:
+        return np.diagonal(a)
+
+    def add_diag_(self, a: np.ndarray, value: float) -> None:
+        n = a.shape[0]
+        a.flat[:: n + 1] += value
+
+    def colsum64(self, a: np.ndarray) -> np.ndarray:
+        return a.sum(0, dtype=np.float64)
+
+    def cholesky(self, a: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Lower Cholesky factor and whether the factorization succeeded (no exception, as torch's _ex)."""
+        try:
+            return scipy.linalg.cholesky(a, lower=True, check_finite=False), True
+        except np.linalg.LinAlgError:
+            return a, False
+
+    def cholesky_solve(self, b: np.ndarray, L: np.ndarray) -> np.ndarray:
+        return scipy.linalg.cho_solve((L, True), b, check_finite=False)
+
+    def cholesky_inverse(self, L: np.ndarray) -> np.ndarray:
+        potri = scipy.linalg.get_lapack_funcs("potri", (L,))
+        inv, info = potri(L, lower=1, overwrite_c=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"LAPACK potri failed (info={info})")
+        # potri fills the lower triangle and leaves the upper one as it was: zero, since scipy's cholesky
+        # cleans it.  Mirror with one temporary: inv + inv.T counts the diagonal twice.
+        full = inv + inv.T
+        full.flat[:: full.shape[0] + 1] *= 0.5
+        return full
+
+    def solve(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.linalg.solve(a, b)
+
+
+class _TorchOps:
+    """torch tensors on an accelerator: the same operations as :class:`_NumpyOps`."""
+
+    name = "torch"
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.device_type = device.type
+        self.f32 = torch.float32
+        self.f64 = torch.float64
+
+    def asarray(self, a: Any, dtype: Any = None) -> torch.Tensor:
+        return self.torch.as_tensor(a, dtype=dtype, device=self.device)
+
+    def numpy(self, a: torch.Tensor) -> np.ndarray:
+        return a.detach().cpu().numpy()
+
+    def cast(self, a: torch.Tensor, dtype: Any) -> torch.Tensor:
+        return a.to(dtype)
+
+    def copy(self, a: torch.Tensor, dtype: Any = None) -> torch.Tensor:
+        return a.to(a.dtype if dtype is None else dtype, copy=True)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> torch.Tensor:
+        return self.torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def full(self, shape: tuple[int, ...], value: float, dtype: Any) -> torch.Tensor:
+        return self.torch.full(shape, value, dtype=dtype, device=self.device)
+
+    def where(self, cond: Any, a: Any, b: Any) -> torch.Tensor:
+        t = self.torch
+        like = a if isinstance(a, t.Tensor) else b if isinstance(b, t.Tensor) else None
+        if like is None:  # two scalars: torch would make float32
+            a = t.tensor(a, dtype=t.float64, device=cond.device)
+        return t.where(cond, a, b)
+
+    def clamp(self, a: Any, lo: float | None = None, hi: float | None = None) -> Any:
+        return a.clamp(min=lo, max=hi)
+
+    def sqrt(self, a: Any) -> Any:
+        return self.torch.sqrt(a)
+
+    def isfinite(self, a: Any) -> Any:
+        return self.torch.isfinite(a)
+
+    def sort0(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.torch.sort(a, dim=0)
+
+    def gather0(self, a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.torch.gather(a, 0, idx)
+
+    def cumsum0(self, a: torch.Tensor) -> torch.Tensor:
+        return self.torch.cumsum(a, 0)
+
+    def cat0(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return self.torch.cat(parts, 0)
+
+    def argmax0(self, a: torch.Tensor) -> torch.Tensor:
+        return self.torch.argmax(a.to(self.torch.int8), dim=0)
+
+    def norm0(self, a: torch.Tensor) -> torch.Tensor:
+        return self.torch.linalg.vector_norm(a, dim=0)
+
+    def nonzero(self, mask: torch.Tensor) -> torch.Tensor:
+        return self.torch.nonzero(mask).flatten()
+
+    def rows(self, a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return a.index_select(0, idx)
+
+    def cols(self, a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return a.index_select(1, idx)
+
+    def diag(self, a: torch.Tensor) -> torch.Tensor:
+        return a.diagonal()
+
+    def add_diag_(self, a: torch.Tensor, value: float) -> None:
+        a.diagonal().add_(value)
+
+    def colsum64(self, a: torch.Tensor) -> torch.Tensor:
+        return a.sum(0, dtype=self.torch.float64)
+
+    def cholesky(self, a: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        L, info = self.torch.linalg.cholesky_ex(a)
+        return L, int(info) == 0
+
+    def cholesky_solve(self, b: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        return self.torch.cholesky_solve(b, L)
+
+    def cholesky_inverse(self, L: torch.Tensor) -> torch.Tensor:
+        return self.torch.cholesky_inverse(L)
+
+    def solve(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.torch.linalg.solve(a, b)
+
+
+_NUMPY = _NumpyOps()
+
+
+def backend_for(device: Any) -> _NumpyOps | _TorchOps:
+    """The back-end for ``device``: numpy on ``"cpu"`` (no torch import), torch tensors elsewhere.
+
+    Refuses CUDA when it is not available, with a :class:`~featx.errors.UsageError`.
+    """
+    if str(device) == "cpu":
+        return _NUMPY
+    return _TorchOps(resolve_device(device))
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """Return ``device`` as a :class:`torch.device`, refusing CUDA when it is not available."""
+    """Return ``device`` as a :class:`torch.device`, refusing CUDA when it is not available (imports torch)."""
+    import torch
+
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import UsageError
+        from ..errors import UsageError
 
         raise UsageError(f"device {device!r} was asked for but CUDA is not available on this machine")
     return dev
@@ -91,9 +317,7 @@ def svm_primal_objective(W: np.ndarray, b: np.ndarray, X: np.ndarray, Y: np.ndar
     ).sum(0)
 
 
-def _exact_line_search(
-    a: torch.Tensor, b: torch.Tensor, F: torch.Tensor, FP: torch.Tensor, Y: torch.Tensor, C: float
-) -> torch.Tensor:
+def _exact_line_search(xp: Any, a: Any, b: Any, F: Any, FP: Any, Y: Any, C: float) -> Any:
     """Exact minimizer ``t >= 0`` of ``phi(t) = reg(t) + C sum_i max(0, 1 - y_i (f_i + t fp_i))^2`` per column.
 
     ``reg(t)`` is quadratic with ``reg'(t) = a + t b``.  ``phi'`` is continuous, increasing and piecewise linear
@@ -103,47 +327,44 @@ def _exact_line_search(
     c = 1.0 - Y * F
     m = Y * FP
     active0 = (c > 0) | ((c == 0) & (m < 0))
-    zero = torch.zeros((), dtype=F.dtype, device=F.device)
-    A0 = a - 2 * C * torch.where(active0, m * c, zero).sum(0)
-    B0 = b + 2 * C * torch.where(active0, m * m, zero).sum(0)
-    tb = torch.where(m != 0, c / torch.where(m != 0, m, torch.ones_like(m)), torch.full_like(m, math.inf))
-    tb = torch.where((tb > 0) & torch.isfinite(tb), tb, torch.full_like(tb, math.inf))
-    ts, order = torch.sort(tb, dim=0)
-    ms = torch.gather(m, 0, order)
-    cs = torch.gather(c, 0, order)
-    finite = torch.isfinite(ts)
+    A0 = a - 2 * C * xp.where(active0, m * c, 0.0).sum(0)
+    B0 = b + 2 * C * xp.where(active0, m * m, 0.0).sum(0)
+    tb = xp.where(m != 0, c / xp.where(m != 0, m, 1.0), math.inf)
+    tb = xp.where((tb > 0) & xp.isfinite(tb), tb, math.inf)
+    ts, order = xp.sort0(tb)
+    ms = xp.gather0(m, order)
+    cs = xp.gather0(c, order)
+    finite = xp.isfinite(ts)
     # Crossing its breakpoint, a row with m > 0 leaves the active set and one with m < 0 enters it.
-    sgn = torch.where(ms > 0, -1.0, 1.0).to(F.dtype) * finite
+    sgn = xp.cast(xp.where(ms > 0, -1.0, 1.0), F.dtype) * finite
     dA = sgn * (-2 * C * ms * cs)
     dB = sgn * (2 * C * ms * ms)
     k = F.shape[1]
-    zrow = torch.zeros((1, k), dtype=F.dtype, device=F.device)
-    Acum = A0 + torch.cat([zrow, torch.cumsum(dA, 0)], 0)
-    Bcum = B0 + torch.cat([zrow, torch.cumsum(dB, 0)], 0)
-    tlo = torch.cat([zrow, ts], 0)
-    thi = torch.cat([ts, torch.full((1, k), math.inf, dtype=F.dtype, device=F.device)], 0)
-    safe = torch.where(Bcum > 0, Bcum, torch.ones_like(Bcum))
+    zrow = xp.zeros((1, k), F.dtype)
+    Acum = A0 + xp.cat0([zrow, xp.cumsum0(dA)])
+    Bcum = B0 + xp.cat0([zrow, xp.cumsum0(dB)])
+    tlo = xp.cat0([zrow, ts])
+    thi = xp.cat0([ts, xp.full((1, k), math.inf, F.dtype)])
+    safe = xp.where(Bcum > 0, Bcum, 1.0)
     troot = -Acum / safe
     ok = (Bcum > 0) & (troot >= tlo) & (troot <= thi)
-    first = torch.argmax(ok.to(torch.int8), dim=0)
-    t = troot.gather(0, first[None, :])[0]
-    return torch.where(ok.any(0), t.clamp_min(0.0), torch.zeros_like(t))
+    first = xp.argmax0(ok)
+    t = xp.gather0(troot, first[None, :])[0]
+    return xp.where(ok.any(0), xp.clamp(t, 0.0), 0.0)
 
 
-def _svm_relative_gap(
-    B: torch.Tensor, F: torch.Tensor, alpha: torch.Tensor, Y: torch.Tensor, C: float, K_ya: torch.Tensor
-) -> torch.Tensor:
+def _svm_relative_gap(xp: Any, B: Any, F: Any, alpha: Any, Y: Any, C: float, K_ya: Any) -> Any:
     """Relative duality gap ``(P - D) / P`` per column, Gram-space version.
 
     ``P = 0.5 beta^T K beta + C sum xi^2``; the dual point ``alpha = 2C xi`` (the KKT map of the current primal
     point) gives ``D = sum alpha - 0.5 (y*alpha)^T K (y*alpha) - sum alpha^2 / (4C)``, a lower bound on the
     optimum, so ``gap <= tol`` certifies the objective to a relative ``tol``.
     """
-    xi = torch.clamp(1 - Y * F, min=0)
+    xi = xp.clamp(1 - Y * F, 0)
     primal = 0.5 * (B * F).sum(0) + C * (xi * xi).sum(0)
     ya = Y * alpha
     dual = alpha.sum(0) - 0.5 * (ya * K_ya).sum(0) - (alpha * alpha).sum(0) / (4 * C)
-    return (primal - dual) / primal.clamp_min(1e-300)
+    return (primal - dual) / xp.clamp(primal, 1e-300)
 
 
 # From this many rows on, the Gram solver inverts K + I/(2C) in float32 (with refinement, see _svm_gram).
@@ -200,24 +421,31 @@ class LinearProblem:
         if not self.X.flags.writeable:  # torch only wraps writable buffers without a warning
             self.X = self.X.copy()
         self.n, self.d = self.X.shape
-        self.device = resolve_device(device)
+        # numpy and scipy on the CPU (no torch import), torch tensors on an accelerator.
+        self.xp = backend_for(device)
         if space == "auto":
             space = "gram" if self.n <= self.d + 1 else "feature"
         if space not in ("gram", "feature"):
             raise ValueError(f"space must be 'auto', 'gram' or 'feature', got {space!r}")
         self.space = space
-        self._X_t: torch.Tensor | None = None
-        self._K: torch.Tensor | None = None
+        self._X_t: Any = None
+        self._K: Any = None
         # Small problems use float64 products throughout (cheap, and exact enough for tight tolerances);
         # big ones float32 products (the features' own precision), upgraded only where a factorization fails.
         self._small = self.n * self.d <= _FLOAT64_BELOW
         self._K_exact = self._small
         self._M_exact = self._small
-        self._X_mm: torch.Tensor | None = None
-        self._M: torch.Tensor | None = None
+        self._X_mm: Any = None
+        self._M: Any = None
         self._factor_C: tuple[float, Any] | None = None
-        self._factor: torch.Tensor | None = None
-        self._warm: dict[str, tuple[float, torch.Tensor]] = {}
+        self._factor: Any = None
+        self._warm: dict[str, tuple[float, Any]] = {}
+
+    @property
+    def device(self) -> str:
+        """Where the products run: ``"cpu"`` (numpy) or the torch device's name."""
+        xp = self.xp
+        return "cpu" if isinstance(xp, _NumpyOps) else str(xp.device)
 
     # -- shared pieces -------------------------------------------------------------------------------------
     def matches(self, X: np.ndarray) -> bool:
@@ -228,57 +456,54 @@ class LinearProblem:
         return X.shape == self.X.shape and np.array_equal(np.asarray(X, dtype=np.float32), self.X)
 
     @property
-    def X_t(self) -> torch.Tensor:
-        """``X`` as a float32 tensor on the problem's device (shares memory on CPU)."""
+    def X_t(self) -> Any:
+        """``X`` as a float32 array of the back-end (the numpy array itself on the CPU)."""
         if self._X_t is None:
-            self._X_t = torch.from_numpy(self.X).to(self.device)
+            self._X_t = self.xp.asarray(self.X)
         return self._X_t
 
     @property
-    def X_mm(self) -> torch.Tensor:
+    def X_mm(self) -> Any:
         """``X`` as used in the feature-space products: float64 for small problems, else float32."""
         if self._X_mm is None:
-            self._X_mm = self.X_t.to(torch.float64) if self._small else self.X_t
+            self._X_mm = self.xp.cast(self.X_t, self.xp.f64) if self._small else self.X_t
         return self._X_mm
 
     @property
-    def K(self) -> torch.Tensor:
+    def K(self) -> Any:
         """``X X^T + 1`` in float64 (n, n), computed on first use."""
         if self._K is None:
+            xp = self.xp
             t0 = time.perf_counter()
             if self._K_exact:
-                X64 = self.X_t.to(torch.float64)
+                X64 = xp.cast(self.X_t, xp.f64)
                 K = X64 @ X64.T
                 del X64
-            elif self.device.type == "cpu":
-                # numpy's BLAS call for X @ X.T is a SYRK; on the CPUs we measured it was ~2x faster than torch's.
-                K32 = self.X @ self.X.T
-                K = torch.from_numpy(K32).to(torch.float64)
             else:
+                # On the CPU numpy's X @ X.T is one SYRK call (measured ~2x faster than torch's GEMM there).
                 Xt = self.X_t
-                K = (Xt @ Xt.T).to(torch.float64)
+                K = xp.cast(Xt @ Xt.T, xp.f64)
             K += 1.0
             self._K = K
             logger.debug("Gram matrix %dx%d in %.2fs", self.n, self.n, time.perf_counter() - t0)
         return self._K
 
     @property
-    def M(self) -> torch.Tensor:
+    def M(self) -> Any:
         """``X~^T X~`` in float64 ((d+1), (d+1)) with ``X~ = [X, 1]``, computed on first use."""
         if self._M is None:
+            xp = self.xp
             t0 = time.perf_counter()
             Xt = self.X_t
             d = self.d
-            M = torch.empty((d + 1, d + 1), dtype=torch.float64, device=self.device)
+            M = xp.zeros((d + 1, d + 1), xp.f64)
             if self._M_exact:
-                X64 = Xt.to(torch.float64)
+                X64 = xp.cast(Xt, xp.f64)
                 M[:d, :d] = X64.T @ X64
                 del X64
-            elif self.device.type == "cpu":
-                M[:d, :d] = torch.from_numpy(self.X.T @ self.X)
             else:
                 M[:d, :d] = Xt.T @ Xt
-            s = Xt.sum(0, dtype=torch.float64)
+            s = xp.colsum64(Xt)
             M[:d, d] = s
             M[d, :d] = s
             M[d, d] = float(self.n)
@@ -301,18 +526,19 @@ class LinearProblem:
         """
         if C <= 0 or not math.isfinite(C):
             raise ValueError(f"C must be positive and finite, got {C}")
+        xp = self.xp
         key = self._warm_key(Y)
         warm = self._warm.get(key) if warm_start else None
-        Yt = torch.as_tensor(Y, dtype=torch.float64, device=self.device)
+        Yt = xp.asarray(np.asarray(Y, dtype=np.float64))
         t0 = time.perf_counter()
         if self.space == "gram":
             B, n_iter, converged, obj, detail = self._svm_gram(Yt, C, tol, max_iter, warm[1] if warm else None)
             self._warm[key] = (C, B)
             # w = X^T beta with float32 GEMMs: beta split into a float32 head and the float32 rounding
             # remainder, so beta's float64 precision survives (X itself is float32 anyway).
-            hi = B.to(torch.float32)
-            lo = (B - hi.to(torch.float64)).to(torch.float32)
-            coef = (hi.T @ self.X_t).to(torch.float64) + (lo.T @ self.X_t).to(torch.float64)
+            hi = xp.cast(B, xp.f32)
+            lo = xp.cast(B - xp.cast(hi, xp.f64), xp.f32)
+            coef = xp.cast(hi.T @ self.X_t, xp.f64) + xp.cast(lo.T @ self.X_t, xp.f64)
             intercept = B.sum(0)
         else:
             W, n_iter, converged, obj, detail = self._svm_feature(Yt, C, tol, max_iter, warm[1] if warm else None)
@@ -321,58 +547,61 @@ class LinearProblem:
             intercept = W[-1]
         info = SolveInfo(self.space, n_iter, time.perf_counter() - t0, obj, converged, detail)
         logger.debug("svm C=%g: %s", C, info)
-        return coef.cpu().numpy(), intercept.cpu().numpy(), info
+        return np.array(xp.numpy(coef), dtype=np.float64), np.array(xp.numpy(intercept), dtype=np.float64), info
 
-    def _gram_inverse(self, C: float, dtype: torch.dtype) -> torch.Tensor | None:
+    def _gram_inverse(self, C: float, dtype: Any) -> Any:
         """``(K + I/(2C))^-1`` in ``dtype``, cached for the most recent ``C`` (and precision).
 
         Returns None for float32 when the matrix is too ill-conditioned for it (the caller uses float64).
         """
+        xp = self.xp
         key = (C, dtype)
         if self._factor_C == key and self._factor is not None:
             return self._factor
         self._factor = None  # release the previous one before allocating the next
         t0 = time.perf_counter()
-        A = self.K.to(dtype, copy=True)
-        A.diagonal().add_(0.5 / C)
-        L, info = torch.linalg.cholesky_ex(A)
-        if dtype != torch.float64:
+        A = xp.copy(self.K, dtype)
+        xp.add_diag_(A, 0.5 / C)
+        L, ok = xp.cholesky(A)
+        if dtype != xp.f64:
             # (max L_ii / min L_ii)^2 is a lower bound on cond(A); refuse float32 where it cannot resolve A.
-            diag = L.diagonal().abs().to(torch.float64)
-            if int(info) != 0 or float((diag.max() / diag.min().clamp_min(1e-300)) ** 2) > _FLOAT32_MAX_COND:
+            if not ok:
                 return None
-        if int(info) != 0 and not self._K_exact:
+            diag = abs(xp.cast(xp.diag(L), xp.f64))
+            if (float(diag.max()) / max(float(diag.min()), 1e-300)) ** 2 > _FLOAT32_MAX_COND:
+                return None
+        if not ok and not self._K_exact:
             # K + I/(2C) is positive definite in exact arithmetic, but a float32 Gram matrix carries rounding
             # errors ~1e-7 |K| that a tiny I/(2C) (huge C, rank-deficient X) cannot cover: redo K in float64.
             logger.debug("Cholesky of K + I/2C failed (C=%g); recomputing K in float64", C)
             self._K = None
             self._K_exact = True
-            A = self.K.to(dtype, copy=True)
-            A.diagonal().add_(0.5 / C)
-            L, info = torch.linalg.cholesky_ex(A)
+            A = xp.copy(self.K, dtype)
+            xp.add_diag_(A, 0.5 / C)
+            L, ok = xp.cholesky(A)
         jitter = 1e-12
-        while int(info) != 0 and jitter < 1e-3:
+        while not ok and jitter < 1e-3:
             logger.warning("K + I/(2C) is numerically singular (C=%g); adding %.0e x mean(diag) to it", C, jitter)
-            A.diagonal().add_(jitter * float(A.diagonal().mean()))
-            L, info = torch.linalg.cholesky_ex(A)
+            xp.add_diag_(A, jitter * float(xp.diag(A).mean()))
+            L, ok = xp.cholesky(A)
             jitter *= 100
-        if int(info) != 0:
+        if not ok:
             raise np.linalg.LinAlgError("K + I/(2C) is not numerically positive definite")
         del A
-        inv = torch.cholesky_inverse(L)
+        inv = xp.cholesky_inverse(L)
         self._factor, self._factor_C = inv, key
         logger.debug("inverse of K + I/2C (C=%g, %s) in %.2fs", C, dtype, time.perf_counter() - t0)
         return inv
 
     def _solve_active(
         self,
-        R: torch.Tensor,
-        S: torch.Tensor,
-        Ainv: torch.Tensor,
+        R: Any,
+        S: Any,
+        Ainv: Any,
         cols: list[int],
         gamma: float,
         cache: dict[int, Any],
-    ) -> tuple[torch.Tensor, int]:
+    ) -> tuple[Any, int]:
         """``D`` with ``D_N = 0`` and ``(K_SS + gamma I) D_S = R_S`` for each column in ``cols`` (others 0).
 
         ``Ainv`` approximates ``(K + gamma I)^-1`` (float32 or float64).  Columns with at most as many
@@ -380,10 +609,11 @@ class LinearProblem:
         ``|N| x |N|`` solve); the others factorize ``K_SS + gamma I`` directly in float64.  ``cache`` keeps
         each column's gathered rows and factorization for further calls with the same ``S`` and ``Ainv``.
         """
+        xp = self.xp
         K = self.K
         n = K.shape[0]
-        D = torch.zeros_like(R)
-        U = (Ainv @ (S * R).to(Ainv.dtype)).to(torch.float64)
+        D = xp.zeros(R.shape, xp.f64)
+        U = xp.cast(Ainv @ xp.cast(S * R, Ainv.dtype), xp.f64)
         n_direct = 0
         for c in cols:
             s_c = S[:, c]
@@ -394,69 +624,73 @@ class LinearProblem:
                 D[:, c] = U[:, c]
             elif n - n_act <= n_act:
                 if c not in cache:
-                    N = torch.nonzero(~s_c).flatten()
+                    N = xp.nonzero(~s_c)
                     # Rows, not columns, of the symmetric inverse: a contiguous gather.
-                    AN = Ainv.index_select(0, N).to(torch.float64)
-                    G = AN.index_select(1, N)
-                    L, info = torch.linalg.cholesky_ex(0.5 * (G + G.T))
-                    cache[c] = (N, AN, L if int(info) == 0 else None, G)
+                    AN = xp.cast(xp.rows(Ainv, N), xp.f64)
+                    G = xp.cols(AN, N)
+                    L, ok = xp.cholesky(0.5 * (G + G.T))
+                    cache[c] = (N, AN, L if ok else None, G)
                 N, AN, L, G = cache[c]
-                rhs = U.index_select(0, N)[:, c : c + 1]
-                lam = torch.cholesky_solve(rhs, L) if L is not None else torch.linalg.solve(G, rhs)
+                rhs = xp.rows(U, N)[:, c : c + 1]
+                lam = xp.cholesky_solve(rhs, L) if L is not None else xp.solve(G, rhs)
                 col = U[:, c] - (AN.T @ lam)[:, 0]
                 col[N] = 0
                 D[:, c] = col
             else:
                 if c not in cache:
-                    Sidx = torch.nonzero(s_c).flatten()
-                    A = K.index_select(0, Sidx).index_select(1, Sidx)
-                    A.diagonal().add_(gamma)
-                    cache[c] = (Sidx, torch.linalg.cholesky(A))
+                    Sidx = xp.nonzero(s_c)
+                    A = xp.cols(xp.rows(K, Sidx), Sidx)
+                    xp.add_diag_(A, gamma)
+                    L, ok = xp.cholesky(A)
+                    if not ok:
+                        raise np.linalg.LinAlgError("K_SS + I/(2C) is not numerically positive definite")
+                    cache[c] = (Sidx, L)
                     n_direct += 1
                 Sidx, L = cache[c]
-                D[Sidx, c] = torch.cholesky_solve(R[Sidx, c : c + 1], L)[:, 0]
+                D[Sidx, c] = xp.cholesky_solve(R[Sidx, c : c + 1], L)[:, 0]
         return D, n_direct
 
     def _svm_gram(
-        self, Y: torch.Tensor, C: float, tol: float, max_iter: int, B0: torch.Tensor | None
-    ) -> tuple[torch.Tensor, int, bool, float, dict[str, Any]]:
+        self, Y: Any, C: float, tol: float, max_iter: int, B0: Any
+    ) -> tuple[Any, int, bool, float, dict[str, Any]]:
+        xp = self.xp
         K = self.K
         n, k = Y.shape
         gamma = 0.5 / C
         # Mixed precision: a float32 inverse costs ~1/3 of a float64 one; the Newton systems are then solved
         # with one step of iterative refinement against float64 residuals.  If refinement does not contract
         # (K + I/2C too ill-conditioned for float32, e.g. duplicate rows and a large C) we switch to float64.
-        inv_dtype = torch.float32 if n >= _MIXED_PRECISION_FROM else torch.float64
+        inv_dtype = xp.f32 if n >= _MIXED_PRECISION_FROM else xp.f64
         Ainv = self._gram_inverse(C, inv_dtype)
         if Ainv is None:
             logger.debug("K + I/2C too ill-conditioned for a float32 inverse (C=%g); using float64", C)
-            Ainv = self._gram_inverse(C, torch.float64)
+            Ainv = self._gram_inverse(C, xp.f64)
         assert Ainv is not None
-        B = torch.zeros((n, k), dtype=torch.float64, device=self.device) if B0 is None else B0.clone()
+        B = xp.zeros((n, k), xp.f64) if B0 is None else xp.copy(B0)
         F = K @ B
-        done = torch.zeros(k, dtype=torch.bool, device=self.device)
+        done = xp.zeros((k,), bool)
         converged = False
         it = 0
         n_direct = 0
-        gap = torch.full((k,), math.inf, dtype=torch.float64)
+        gap = xp.full((k,), math.inf, xp.f64)
         from_zero = B0 is None
         for it in range(1, max_iter + 1):
             S = (Y * F) < 1
             if not (from_zero and it == 1):  # at w = 0 the gap is never small: save the GEMM
-                alpha = 2 * C * torch.clamp(1 - Y * F, min=0)
-                gap = _svm_relative_gap(B, F, alpha, Y, C, K @ (Y * alpha))
+                alpha = 2 * C * xp.clamp(1 - Y * F, 0)
+                gap = _svm_relative_gap(xp, B, F, alpha, Y, C, K @ (Y * alpha))
                 done |= gap <= tol
                 if bool(done.all()):
                     converged = True
                     it -= 1
                     break
-            cols = torch.nonzero(~done).flatten().tolist()
-            if Ainv.dtype != torch.float64 and it > _FLOAT32_MAX_STEPS:
+            cols = xp.nonzero(~done).tolist()
+            if Ainv.dtype != xp.f64 and it > _FLOAT32_MAX_STEPS:
                 # The Newton method normally ends in a handful of steps; slow progress means float32 hurts.
                 logger.debug("no convergence after %d steps with a float32 inverse; switching to float64", it - 1)
-                Ainv = self._gram_inverse(C, torch.float64)
+                Ainv = self._gram_inverse(C, xp.f64)
                 assert Ainv is not None
-            Sf = S.to(torch.float64)
+            Sf = xp.cast(S, xp.f64)
             # Newton point for the active sets S: beta_N = 0, (K_SS + gamma I) beta_S = y_S, found as a
             # correction to the current beta restricted to S (so an approximate solve refines, not restarts).
             B0s = B * Sf
@@ -465,13 +699,13 @@ class LinearProblem:
             D, nd = self._solve_active(R, S, Ainv, cols, gamma, cache)
             n_direct += nd
             Bhat = B0s + D
-            if Ainv.dtype != torch.float64:
+            if Ainv.dtype != xp.f64:
                 R2 = Sf * (Y - K @ Bhat - gamma * Bhat)
-                r1 = torch.linalg.vector_norm(R[:, cols], dim=0)
-                r2 = torch.linalg.vector_norm(R2[:, cols], dim=0)
-                if bool((r2 > 0.25 * r1 + 1e-12 * torch.linalg.vector_norm(Y[:, cols], dim=0)).any()):
+                r1 = xp.norm0(R[:, cols])
+                r2 = xp.norm0(R2[:, cols])
+                if bool((r2 > 0.25 * r1 + 1e-12 * xp.norm0(Y[:, cols])).any()):
                     logger.debug("float32 inverse not accurate enough (C=%g); switching to float64", C)
-                    Ainv = self._gram_inverse(C, torch.float64)
+                    Ainv = self._gram_inverse(C, xp.f64)
                     assert Ainv is not None
                     D, nd = self._solve_active(R, S, Ainv, cols, gamma, {})
                     Bhat = B0s + D
@@ -482,95 +716,102 @@ class LinearProblem:
             P = Bhat - B
             P[:, done] = 0
             KP = K @ P
-            t = _exact_line_search((B * KP).sum(0), (P * KP).sum(0), F, KP, Y, C)
-            t = torch.where(done, torch.zeros_like(t), t)
+            t = _exact_line_search(xp, (B * KP).sum(0), (P * KP).sum(0), F, KP, Y, C)
+            t = xp.where(done, 0.0, t)
             B += t * P
             F += t * KP
             S_new = (Y * F) < 1
             # Finite termination: a full Newton step that leaves the active set unchanged lands on the optimum.
-            exact = (S_new == S).all(0) & ((t - 1).abs() <= 1e-9)
+            exact = (S_new == S).all(0) & (abs(t - 1) <= 1e-9)
             done |= exact
             if bool(done.all()):
                 converged = True
                 break
-        obj = float((0.5 * (B * F).sum() + C * (torch.clamp(1 - Y * F, min=0) ** 2).sum()).item())
-        detail = {"n_direct_factorizations": n_direct, "max_rel_gap": float(gap.max()), "inverse": str(Ainv.dtype)}
+        obj = float(0.5 * (B * F).sum() + C * (xp.clamp(1 - Y * F, 0) ** 2).sum())
+        detail = {"n_direct_factorizations": n_direct, "max_rel_gap": float(gap.max()),
+                  "inverse": str(Ainv.dtype).replace("torch.", "")}
         return B, it, converged, obj, detail
 
-    def _feature_precond(self, C: float) -> torch.Tensor:
+    def _feature_precond(self, C: float) -> Any:
         """Cholesky factor of the full-active-set Hessian ``I + 2C X~^T X~``, cached for the latest ``C``."""
         if self._factor_C == (C, "feature") and self._factor is not None:
             return self._factor
+        xp = self.xp
         self._factor = None
         H = self.M * (2 * C)
-        H.diagonal().add_(1.0)
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) != 0 and not self._M_exact:
+        xp.add_diag_(H, 1.0)
+        L, ok = xp.cholesky(H)
+        if not ok and not self._M_exact:
             # Rounding in a float32 X^T X can make it slightly indefinite, which a huge C magnifies.
             self._M, self._M_exact = None, True
             H = self.M * (2 * C)
-            H.diagonal().add_(1.0)
-            L, info = torch.linalg.cholesky_ex(H)
-        if int(info) != 0:
+            xp.add_diag_(H, 1.0)
+            L, ok = xp.cholesky(H)
+        if not ok:
             raise np.linalg.LinAlgError("I + 2C X^T X is not numerically positive definite")
         self._factor = L
         self._factor_C = (C, "feature")
         return self._factor
 
-    def _active_hessian(self, active: torch.Tensor, C: float) -> torch.Tensor:
+    def _active_hessian(self, active: Any, C: float) -> Any:
         """``I + 2C X~_S^T X~_S`` (float64) for the rows ``active``, from the rows themselves or as ``M``
         minus the inactive rows, whichever set is smaller."""
+        xp = self.xp
         n_act = int(active.sum())
         use_active = n_act <= self.n - n_act
-        idx = torch.nonzero(active if use_active else ~active).flatten()
-        Xs = self.X_mm.index_select(0, idx)
+        idx = xp.nonzero(active if use_active else ~active)
+        Xs = xp.rows(self.X_mm, idx)
         d = self.d
-        part = torch.empty((d + 1, d + 1), dtype=torch.float64, device=self.device)
-        part[:d, :d] = (Xs.T @ Xs).to(torch.float64)
-        colsum = Xs.sum(0, dtype=torch.float64)
+        part = xp.zeros((d + 1, d + 1), xp.f64)
+        part[:d, :d] = xp.cast(Xs.T @ Xs, xp.f64)
+        colsum = xp.colsum64(Xs)
         part[:d, d] = colsum
         part[d, :d] = colsum
         part[d, d] = float(len(idx))
         H = part if use_active else self.M - part
         H *= 2 * C
-        H.diagonal().add_(1.0)
+        xp.add_diag_(H, 1.0)
         return H
 
-    def _xw(self, W: torch.Tensor) -> torch.Tensor:
+    def _xw(self, W: Any) -> Any:
         """``X~ W`` for W ((d+1), k) float64 (a float32 GEMM for big data, see :attr:`X_mm`)."""
+        xp = self.xp
         Xm = self.X_mm
-        return (Xm @ W[:-1].to(Xm.dtype)).to(torch.float64) + W[-1]
+        return xp.cast(Xm @ xp.cast(W[:-1], Xm.dtype), xp.f64) + W[-1]
 
-    def _xtr(self, R: torch.Tensor) -> torch.Tensor:
+    def _xtr(self, R: Any) -> Any:
         """``X~^T R`` for R (n, k) float64 (a float32 GEMM for big data, see :attr:`X_mm`)."""
+        xp = self.xp
         Xm = self.X_mm
-        top = (Xm.T @ R.to(Xm.dtype)).to(torch.float64)
-        return torch.cat([top, R.sum(0, keepdim=True)], 0)
+        top = xp.cast(Xm.T @ xp.cast(R, Xm.dtype), xp.f64)
+        return xp.cat0([top, R.sum(0)[None, :]])
 
     def _svm_feature(
-        self, Y: torch.Tensor, C: float, tol: float, max_iter: int, W0: torch.Tensor | None
-    ) -> tuple[torch.Tensor, int, bool, float, dict[str, Any]]:
+        self, Y: Any, C: float, tol: float, max_iter: int, W0: Any
+    ) -> tuple[Any, int, bool, float, dict[str, Any]]:
+        xp = self.xp
         n, k = Y.shape
         d1 = self.d + 1
         Lp = self._feature_precond(C)
-        W = torch.zeros((d1, k), dtype=torch.float64, device=self.device) if W0 is None else W0.clone()
+        W = xp.zeros((d1, k), xp.f64) if W0 is None else xp.copy(W0)
         F = self._xw(W)
-        g0 = torch.linalg.vector_norm(self._xtr(-2 * C * Y), dim=0).clamp_min(1e-300)
+        g0 = xp.clamp(xp.norm0(self._xtr(-2 * C * Y)), 1e-300)
         converged = False
         cg_total = 0
         n_direct = 0
         use_direct = False
         it = 0
-        gap = torch.full((k,), math.inf, dtype=torch.float64)
+        gap = xp.full((k,), math.inf, xp.f64)
         for it in range(1, max_iter + 1):
-            S = ((Y * F) < 1).to(torch.float64)
-            xi = torch.clamp(1 - Y * F, min=0)
+            Sb = (Y * F) < 1
+            S = xp.cast(Sb, xp.f64)
+            xi = xp.clamp(1 - Y * F, 0)
             # Gradient w - X~^T (2C xi y); the same vector X~^T (alpha y) gives the dual point's norm.
             Wd = self._xtr(2 * C * xi * Y)
             G = W - Wd
             primal = 0.5 * (W * W).sum(0) + C * (xi * xi).sum(0)
             dual = (2 * C * xi).sum(0) - 0.5 * (Wd * Wd).sum(0) - C * (xi * xi).sum(0)
-            gap = (primal - dual) / primal.clamp_min(1e-300)
+            gap = (primal - dual) / xp.clamp(primal, 1e-300)
             if bool((gap <= tol).all()):
                 converged = True
                 it -= 1
@@ -578,27 +819,26 @@ class LinearProblem:
             done = gap <= tol
             if use_direct:
                 # Exact Newton: factorize each class's active-set Hessian (d+1 small enough).
-                P = torch.zeros_like(G)
-                Sb = S.to(torch.bool)
-                for c in torch.nonzero(~done).flatten().tolist():
+                P = xp.zeros(G.shape, xp.f64)
+                for c in xp.nonzero(~done).tolist():
                     if bool(Sb[:, c].all()):
                         L = Lp
                     else:
-                        L, info = torch.linalg.cholesky_ex(self._active_hessian(Sb[:, c], C))
-                        if int(info) != 0:
+                        L, ok = xp.cholesky(self._active_hessian(Sb[:, c], C))
+                        if not ok:
                             raise np.linalg.LinAlgError("an active-set Hessian is not positive definite")
                         n_direct += 1
-                    P[:, c] = -torch.cholesky_solve(G[:, c : c + 1], L)[:, 0]
+                    P[:, c] = -xp.cholesky_solve(G[:, c : c + 1], L)[:, 0]
             else:
-                gnorm = torch.linalg.vector_norm(G, dim=0)
+                gnorm = xp.norm0(G)
                 # Truncated Newton: solve (I + 2C X~_S^T X~_S) P = -G by preconditioned CG, all columns at
                 # once, to a relative residual that tightens as the gradient shrinks.
-                eta = torch.clamp(torch.minimum(torch.full_like(gnorm, 0.1), torch.sqrt(gnorm / g0)), min=1e-6)
+                eta = xp.clamp(xp.clamp(xp.sqrt(gnorm / g0), None, 0.1), 1e-6)
 
-                def hess(V: torch.Tensor) -> torch.Tensor:
+                def hess(V: Any) -> Any:
                     return V + 2 * C * self._xtr(S * self._xw(V))
 
-                P, n_cg = _batched_pcg(hess, -G, lambda R: torch.cholesky_solve(R, Lp), eta, max_iter=_CG_MAX)
+                P, n_cg = _batched_pcg(xp, hess, -G, lambda R: xp.cholesky_solve(R, Lp), eta, max_iter=_CG_MAX)
                 cg_total += n_cg
                 P[:, done] = 0
                 if n_cg >= _CG_MAX and d1 <= _FEATURE_DIRECT_MAX:
@@ -607,40 +847,41 @@ class LinearProblem:
                     logger.debug("CG stalled (C=%g); switching to per-class factorizations", C)
                     use_direct = True
             FP = self._xw(P)
-            t = _exact_line_search((W * P).sum(0), (P * P).sum(0), F, FP, Y, C)
+            t = _exact_line_search(xp, (W * P).sum(0), (P * P).sum(0), F, FP, Y, C)
             W += t * P
             F += t * FP
-        obj = float((0.5 * (W * W).sum() + C * (torch.clamp(1 - Y * F, min=0) ** 2).sum()).item())
+        obj = float(0.5 * (W * W).sum() + C * (xp.clamp(1 - Y * F, 0) ** 2).sum())
         detail = {"cg_iterations": cg_total, "n_direct_factorizations": n_direct, "max_rel_gap": float(gap.max())}
         return W, it, converged, obj, detail
 
 
 def _batched_pcg(
-    matvec: Callable[[torch.Tensor], torch.Tensor],
-    Bm: torch.Tensor,
-    precond: Callable[[torch.Tensor], torch.Tensor],
-    rtol: torch.Tensor,
+    xp: Any,
+    matvec: Callable[[Any], Any],
+    Bm: Any,
+    precond: Callable[[Any], Any],
+    rtol: Any,
     max_iter: int,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[Any, int]:
     """Preconditioned CG on the columns of ``Bm`` at once (one matvec per iteration for all columns)."""
-    X = torch.zeros_like(Bm)
-    R = Bm.clone()
+    X = xp.zeros(Bm.shape, Bm.dtype)
+    R = xp.copy(Bm)
     Z = precond(R)
-    P = Z.clone()
+    P = xp.copy(Z)
     rz = (R * Z).sum(0)
-    bnorm = torch.linalg.vector_norm(Bm, dim=0).clamp_min(1e-300)
+    bnorm = xp.clamp(xp.norm0(Bm), 1e-300)
     it = 0
     for it in range(1, max_iter + 1):
         AP = matvec(P)
         pap = (P * AP).sum(0)
-        alpha = torch.where(pap > 0, rz / torch.where(pap > 0, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+        alpha = xp.where(pap > 0, rz / xp.where(pap > 0, pap, 1.0), 0.0)
         X += alpha * P
         R -= alpha * AP
-        if bool((torch.linalg.vector_norm(R, dim=0) <= rtol * bnorm).all()):
+        if bool((xp.norm0(R) <= rtol * bnorm).all()):
             break
         Z = precond(R)
         rz_new = (R * Z).sum(0)
-        beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+        beta = xp.where(rz > 0, rz_new / xp.where(rz > 0, rz, 1.0), 0.0)
         rz = rz_new
         P = Z + beta * P
     return X, it
@@ -656,7 +897,9 @@ def _chunk_loss_grad(kind: str, F: Any, yc: Any, C: float) -> tuple[float, Any]:
 
     Works on numpy arrays (CPU) and torch tensors (other devices) alike.
     """
-    xp_torch = isinstance(F, torch.Tensor)
+    xp_torch = _is_tensor(F)
+    if xp_torch:
+        import torch
     if kind == "squared_hinge":
         Y = yc  # +-1 matrix (m, k')
         xi = 1 - Y * F
@@ -693,37 +936,39 @@ _FLOAT64_BELOW = 20_000_000
 
 
 def _device_chunks(
-    batches: Batches, encode: Callable[[np.ndarray], np.ndarray], device: torch.device, dtype: type
+    batches: Batches, encode: Callable[[np.ndarray], np.ndarray], xp: _NumpyOps | _TorchOps, dtype: type
 ) -> Iterator[tuple[Any, Any]]:
-    """Chunks as numpy arrays of ``dtype`` (CPU: numpy's BLAS, no torch thread hand-offs) or device tensors."""
+    """Chunks as numpy arrays of ``dtype`` (CPU: numpy's BLAS, no torch) or tensors on ``xp``'s device."""
     for Xc, yc in batches():
         y_enc = encode(np.asarray(yc))
-        if device.type == "cpu":
+        if isinstance(xp, _NumpyOps):
             yield np.asarray(Xc, dtype=dtype), y_enc
         else:
-            tdt = torch.float64 if dtype == np.float64 else torch.float32
-            yield torch.as_tensor(np.asarray(Xc)).to(device=device, dtype=tdt), torch.from_numpy(y_enc).to(device)
+            tdt = xp.f64 if dtype == np.float64 else xp.f32
+            yield xp.asarray(np.asarray(Xc), tdt), xp.asarray(y_enc)
 
 
 def _lift(a: np.ndarray, like: Any) -> Any:
     """A float64 numpy array in the framework, device and dtype of ``like``."""
-    if isinstance(like, torch.Tensor):
+    if _is_tensor(like):
+        import torch
+
         return torch.from_numpy(np.ascontiguousarray(a)).to(device=like.device, dtype=like.dtype)
     return np.asarray(a, dtype=like.dtype)
 
 
 def _np64(a: Any) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        return a.detach().to(torch.float64).cpu().numpy()
+    if _is_tensor(a):
+        return a.detach().double().cpu().numpy()
     return np.asarray(a, dtype=np.float64)
 
 
 def _to64(a: Any) -> Any:
-    return a.to(torch.float64) if isinstance(a, torch.Tensor) else a.astype(np.float64, copy=False)
+    return a.double() if _is_tensor(a) else a.astype(np.float64, copy=False)
 
 
 def nystrom_sketch(
-    batches: Batches, n_features: int, rank: int, device: torch.device, dtype: type, seed: int = 0
+    batches: Batches, n_features: int, rank: int, device: str | torch.device, dtype: type, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``rank`` eigenpairs of ``X~^T X~`` (``X~ = [X, 1]``) from ONE pass: randomized Nystrom approximation.
 
@@ -737,11 +982,11 @@ def nystrom_sketch(
     rng = np.random.default_rng(seed)
     Omega, _ = np.linalg.qr(rng.standard_normal((d1, rank)))
     Ysk = np.zeros((d1, rank))
-    for Xa, _y in _device_chunks(batches, lambda y: y, device, dtype):
+    for Xa, _y in _device_chunks(batches, lambda y: y, backend_for(device), dtype):
         Om = _lift(Omega[:-1], Xa)
         T = _to64(Xa @ Om)
-        T = T + (_lift(Omega[-1], T) if isinstance(T, torch.Tensor) else Omega[-1])
-        Ysk[:-1] += _np64(Xa.T @ (T.to(Xa.dtype) if isinstance(T, torch.Tensor) else T.astype(Xa.dtype)))
+        T = T + (_lift(Omega[-1], T) if _is_tensor(T) else Omega[-1])
+        Ysk[:-1] += _np64(Xa.T @ (T.to(Xa.dtype) if _is_tensor(T) else T.astype(Xa.dtype)))
         Ysk[-1] += _np64(T.sum(0))
     nu = np.sqrt(d1) * np.finfo(np.float64).eps * max(np.linalg.norm(Ysk, 2), 1e-300)
     Ynu = Ysk + nu * Omega
@@ -767,7 +1012,7 @@ def lbfgs_linear(
     n_rows: int,
     tol: float,
     max_iter: int,
-    device: torch.device,
+    device: str | torch.device,
     encode: Callable[[np.ndarray], np.ndarray],
     W0: np.ndarray | None = None,
     precond_rank: int = 256,
@@ -789,6 +1034,7 @@ def lbfgs_linear(
     scaled (divided by ``C * n_rows``, as scikit-learn does) gradient's largest entry ``<= tol``; for squared
     hinge also, and first, a relative duality gap ``<= tol`` (computed for free from the gradient pass).
     """
+    xp = backend_for(device)
     d = n_features
     d1 = d + 1
     reg_b = kind == "squared_hinge"
@@ -824,14 +1070,14 @@ def lbfgs_linear(
         gW = np.zeros((d, n_out))
         gb = np.zeros(n_out)
         Wc = None
-        for Xa, ya in _device_chunks(batches, encode, device, dtype):
+        for Xa, ya in _device_chunks(batches, encode, xp, dtype):
             if Wc is None:
                 Wc = _lift(W, Xa)
                 bc = _lift(b, _to64(Xa[:1, :1]))
             F = _to64(Xa @ Wc) + bc
             lc, G = _chunk_loss_grad(kind, F, ya, C)
             loss += lc
-            Gc = G.to(Xa.dtype) if isinstance(G, torch.Tensor) else G.astype(Xa.dtype)
+            Gc = G.to(Xa.dtype) if _is_tensor(G) else G.astype(Xa.dtype)
             gW += _np64(Xa.T @ Gc)
             gb += _np64(G.sum(0))
         reg = 0.5 * float((W * W).sum()) + (0.5 * float((b * b).sum()) if reg_b else 0.0)
@@ -869,6 +1115,8 @@ def lbfgs_linear(
         W0m = np.asarray(W0, dtype=np.float64).reshape(d1, n_out)
         UtW = U.T @ W0m
         x0 = (W0m / s_rest + U @ ((1 / s_top - 1 / s_rest)[:, None] * UtW)).ravel()
+    import scipy.optimize  # ~0.5-1 s of imports, paid only by the L-BFGS solvers
+
     res = scipy.optimize.minimize(
         fun,
         x0,

@@ -1,0 +1,211 @@
+"""``featx run``: pipelines/digits.toml end to end with random weights, the cache reused, a killed run redone
+only where it stopped, failed cases recorded, --only, --set, --dry-run."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from featx.run import STAGES, RunPlan, RunResult, run_pipeline
+
+DIGITS = Path(__file__).resolve().parent.parent / "pipelines" / "digits.toml"
+# pipelines/digits.toml as it is, made small: 2 search trials, 5 MLP epochs (60 images: the conftest's digits)
+SMALL = ["search.logreg.trials=2", "heads.mlp.epochs=5"]
+# smaller still, for the default suite: one layer, and the fine-tune trains the head alone
+TINY = [*SMALL, "features.layers=['pool5']", "heads.mlp.epochs=3", "finetune.all.unfreeze=head"]
+TINY_CASES = ["pool5-svm", "pool5-logreg", "pool5-mlp", "pool5-search-logreg", "finetune-all"]
+ACCURACIES = ("test_accuracy", "val_accuracy", "macro_f1")
+
+
+def results(path: Path) -> dict[str, dict[str, str]]:
+    with open(path / "results.csv", newline="") as f:
+        return {r["case"]: r for r in csv.DictReader(f)}
+
+
+def accuracies(path: Path) -> dict[str, tuple]:
+    return {case: (r["status"], *(r[k] for k in ACCURACIES)) for case, r in results(path).items()}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, digits_dir) -> tuple[RunResult, Path]:
+    """The digits pipeline (TINY), uninterrupted, in a cache of its own."""
+    cache = tmp_path_factory.mktemp("run-cache")
+    res = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=TINY, cache=cache, device="cpu",
+                       progress=False)
+    return res, cache
+
+
+def check_results(res: RunResult, cases: list[str]) -> None:
+    rows = results(res.path)
+    assert list(rows) == cases
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    n_heads = sum(not c.startswith("finetune") and "search" not in c for c in cases)
+    assert res.computed == {"extract": 1, "fit": n_heads, "search": 1, "finetune": 1}  # one extraction for all
+    for r in rows.values():
+        assert 0 <= float(r["test_accuracy"]) <= 1 and r["val_accuracy"] and r["features"] and r["head_dir"]
+        assert Path(r["features"]) == Path(rows["pool5-svm"]["features"])
+    ft = rows["finetune-all"]
+    assert Path(ft["model_dir"], "model.pt").exists()
+    # the fine-tune started from the case with the best validation accuracy (the first of equals)
+    vals = {c: float(r["val_accuracy"]) for c, r in rows.items() if c != "finetune-all"}
+    assert ft["from_case"] == max(vals, key=vals.get)
+    assert ft["head_dir"] == rows[ft["from_case"]]["head_dir"]
+    data = json.loads((res.path / "results.json").read_text())
+    assert [r["case"] for r in data["rows"]] == list(rows)
+    report = (res.path / "report.md").read_text()
+    assert "| case | status | test accuracy" in report and "Best case" in report
+    assert (res.path / "results.png").stat().st_size > 1000
+    assert json.loads((res.path / "pipeline.json").read_text())["config"]["features"]["weights"] == "random"
+
+
+def test_digits_end_to_end(first_run, digits_dir):
+    res, cache = first_run
+    check_results(res, TINY_CASES)
+    assert res.path.parent == cache / "runs"
+    again = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=TINY, cache=cache, device="cpu",
+                         progress=False)
+    assert again.path == res.path
+    assert again.computed == {"extract": 0, "fit": 0, "search": 0, "finetune": 0}  # the second run computes nothing
+    assert again.cached == {"extract": 1, "fit": 3, "search": 1, "finetune": 1}
+    assert accuracies(again.path) == accuracies(res.path)
+
+
+@pytest.mark.slow
+def test_digits_as_shipped_end_to_end(digits_dir, tmp_path):
+    """Both layers, all eight cases, the fine-tune training every layer; then a second run that computes nothing."""
+    res = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=SMALL, cache=tmp_path, device="cpu",
+                       progress=False)
+    check_results(res, ["pool5-svm", "fc7-svm", "pool5-logreg", "fc7-logreg", "pool5-mlp", "fc7-mlp",
+                        "pool5-search-logreg", "finetune-all"])
+    again = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=SMALL, cache=tmp_path, device="cpu",
+                         progress=False)
+    assert sum(again.computed.values()) == 0 and accuracies(again.path) == accuracies(res.path)
+
+
+def test_dry_run_says_cached_and_to_compute(first_run, digits_dir):
+    res, cache = first_run
+    plan = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=TINY, cache=cache, device="cpu",
+                        dry_run=True)
+    assert isinstance(plan, RunPlan) and plan.path == res.path
+    (info,) = plan.features.values()
+    assert info["status"] == "cached" and info["layout"] == "class-folders"
+    assert info["counts"] == {"train": 40, "val": 10, "test": 10} and len(info["classes"]) == 10
+    assert all(st[stage] == "cached" for st in plan.cases.values() for stage in STAGES if stage in st)
+    assert plan.cases["finetune-all"]["from"] == res.rows[-1]["from_case"]
+    # one changed value: only what depends on it is to compute
+    plan = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=[*TINY, "heads.svm.C=0.5"], cache=cache,
+                        device="cpu", dry_run=True)
+    assert plan.cases["pool5-svm"] == {"extract": "cached", "fit": "to compute"}
+    assert plan.cases["pool5-logreg"]["fit"] == "cached" and plan.cases["pool5-search-logreg"]["search"] == "cached"
+    assert plan.cases["finetune-all"]["finetune"] == "to compute"
+
+
+@pytest.mark.slow
+def test_killed_mid_search_then_rerun_redoes_only_the_unfinished_stage(first_run, digits_dir, tmp_path):
+    """kill -9 right after the search's first trial (a named point: the trial callback), then run again."""
+    res, _ = first_run
+    cache = tmp_path / "cache"
+    script = textwrap.dedent(f"""
+        import os, signal
+        import featx.search
+        from featx.run import run_pipeline
+        def die(study, trial):
+            os.kill(os.getpid(), signal.SIGKILL)
+        featx.search._log_trial = die
+        run_pipeline({str(DIGITS)!r}, data={str(digits_dir)!r}, weights="random", sets={TINY!r},
+                     cache={str(cache)!r}, device="cpu", progress=False)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    killed = accuracies(next((cache / "runs").glob("*/")))
+    assert [c for c, r in killed.items() if r[0] == "ok"] == list(killed)[:3]  # the heads were written as they finished
+    again = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=TINY, cache=cache, device="cpu",
+                         progress=False)
+    assert again.computed == {"extract": 0, "fit": 0, "search": 1, "finetune": 1}
+    assert accuracies(again.path) == accuracies(res.path)
+
+
+@pytest.mark.slow
+def test_interrupted_case_is_recorded_and_the_rerun_matches(first_run, digits_dir, tmp_path):
+    res, _ = first_run
+    cache = tmp_path / "cache"
+
+    def stop(event, case, stage):
+        if (event, case, stage) == ("start", "pool5-mlp", "fit"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(DIGITS, data=digits_dir, weights="random", sets=TINY, cache=cache, device="cpu",
+                     progress=False, on_stage=stop)
+    rows = results(cache / "runs" / res.path.name)
+    assert [r["status"] for r in rows.values()] == ["ok"] * 2 + ["interrupted"] + ["not run"] * 2
+    assert (cache / "runs" / res.path.name / "report.md").exists()
+    again = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=TINY, cache=cache, device="cpu",
+                         progress=False)
+    assert again.computed == {"extract": 0, "fit": 1, "search": 1, "finetune": 1}
+    assert accuracies(again.path) == accuracies(res.path)
+
+
+def test_failed_case_is_recorded_and_the_others_run(first_run, digits_dir):
+    _, cache = first_run
+    res = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=[*TINY, "heads.svm.C=-1"],
+                       only="pool5-svm,pool5-logreg", cache=cache, device="cpu", progress=False)
+    rows = results(res.path)
+    assert list(rows) == ["pool5-svm", "pool5-logreg"]  # --only
+    assert rows["pool5-svm"]["status"] == "failed" and "C" in rows["pool5-svm"]["error"]
+    assert rows["pool5-logreg"]["status"] == "ok" and res.failed == ["pool5-svm"]
+    assert res.computed["fit"] == 0 and res.cached["fit"] == 1  # the logistic head was already there
+    assert "pool5-svm: failed" in (res.path / "report.md").read_text()
+
+
+def test_cli_exits_non_zero_when_a_case_failed_and_prints_the_run_dir(first_run, digits_dir):
+    _, cache = first_run
+    p = run_cli("run", str(DIGITS), "--data", str(digits_dir), "--weights", "random", "--cache", str(cache),
+                "--only", "pool5-svm", "--set", "heads.svm.C=-1", *[a for s in TINY for a in ("--set", s)], "--quiet")
+    assert p.returncode == 1, p.stderr
+    out = Path(p.stdout.strip().splitlines()[-1])
+    assert (out / "results.csv").exists() and "1 case(s) failed: pool5-svm" in p.stderr
+    p = run_cli("run", str(DIGITS), "--data", str(digits_dir), "--set", "features.views=3", "--cache", str(cache))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "key features.views" in p.stderr, p.stderr
+    p = run_cli("run", str(DIGITS), "--data", str(digits_dir), "--weights", "random", "--cache", str(cache),
+                "--dry-run", *[a for s in TINY for a in ("--set", s)])
+    assert p.returncode == 0 and "pool5-svm: extract cached; fit cached" in p.stdout, p.stderr
+
+
+def test_weights_identity_is_what_loading_the_weights_records(tmp_path):
+    """The dry run knows a feature set's key without building the network: the identity must be the same."""
+    import torch
+
+    from featx.backbones import load_backbone, weights_identity
+
+    assert weights_identity("alexnet", "random", seed=3) == load_backbone("alexnet", "random", seed=3).weights_id
+    f = tmp_path / "w.pt"
+    torch.save(load_backbone("alexnet", "random", seed=1).model.state_dict(), f)
+    assert weights_identity("alexnet", str(f)) == load_backbone("alexnet", str(f)).weights_id
+    ident = weights_identity("alexnet", "imagenet")  # known without the file (offline)
+    assert ident["kind"] == "imagenet" and ident["file"].startswith("alexnet-")
+
+
+def test_every_finetune_option_of_a_pipeline_is_a_finetune_argument():
+    import inspect
+
+    from featx.finetune import finetune
+    from featx.pipeline import FINETUNE_OPTIONS
+
+    assert set(FINETUNE_OPTIONS) <= set(inspect.signature(finetune).parameters)
+
+
+def test_missing_data_is_one_error_before_any_case(tmp_path):
+    from featx.errors import DataError
+
+    with pytest.raises(DataError, match="data.path .* does not exist.*--data"):
+        run_pipeline(DIGITS, data=tmp_path / "nowhere", weights="random", cache=tmp_path)
+    assert not (tmp_path / "runs").exists()
