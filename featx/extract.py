@@ -419,7 +419,7 @@ def _run(ds: ImageDataset, bb: Backbone, pre: Preprocess, config: dict, key: str
         stale.unlink(missing_ok=True)
     if source is not None and config["normalize"] == "dataset" and not (root / "normalization.json").exists():
         stats = read_json(source.root / "normalization.json")  # the same train images: the same statistics
-        if isinstance(stats, dict):
+        if isinstance(stats, dict) and seal_ok(stats):  # copied with its seal, which still holds
             atomic_write_json(root / "normalization.json", stats)
     if config["normalize"] == "dataset":
         mean, std = _dataset_stats(ds, pre, root, workers=workers, batch_size=batch_size, max_pixels=max_pixels)
@@ -553,7 +553,8 @@ def reusable_source(features: Path, rows_key: str, backbone: str, layers: Sequen
     best: _Source | None = None
     for path in sorted(features.glob("*/manifest.json")):
         m = read_json(path)
-        if not isinstance(m, dict) or m.get("rows_key") != rows_key or m.get("key") in (None, key):
+        if not isinstance(m, dict) or m.get("rows_key") != rows_key or m.get("key") in (None, key) \
+                or seal_ok(m) is False:  # an edited or damaged manifest is not trusted as a source
             continue
         start = start_layer(spec, m.get("config", {}).get("layers", []), layers)
         if start is not None and (best is None or order.index(start) > order.index(best.layer)):
@@ -609,12 +610,13 @@ def _compute_from(src: _Source, ds: ImageDataset, bb: Backbone, root: Path, laye
                file=sys.stderr, desc="extract (from cache)", dynamic_ncols=True)
     try:
         for s in todo:
-            # TODO(interrupt): interrupt.check("extract.shard") between shards once featx.interrupt lands
             lo, hi = s * per, min(len(ds.items), (s + 1) * per)
             shard = _Shard(s, ds, per, V)
             try:
                 shard.open(root, {l: bb.spec.dims[l] for l in layers})
                 for a in range(lo, hi, img_chunk):
+                    # a stop request abandons the shard in progress (aborted below); finished shards stay
+                    interrupt.check("extract.batch")
                     t = time.perf_counter()
                     good, parts = [], []
                     for j in range(a, min(a + img_chunk, hi)):

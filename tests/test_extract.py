@@ -371,3 +371,18 @@ def test_reuse_falls_back_to_the_images_when_the_source_is_damaged(few_digits, t
     assert "computed_from" not in res.manifest and res.manifest["n_rows"] == 16
     ref = extract(few_digits, layers=["fc6"], cache=tmp_path / "ref", **KW)
     assert np.array_equal(_layer_rows(res.path, "fc6")[0], _layer_rows(ref.path, "fc6")[0])
+
+
+def test_stop_while_computing_from_cached_rows_resumes(few_digits, tmp_path):
+    base = extract(few_digits, layers=["pool5"], cache=tmp_path, shard_size=4, **KW)
+    args = ["extract", str(few_digits), "--weights", "random", "--workers", "0", "--batch-size", "16",
+            "--shard-size", "4", "--layer", "fc6", "--cache", str(tmp_path), "--quiet"]
+    stopped = run_cli(*args, env={"FEATX_STOP_AT": "extract.batch:2"})  # during the second shard
+    assert stopped.returncode == 130, stopped.stderr
+    (done,) = [p for p in (tmp_path / "features").iterdir() if p != base.path]
+    assert not (done / "manifest.json").exists() and not list(done.glob(".tmp-*"))
+    assert [p.name for p in done.glob("shard-*.h5")] == ["shard-00000.h5"]  # the finished shard is kept
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    m = json.loads((done / "manifest.json").read_text())
+    assert m["computed_from"]["layer"] == "pool5" and m["n_rows"] == 16
