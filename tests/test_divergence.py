@@ -45,18 +45,19 @@ def small(tmp_path_factory):
 def _check_stable(m: dict) -> None:
     head_acc = m["head_test_accuracy"]
     assert abs(m["initial_test_accuracy"] - head_acc) <= 0.01, (m["initial_test_accuracy"], head_acc)
-    curve = m["curve"]
-    for h in curve:
+    for h in m["curve"]:
         for k in ("train_loss", "val_loss", "test_loss"):
-            assert math.isfinite(h[k]), (k, h)
+            # finite and nowhere near an explosion: the stable runs stay below 7, the code before the fix had
+            # train losses of 10-750 in epoch 1 on these images before reaching nan
+            assert math.isfinite(h[k]) and h[k] < 25, (k, h)
     assert m["recoveries"] == []  # stable without the guard's help
-    assert curve[-1]["train_loss"] < curve[0]["train_loss"], [h["train_loss"] for h in curve]
 
 
 def test_defaults_train_stably_from_an_mlp_head_with_everything_unfrozen(small, tmp_path):
     # the case: before the fix, train loss nan in both epochs and "fine-tuned ... best epoch 0"
     m = finetune(small.heads["mlp", "pool5"], cache=tmp_path, **RUN).metrics
     _check_stable(m)
+    assert m["curve"][-1]["train_loss"] < m["curve"][0]["train_loss"], [h["train_loss"] for h in m["curve"]]
     assert all(h["grad_norm_max"] is not None and h["grad_norm_max"] < 1e4 for h in m["curve"])
 
 
