@@ -36,7 +36,8 @@ def _setup_logging(quiet: bool) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     h = _TqdmHandler()
-    h.setFormatter(logging.Formatter("featx: %(message)s"))
+    rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") else None
+    h.setFormatter(logging.Formatter(f"featx[{rank}]: %(message)s" if rank else "featx: %(message)s"))  # torchrun
     root.addHandler(h)
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False

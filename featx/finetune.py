@@ -39,10 +39,11 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 import featx
-from featx import interrupt
+from featx import distributed, interrupt
 from featx.backbones import Preprocess
 from featx.cache import (StagePlan, atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json,
                          sha256_file, write_command)
+from featx.curves import EventLog
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from featx.errors import DataError, DivergenceError, IntegrityError, UsageError
 from featx.fit import load_fitted, metrics_for
@@ -321,8 +322,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def _evaluate(net: FinetuneNet, loader, pre: Preprocess, dev: torch.device, index_of: np.ndarray, *,
-              amp: bool) -> dict:
-    """Loss, accuracy, predictions (class indices) and logits of ``net`` on a loader, in eval mode."""
+              amp: bool, ctx: distributed.Context | None = None) -> dict:
+    """Loss, accuracy, predictions (class indices) and logits of ``net`` on a loader, in eval mode.  Under
+    torchrun each rank's loader holds a consecutive share of the images; the shares are gathered in rank order,
+    so every rank gets the result of the whole set, in the single process's order."""
     net.eval()
     logits, labels, bad = [], [], 0
     label_all = loader.dataset.labels
@@ -334,6 +337,11 @@ def _evaluate(net: FinetuneNet, loader, pre: Preprocess, dev: torch.device, inde
             x = pre.normalize(pixels.to(dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
             logits.append(net(x).float().cpu())
             labels.append(label_all[idx])
+    if ctx is not None and ctx.active:
+        shares = ctx.all_gather(([z.numpy() for z in logits], [np.asarray(y) for y in labels], bad))
+        logits = [torch.from_numpy(z) for share in shares for z in share[0]]
+        labels = [y for share in shares for y in share[1]]
+        bad = sum(share[2] for share in shares)
     if bad:
         logger.warning("%d image(s) could not be decoded during evaluation and were left out", bad)
     if not logits:
@@ -511,6 +519,12 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
                     "options": options, "seed": int(seed), "format": MODEL_FORMAT,
                     "featx": featx.__version__.split(".")[0]})
     out = cache_root(cache) / "models" / key
+    ctx = distributed.init(dev) if not plan else distributed.Context()  # under torchrun: this rank's place
+    if ctx.active:
+        return _finetune_ranks(ctx, fh, out, key, options, strategy, aug, ctx.device(dev), seed=int(seed),
+                               resume=resume, workers=default_workers() if workers is None else int(workers),
+                               progress=progress, on_epoch=on_epoch, t_start=t_start,
+                               command=finetune_command(fh.path, options, seed=int(seed), cache=cache_root(cache)))
     done = _finished(out)
     if plan:
         return StagePlan(out, done is not None, {"key": key})
@@ -534,6 +548,56 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
         metrics = _train(hm, rows, out, key, options, strategy, aug, dev, seed=int(seed), resume=resume,
                          workers=default_workers() if workers is None else int(workers), progress=progress,
                          on_epoch=on_epoch, t_start=t_start)
+    return FinetuneResult(out, metrics, True)
+
+
+def _finetune_ranks(ctx: distributed.Context, fh, out: Path, key: str, options: dict, strategy: tuple[str, int],
+                    aug: frozenset[str], dev: torch.device, *, seed: int, resume: bool | None, workers: int,
+                    progress: bool | None, on_epoch, t_start: float, command: list[str]) -> FinetuneResult:
+    """:func:`finetune` under torchrun: DistributedDataParallel, ``batch_size`` the global batch.
+
+    The ranks first agree on every option (one error otherwise, before anything is written) and on the cache
+    being shared; rank 0 holds the model's lock and alone writes checkpoints, history, curves and the model;
+    every rank reads the same checkpoint to resume, so a rerun after any rank was killed continues from the
+    last finished epoch, with any number of processes.
+    """
+    ctx.agree({**options, "seed": seed, "head": fh.meta.get("files"),
+               "features": (fh.meta.get("source") or {}).get("key")})
+    if options["batch_size"] < ctx.world_size:
+        raise UsageError(f"--batch-size {options['batch_size']} is the global batch, shared out between the "
+                         f"{ctx.world_size} processes: give at least {ctx.world_size}")
+    done = ctx.broadcast(_finished(out) if ctx.is_main else None)
+    if done is not None:
+        logger.info("model %s is already fine-tuned", key)
+        return FinetuneResult(out, done, False)
+    ctx.check_shared(out.parents[1], what="cache")  # a checkpoint only rank 0 can see would not resume the others
+    lock = FileLock(str(out / ".lock"))
+    busy = False
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Exception:  # filelock.Timeout: a process outside this job trains the same model
+            busy = True
+        else:
+            for stale in out.glob(".tmp-*"):  # left by a killed write; the job's ranks write nothing before this
+                stale.unlink(missing_ok=True)
+            write_command(out, command)
+    if ctx.broadcast(busy):
+        raise UsageError(f"another featx process (not of this torchrun job) is fine-tuning {key} in {out}: let it "
+                         f"finish, then run again (the finished model is reused)")
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":  # torchrun sets OMP_NUM_THREADS=1; the node's cores are shared out between its ranks
+        torch.set_num_threads(ctx.cores())
+    try:
+        hm = build_from_head(fh)
+        rows = feature_set_images(Path(fh.meta["source"]["features"]), hm.manifest)
+        metrics = _train(hm, rows, out, key, options, strategy, aug, dev, seed=seed, resume=resume, workers=workers,
+                         progress=progress if ctx.is_main else False, on_epoch=on_epoch, t_start=t_start, ctx=ctx)
+    finally:
+        torch.set_num_threads(threads)
+        if ctx.is_main:
+            lock.release()
     return FinetuneResult(out, metrics, True)
 
 
@@ -573,9 +637,10 @@ def _split_rows(rows: ImageRows, seed: int) -> tuple[dict[str, tuple[list[Path],
 
 def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, strategy: tuple[str, int],
            aug: frozenset[str], dev: torch.device, *, seed: int, resume: bool | None, workers: int,
-           progress: bool | None, on_epoch, t_start: float) -> dict:
+           progress: bool | None, on_epoch, t_start: float, ctx: distributed.Context | None = None) -> dict:
     from tqdm.auto import tqdm
 
+    ctx = ctx or distributed.Context()
     net = hm.net
     pre = hm.preprocess
     k = len(hm.classes)
@@ -594,7 +659,8 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
     pin = dev.type == "cuda"
     train_set = _TrainSet(parts["train"][0], pre, aug, seed)
     train_labels = torch.from_numpy(index_of[parts["train"][1]])
-    evals = {s: _loader(_EvalSet(parts[s][0], parts[s][1], pre), _batches(len(parts[s][0]), options["batch_size"]),
+    evals = {s: _loader(_EvalSet(*_share(ctx, *parts[s]), pre), _batches(len(_share(ctx, *parts[s])[0]),
+                                                                          options["batch_size"]),
                         workers=workers, pin=pin) for s in ("val", "test") if len(parts[s][0])}
     backbone_lr = options["lr"] * options["backbone_lr_factor"]
     opt = _make_optimizer(net, optimizer=options["optimizer"], lr=options["lr"], backbone_lr=backbone_lr,
@@ -623,7 +689,7 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         start, bad_epochs, stopped = int(state["epoch"]) + 1, int(state["bad_epochs"]), bool(state["stopped"])
         best_state, best_test = state["best_state"], _unpack(state["best_test"])
         partial = state.get("partial")  # stopped mid-epoch (SIGTERM, Ctrl-C): continue at that very step
-        events = list(state.get("recoveries") or [])
+        retries = list(state.get("recoveries") or [])
         if partial is not None and int(partial["epoch"]) == start:
             logger.info("resuming %s at step %d of epoch %d of %d (checkpoint %s)", key, int(partial["step"]), start,
                         options["epochs"], ckpt_path)
@@ -633,8 +699,8 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
     else:
         t0 = time.perf_counter()
         env, net.envelope = net.envelope, None  # before any step the network is exactly the head, unclamped
-        test0 = _evaluate(net, evals["test"], pre, dev, index_of, amp=options["amp"])
-        val0 = _evaluate(net, evals["val"], pre, dev, index_of, amp=options["amp"]) if "val" in evals else None
+        test0 = _evaluate(net, evals["test"], pre, dev, index_of, amp=options["amp"], ctx=ctx)
+        val0 = _evaluate(net, evals["val"], pre, dev, index_of, amp=options["amp"], ctx=ctx) if "val" in evals else None
         net.envelope = env
         initial = {"test_accuracy": test0["accuracy"], "test_loss": test0["loss"],
                    "val_accuracy": val0["accuracy"] if val0 else None, "val_loss": val0["loss"] if val0 else None,
@@ -647,50 +713,59 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         best = {"epoch": 0, "val_accuracy": initial["val_accuracy"], "val_loss": initial["val_loss"]}
         best_state = _cpu_state(net) if val0 else None
         best_test = test0
-        partial, events = None, []
+        partial, retries = None, []
+    # every rank must start from the same place (a model directory only some ranks see would not)
+    ctx.agree({"checkpoint": (start, len(history), int(partial["step"]) if partial is not None else None)},
+              what="checkpoint (the model directory must be shared)")
 
     def save_partial(part: dict) -> None:
         # Stopped before step part["step"] of epoch part["epoch"]: the model, optimizer, scheduler and RNG as they
         # are now, so that the next run takes that step exactly as this one would have (written atomically).
+        if not ctx.is_main:  # every rank holds the same state (DDP); rank 0 writes it
+            return
         _save_checkpoint(ckpt_path, {
             "key": key, "epoch": int(part["epoch"]) - 1, "model": _cpu_state(net), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
             "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "best": best, "best_state": best_state, "best_test": _pack(best_test), "bad_epochs": bad_epochs,
             "stopped": stopped, "history": history, "initial": initial, "options": options, "partial": part,
-            "recoveries": events,  # retries of the stopped epoch so far (divergence guard)
+            "recoveries": retries,  # retries of the stopped epoch so far (divergence guard)
             "rng": {"seed": seed, "next_epoch_seed": _epoch_seed(seed, int(part["epoch"]))}})
         logger.info("stopped before step %d of epoch %d: checkpoint %s; the same command continues from there",
                     int(part["step"]) + 1, int(part["epoch"]), ckpt_path)
 
+    events = EventLog(out, first_step=start if state is not None else 0, enabled=ctx.is_main)  # TensorBoard
+    if state is None:
+        events.write(0, initial, world_size=ctx.world_size)
     show = sys.stderr.isatty() if progress is None else bool(progress)
     for epoch in range(start, options["epochs"] + 1):
         if stopped:
             break
         top = trainable_groups(net.groups, strategy, epoch, options["gradual_every"] or 1)
         # retries of this epoch so far (a run stopped mid-epoch records those it made before the stop)
-        events = list(events) if partial is not None else []
+        retries = list(retries) if partial is not None else []
         snap = _snapshot(net, opt, sched, scaler)
         while True:  # the epoch, retried from its start at a lower learning rate while it diverges
             try:
                 rec = _train_epoch(net, train_set, train_labels, opt, scaler, pre, dev, epoch, top, seed=seed,
                                    batch_size=options["batch_size"], workers=workers, pin=pin, amp=options["amp"],
-                                   show=show, tqdm=tqdm, partial=partial, save_partial=save_partial,
+                                   show=show, tqdm=tqdm, partial=partial, save_partial=save_partial, ctx=ctx,
                                    clip_grad=options["clip_grad"])
-                results = {s: _evaluate(net, ld, pre, dev, index_of, amp=options["amp"]) for s, ld in evals.items()}
+                results = {s: _evaluate(net, ld, pre, dev, index_of, amp=options["amp"], ctx=ctx)
+                           for s, ld in evals.items()}
                 for s, r in results.items():
                     if r["loss"] is not None and not math.isfinite(r["loss"]):
                         raise _Diverged(epoch, 0, f"the {'validation' if s == 'val' else s} loss", r["loss"])
                 break
             except _Diverged as d:
-                used = sum(len(h.get("recoveries") or []) for h in history) + len(events)
+                used = sum(len(h.get("recoveries") or []) for h in history) + len(retries)
                 if used >= options["recover"]:
                     raise DivergenceError(_diverged_message(d, used, opt, epoch)) from None
                 _restore(snap, net, opt, sched, scaler)
                 lrs = [g["lr"] for g in opt.param_groups]
                 _scale_lr(opt, sched, RECOVER_FACTOR)
                 snap = _snapshot(net, opt, sched, scaler)
-                events.append({"epoch": d.epoch, "step": d.step, "what": d.what, "value": str(d.value),
+                retries.append({"epoch": d.epoch, "step": d.step, "what": d.what, "value": str(d.value),
                                "lr_before": lrs[0], "lr_after": opt.param_groups[0]["lr"]})
                 logger.warning("epoch %d, %s: %s is %s; back to the weights and optimizer state the epoch started "
                                "with, retrying it at %g x the learning rate (head %.3g%s); %d more retr%s allowed "
@@ -699,7 +774,7 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
                                f", backbone {opt.param_groups[1]['lr']:.3g}" if len(lrs) > 1 else "",
                                options["recover"] - used - 1, "y" if options["recover"] - used - 1 == 1 else "ies")
         partial = None
-        rec["recoveries"] = events
+        rec["recoveries"] = retries
         for s, r in results.items():
             rec[f"{s}_loss"], rec[f"{s}_accuracy"] = r["loss"], r["accuracy"]
         rec.setdefault("val_loss", None)
@@ -728,19 +803,23 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         if stopped:
             logger.info("early stop: %d epoch(s) without a better validation accuracy; keeping epoch %d",
                         bad_epochs, best["epoch"])
-        _save_checkpoint(ckpt_path, {
-            "key": key, "epoch": epoch, "model": _cpu_state(net), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "best": best, "best_state": best_state, "best_test": _pack(best_test), "bad_epochs": bad_epochs,
-            "stopped": stopped,
-            "history": history, "initial": initial, "options": options,
-            # no generator state to carry: every draw of epoch e (shuffle, augmentation, dropout) is seeded
-            # from (seed, e), so the next epoch draws the same after a resume as without one
-            "rng": {"seed": seed, "next_epoch_seed": _epoch_seed(seed, epoch + 1)}})
-        _write_history(out / HISTORY, history)
+        rec["world_size"] = ctx.world_size
+        events.write(epoch, rec, world_size=ctx.world_size)  # before the checkpoint: a resume rewrites this epoch
+        if ctx.is_main:  # every rank holds the same state (DDP); rank 0 writes it
+            _save_checkpoint(ckpt_path, {
+                "key": key, "epoch": epoch, "model": _cpu_state(net), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "best": best, "best_state": best_state, "best_test": _pack(best_test), "bad_epochs": bad_epochs,
+                "stopped": stopped,
+                "history": history, "initial": initial, "options": options,
+                # no generator state to carry: every draw of epoch e (shuffle, augmentation, dropout) is seeded
+                # from (seed, e), so the next epoch draws the same after a resume as without one
+                "rng": {"seed": seed, "next_epoch_seed": _epoch_seed(seed, epoch + 1)}})
+            _write_history(out / HISTORY, history)
         if on_epoch is not None:
             on_epoch(epoch, net, rec)
+    events.close()
     if best_state is None:  # no validation images: the last epoch
         best = {"epoch": len(history), "val_accuracy": None, "val_loss": None}
     else:
@@ -751,7 +830,10 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
     if bad:  # cannot happen past the checks above; never write a model that is not finite
         raise DivergenceError(f"fine-tuning diverged: the kept weights are not finite ({bad[0]}); nothing was written: "
                               f"use a lower --lr or --clip-grad 1.0")
-    return _finish(hm, net, out, key, options, best_test, dev, history, best, initial, val_source, parts, t_start)
+    if not ctx.is_main:
+        return ctx.broadcast(None)  # rank 0's metrics, once it has written the model
+    return ctx.broadcast(_finish(hm, net, out, key, options, best_test, dev, history, best, initial, val_source, parts,
+                                 t_start, world_size=ctx.world_size))
 
 
 def _diverged_message(d: _Diverged, used: int, opt: torch.optim.Optimizer, epoch: int) -> str:
@@ -789,47 +871,73 @@ def _fmt(v) -> str:
 def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Tensor, opt, scaler, pre: Preprocess,
                  dev: torch.device, epoch: int, top: set[int], *, seed: int, batch_size: int, workers: int, pin: bool,
                  amp: bool, show: bool, tqdm, partial: dict | None = None,
-                 save_partial: Callable[[dict], None] | None = None, clip_grad: float | None = None) -> dict:
+                 save_partial: Callable[[dict], None] | None = None, ctx: distributed.Context | None = None,
+                 clip_grad: float | None = None) -> dict:
     """One epoch of steps; raises :class:`_Diverged` at the first non-finite loss or gradient (before stepping)."""
+    ctx = ctx or distributed.Context()
     t0 = time.perf_counter()
     es = _epoch_seed(seed, epoch)
     order = np.random.default_rng(es).permutation(len(train_set))
     train_set.epoch = epoch
     done = int(partial["step"]) if partial is not None else 0  # steps a stopped run already took this epoch
-    loader = _loader(train_set, _batches(len(train_set), batch_size, order)[done:], workers=workers, pin=pin)
+    batches = _batches(len(train_set), batch_size, order)
+    if ctx.active:  # --batch-size is the global batch: each step, every rank takes its consecutive part of it
+        batches = [np.array_split(np.asarray(b), ctx.world_size)[ctx.rank].tolist() for b in batches]
+    loader = _loader(train_set, batches[done:], workers=workers, pin=pin)
     net.set_trainable(top)
+    model = _ddp(net, dev) if ctx.active else net  # rebuilt each epoch: what trains may change (gradual)
     loss_sum, correct, seen, bad, norms = 0.0, 0, 0, 0, []
     if partial is not None:
-        loss_sum, correct, seen, bad = float(partial["loss_sum"]), int(partial["correct"]), int(partial["seen"]), \
-            int(partial["bad"])
+        if ctx.is_main:  # the sums of the steps taken, over every rank (the others start from 0; summed at the end)
+            loss_sum, correct, seen, bad = float(partial["loss_sum"]), int(partial["correct"]), \
+                int(partial["seen"]), int(partial["bad"])
         t0 -= float(partial["train_seconds"])
     step, stop_rng = done, None
-    bar = tqdm(total=len(train_set), unit="img", disable=not show, file=sys.stderr, desc=f"epoch {epoch}",
+    bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not show, file=sys.stderr, desc=f"epoch {epoch}",
                dynamic_ncols=True)
     devices = [torch.cuda.current_device()] if dev.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):  # dropout draws from (seed, epoch), the caller's RNG untouched
-            torch.manual_seed(es)
-            batches = iter(loader)  # draws the loader's seed now, before a resumed RNG state is put back
-            if partial is not None:
+            # rank 0 draws dropout as one process does; the others from their own stream
+            torch.manual_seed(es if ctx.rank == 0 else int(np.random.default_rng([seed, epoch, 7919, ctx.rank])
+                                                              .integers(0, 2**62)))
+            steps = iter(loader)  # draws the loader's seed now, before a resumed RNG state is put back
+            if partial is not None and ctx.is_main:
                 _set_rng_state(partial["rng"], devices)
-            for step, (idx, pixels, skipped) in enumerate(batches, done):
+            for step, (idx, pixels, skipped) in enumerate(steps, done):
                 try:
-                    interrupt.check("finetune.step")
+                    if not ctx.active:
+                        interrupt.check("finetune.step")
+                    else:  # the ranks stop together, at the same step: one alone would leave the others in DDP
+                        interrupt.mark("finetune.step")
+                        n_global, stops = ctx.all_reduce_sum([len(idx), interrupt.stop_requested() is not None])
+                        if stops:
+                            raise interrupt.Interrupted(interrupt.stop_requested() or "SIGTERM", "finetune.step")
                 except interrupt.Interrupted:
                     stop_rng = _rng_state(devices)  # dropout's generator as step `step` would find it
                     raise
                 bad += len(skipped)
                 bar.update(len(idx) + len(skipped))
-                if pixels is None:
+                if ctx.active:  # the global batch's decoded images: the loss is their mean, as in one process
+                    n_global = int(n_global)
+                    if n_global == 0:
+                        continue  # every rank skips the step, as one process would
+                    if pixels is None:  # this rank's part is empty or undecodable: it still joins the all-reduce
+                        pixels = torch.zeros((0, 3, pre.crop, pre.crop), dtype=torch.uint8)
+                elif pixels is None:
                     continue
                 y = train_labels[idx].to(dev, non_blocking=True)
                 x = pre.normalize(pixels.to(dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
                 with _autocast(dev, amp):
-                    z = net(x)
-                    loss = F.cross_entropy(z.float(), y)
+                    z = model(x)
+                    if not ctx.active:
+                        loss = F.cross_entropy(z.float(), y)
+                    else:  # DDP averages the ranks' gradients: x world_size / global count = the global mean's
+                        loss = F.cross_entropy(z.float(), y, reduction="sum") * (ctx.world_size / n_global)
                 value = float(loss.detach())
-                if not math.isfinite(value):  # checked before backward: this step changes nothing
+                # checked before backward (this step then changes nothing); under DDP every rank must join the
+                # all-reduce, so a rank's own non-finite loss shows up below, as a non-finite gradient on all ranks
+                if not math.isfinite(value) and not ctx.active:
                     raise _Diverged(epoch, step + 1, "the loss", value)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -842,16 +950,21 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
                 scaler.update()
                 if math.isfinite(norm):
                     norms.append(norm)
-                loss_sum += value * len(idx)
+                loss_sum += value * (len(idx) if not ctx.active else n_global / ctx.world_size)
                 correct += int((z.detach().argmax(1) == y).sum())
                 seen += len(idx)
     except interrupt.Interrupted:
+        if ctx.active and stop_rng is not None:  # every rank stopped at this step: rank 0 saves the sums of all
+            loss_sum, correct, seen, bad = ctx.all_reduce_sum([loss_sum, correct, seen, bad])
         if save_partial is not None and stop_rng is not None:
             save_partial({"epoch": epoch, "step": step, "loss_sum": loss_sum, "correct": correct, "seen": seen,
                           "bad": bad, "train_seconds": time.perf_counter() - t0, "rng": stop_rng})
         raise
     finally:
         bar.close()
+    if ctx.active:  # the epoch's figures over every rank's part
+        loss_sum, correct, seen, bad = ctx.all_reduce_sum([loss_sum, correct, seen, bad])
+        correct, seen, bad = int(correct), int(seen), int(bad)
     if bad:
         logger.warning("epoch %d: %d training image(s) could not be decoded and were skipped", epoch, bad)
     if not seen:
@@ -924,6 +1037,22 @@ def _scale_lr(opt: torch.optim.Optimizer, sched, factor: float) -> None:
             setattr(sched, attr, [v * factor for v in getattr(sched, attr)])
 
 
+def _ddp(net: FinetuneNet, dev: torch.device) -> nn.Module:
+    """``net`` in DistributedDataParallel over its parameters that train now (DDP fixes that set when built).
+    Building it broadcasts rank 0's parameters, so every rank starts the epoch from the same weights."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _share(ctx: distributed.Context, paths: list, labels: np.ndarray) -> tuple[list, np.ndarray]:
+    """This rank's consecutive share of an evaluation set (all of it in a world of one)."""
+    if not ctx.active:
+        return paths, labels
+    idx = np.array_split(np.arange(len(paths)), ctx.world_size)[ctx.rank]
+    return [paths[i] for i in idx], labels[idx]
+
+
 def _rng_state(devices: list[int]) -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(d) for d in devices]}
 
@@ -941,7 +1070,8 @@ def _write_history(path: Path, history: list[dict]) -> None:
 # ============================================================================================ output
 
 def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict, r: dict, dev: torch.device,
-            history: list[dict], best: dict, initial: dict, val_source: str, parts: dict, t_start: float) -> dict:
+            history: list[dict], best: dict, initial: dict, val_source: str, parts: dict, t_start: float, *,
+            world_size: int = 1) -> dict:
     """Write the model (the best epoch's weights, already in ``net``) and its metrics (``r``: its test results)."""
     from featx.plots import plot_confusion, plot_curve
 
@@ -970,7 +1100,7 @@ def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict,
         "images": {s: len(parts[s][0]) for s in ("train", "val", "test")},
         "options": options, "head": str(hm.head.path), "head_kind": hm.head.meta.get("kind"),
         "layer": hm.head.layer, "backbone": hm.manifest["config"]["backbone"], "weights": hm.weights_id,
-        "features": hm.head.meta["source"].get("features"), "device": str(dev),
+        "features": hm.head.meta["source"].get("features"), "device": str(dev), "world_size": int(world_size),
         "seconds": round(time.perf_counter() - t_start, 3), "featx_version": featx.__version__,
     }
     title = f"fine-tuned {hm.head.meta.get('kind')} on {hm.head.layer} ({options['unfreeze']})"

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from featx import interrupt
 from featx.cache import cache_root, read_json, read_sealed_json, repair_hint
 from featx.errors import FeatxError, IntegrityError, UsageError
 
@@ -367,7 +368,7 @@ def verify(target: str | os.PathLike | None = None, *, cache: str | os.PathLike 
     its, _ = (items(cache), True) if target is None else _resolve(target, cache)
     report = VerifyReport([], [], [])
     for it in its:
-        # TODO(interrupt): interrupt.check("verify.item") once featx.interrupt has landed
+        interrupt.check("verify.item")  # between items: what was checked is reported, nothing is half-done
         if not it.finished or it.kind == "temporary":
             continue
         if it.status == "in use" and it.kind == "features":

@@ -422,7 +422,9 @@ def finetune_command(head: Path, options: dict, *, seed: int, cache: Path) -> li
         if value is True:
             argv.append(flag)
         else:
-            argv += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+            if isinstance(value, (list, tuple)):  # --augment: [] is "none"
+                value = ",".join(map(str, value)) or "none"
+            argv += [flag, str(value)]
     return argv + ["--seed", str(seed), "--cache", str(cache)]
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import featx
+from featx import interrupt
 from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json
 from featx.errors import DataError, FeatxError
 from featx.pipeline import Case, Pipeline, Variant, load
@@ -39,8 +40,8 @@ METRICS = ("backbone", "weights", "layer", "head", "test_accuracy", "macro_f1", 
 
 
 # what stops the run rather than failing a case: recorded as "interrupted", the finished results written, re-raised
-# TODO(interrupt): add featx.interrupt.Interrupted once featx/interrupt.py is on main
-_STOPS: tuple[type[BaseException], ...] = (KeyboardInterrupt, SystemExit)
+# (featx.interrupt.Interrupted first: it is also a FeatxError, which would otherwise fail the case)
+_STOPS: tuple[type[BaseException], ...] = (interrupt.Interrupted, KeyboardInterrupt, SystemExit)
 
 
 class StageFailed(Exception):
@@ -312,6 +313,7 @@ class _Runner:
                                                   "config": self.p.config, "cases": [c.name for c in chosen]})
         try:
             for c in chosen:
+                interrupt.check("run.case")  # between cases; each stage also stops between its own units
                 self.case_row(c)
                 self._write(chosen, out, final=False)
         except BaseException:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from featx.cache import sealed
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.extract import extract
 from featx.finetune import CHECKPOINT, ImageRows, _split_rows, finetune, load_checkpoint, trainable_groups
@@ -278,10 +279,10 @@ def test_layer_or_backbone_mismatch_is_refused(tiny, tmp_path):
     shutil.copytree(tiny, head)
     meta_file = head / "featx-head.json"
     meta = json.loads(meta_file.read_text())
-    meta_file.write_text(json.dumps({**meta, "layer": "fc7"}))
+    meta_file.write_text(json.dumps(sealed({**meta, "layer": "fc7"})))  # resealed: a consistent head, wrong layer
     with pytest.raises(DataError, match="layer/backbone mismatch"):
         finetune(head, cache=tmp_path, **QUICK)
-    meta_file.write_text(json.dumps({**meta, "source": {**meta["source"], "backbone": "vgg16"}}))
+    meta_file.write_text(json.dumps(sealed({**meta, "source": {**meta["source"], "backbone": "vgg16"}})))
     with pytest.raises(DataError, match="another backbone"):
         finetune(head, cache=tmp_path, **QUICK)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from featx.cache import sha256_file
+from featx.cache import sealed, sha256_file
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.extract import extract
 from featx.finetune import finetune
@@ -137,7 +137,7 @@ def test_model_files_load_without_code_and_tampering_is_refused(made, tmp_path):
     torch.save({"x": Fraction(1, 3)}, copy / "model.pt")
     meta = json.loads((copy / "model.json").read_text())
     meta["files"]["model.pt"] = sha256_file(copy / "model.pt")
-    (copy / "model.json").write_text(json.dumps(meta))
+    (copy / "model.json").write_text(json.dumps(sealed(meta)))  # resealed: the edit is deliberate
     with pytest.raises(IntegrityError, match="plain state dict"):
         predict(copy, [made.data])
 
