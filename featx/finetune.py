@@ -892,6 +892,7 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
             loss_sum, correct, seen, bad = float(partial["loss_sum"]), int(partial["correct"]), \
                 int(partial["seen"]), int(partial["bad"])
         t0 -= float(partial["train_seconds"])
+        norms = [float(v) for v in partial.get("grad_norms") or []]  # the same on every rank (all-reduced)
     step, stop_rng = done, None
     bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not show, file=sys.stderr, desc=f"epoch {epoch}",
                dynamic_ncols=True)
@@ -958,7 +959,8 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
             loss_sum, correct, seen, bad = ctx.all_reduce_sum([loss_sum, correct, seen, bad])
         if save_partial is not None and stop_rng is not None:
             save_partial({"epoch": epoch, "step": step, "loss_sum": loss_sum, "correct": correct, "seen": seen,
-                          "bad": bad, "train_seconds": time.perf_counter() - t0, "rng": stop_rng})
+                          "bad": bad, "train_seconds": time.perf_counter() - t0, "rng": stop_rng,
+                          "grad_norms": list(norms)})
         raise
     finally:
         bar.close()
