@@ -297,6 +297,10 @@ def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sam
 @click.option("--resume/--no-resume", default=None, help="Continue from the last checkpoint (default: if any).")
 @click.option("--workers", default=None, type=int, help="Decode processes.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--clip-grad", default=None, type=float,
+              help="Clip each step's gradient to this L2 norm (default: no clipping; see grad_norm_max in history.jsonl).")
+@click.option("--recover", default=3, show_default=True, type=int,
+              help="Retries of a diverged epoch (non-finite loss or gradient) at half the learning rate.")
 @device_option
 @click.option("--amp", is_flag=True, help="Mixed precision on CUDA.")
 @cache_option

@@ -33,3 +33,7 @@ class StrictError(FeatxError):
     """``--strict`` was given and some input files were skipped."""
 
     exit_code = 3
+
+
+class DivergenceError(FeatxError, FloatingPointError):
+    """Training diverged (a non-finite loss or gradient) and did not recover; the last good checkpoint is kept."""

@@ -45,7 +45,7 @@ from featx.cache import (StagePlan, atomic_write_bytes, atomic_write_json, cache
                          sha256_file, write_command)
 from featx.curves import EventLog
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, open_rgb
-from featx.errors import DataError, IntegrityError, UsageError
+from featx.errors import DataError, DivergenceError, IntegrityError, UsageError
 from featx.fit import load_fitted, metrics_for
 from featx.model import (MODEL_FILE, MODEL_FORMAT, MODEL_META, FinetuneNet, Group, HeadModel, build_from_head,
                          model_json)
@@ -60,6 +60,7 @@ AUGMENTS = ("none", "flip", "crop", "resized-crop", "jitter", "sixview")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("step", "plateau", "cosine", "none")
 VAL_FRACTION = 0.1  # of each class's train images, held out for model selection when the data has no val split
+RECOVER_FACTOR = 0.5  # a diverged epoch is retried at this times the learning rate
 _CKPT_MAGIC = b"\nFEATX-SHA256:"  # trailer of a checkpoint: the sha256 of everything before it
 
 
@@ -415,7 +416,7 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _check_options(*, epochs, lr, backbone_lr_factor, optimizer, momentum, weight_decay, schedule, batch_size,
-                   early_stop, gradual_every, step_size, plateau_patience) -> None:
+                   early_stop, gradual_every, step_size, plateau_patience, clip_grad=None, recover=0) -> None:
     if int(epochs) < 1:
         raise UsageError(f"--epochs {epochs}: train at least 1 epoch")
     if not lr > 0:
@@ -432,6 +433,10 @@ def _check_options(*, epochs, lr, backbone_lr_factor, optimizer, momentum, weigh
         raise UsageError("--batch-size, --gradual-every and --step-size must be at least 1")
     if early_stop is not None and int(early_stop) < 1:
         raise UsageError(f"--early-stop {early_stop}: give a number of epochs, at least 1 (or leave it out)")
+    if clip_grad is not None and not (0 < clip_grad < math.inf):
+        raise UsageError(f"--clip-grad {clip_grad}: give a positive gradient norm, e.g. 1.0 (or leave it out)")
+    if int(recover) < 0:
+        raise UsageError(f"--recover {recover}: give how many times to halve the learning rate, 0 or more")
 
 
 def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all", lr: float = 1e-3,
@@ -440,7 +445,7 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
              batch_size: int = 32, device: str = "auto", amp: bool = False, early_stop: int | None = None,
              resume: bool | None = None, cache: str | os.PathLike | None = None, workers: int | None = None,
              seed: int = 0, progress: bool | None = None, gradual_every: int = 1, step_size: int = 5,
-             plateau_patience: int = 2,
+             plateau_patience: int = 2, clip_grad: float | None = None, recover: int = 3,
              on_epoch: Callable[[int, FinetuneNet, dict], None] | None = None,
              plan: bool = False) -> FinetuneResult | StagePlan:
     """Put a fitted head back on its backbone and train the network end to end on the feature set's images.
@@ -464,6 +469,11 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
             on a checkpoint (UsageError if there is none); False ignores one and starts again.
         cache: cache root. seed: seeds the held-out validation images, shuffling, augmentation and dropout.
         progress: tqdm bar (default: when stderr is a terminal).
+        clip_grad: rescale each step's gradient (head and backbone together) to at most this L2 norm; None
+            (default): no clipping.
+        recover: how many times a diverged epoch (a non-finite loss or gradient) is retried, from the weights
+            and optimizer state it started with, at half the learning rate; when none are left the run stops
+            with :class:`~featx.errors.DivergenceError`.
         on_epoch: called after each epoch's checkpoint with ``(epoch, net, record)``; an exception it raises
             stops the run with that checkpoint kept (tests use it to stand for a kill).
         plan: train nothing: return a :class:`~featx.cache.StagePlan` saying where the model is and whether it
@@ -477,6 +487,8 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
     Raises:
         UsageError: bad options, a head that cannot become torch layers (RBF SVM). DataError: images missing,
         layer/backbone mismatch. IntegrityError: a corrupt checkpoint (not loaded), changed head or weights file.
+        DivergenceError: the loss or a gradient stayed non-finite after ``recover`` halvings of the learning
+        rate (nothing of the diverged epoch is written; the previous epoch's checkpoint is left as it was).
 
     Example:
         >>> finetune("cache/heads/0123abcd", epochs=5, unfreeze="last:2").path  # doctest: +SKIP
@@ -491,7 +503,7 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
     _check_options(epochs=epochs, lr=lr, backbone_lr_factor=backbone_lr_factor, optimizer=optimizer,
                    momentum=momentum, weight_decay=weight_decay, schedule=schedule, batch_size=batch_size,
                    early_stop=early_stop, gradual_every=gradual_every, step_size=step_size,
-                   plateau_patience=plateau_patience)
+                   plateau_patience=plateau_patience, clip_grad=clip_grad, recover=recover)
     dev = resolve_device(device)
     fh = load_fitted(head)
     options = {"epochs": int(epochs), "unfreeze": f"{strategy[0]}:{strategy[1]}" if strategy[0] == "last" else strategy[0],
@@ -501,7 +513,8 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
                "plateau_patience": int(plateau_patience) if schedule == "plateau" else None,
                "gradual_every": int(gradual_every) if strategy[0] == "gradual" else None,
                "augment": sorted(aug), "batch_size": int(batch_size), "amp": bool(amp),
-               "early_stop": int(early_stop) if early_stop else None}
+               "early_stop": int(early_stop) if early_stop else None,
+               "clip_grad": float(clip_grad) if clip_grad else None, "recover": int(recover)}
     key = hash_key({"head": fh.meta.get("files"), "features": (fh.meta.get("source") or {}).get("key"),
                     "options": options, "seed": int(seed), "format": MODEL_FORMAT,
                     "featx": featx.__version__.split(".")[0]})
@@ -529,7 +542,7 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
         for stale in out.glob(".tmp-*"):  # left by a killed write; we hold the lock
             stale.unlink(missing_ok=True)
         write_command(out, finetune_command(fh.path, options, seed=int(seed), cache=cache_root(cache)))
-        hm = build_from_head(fh)
+        hm = build_from_head(fh, envelope=True)  # features held to the head's train range while training
         fdir = Path(fh.meta["source"]["features"])
         rows = feature_set_images(fdir, hm.manifest)
         metrics = _train(hm, rows, out, key, options, strategy, aug, dev, seed=int(seed), resume=resume,
@@ -676,6 +689,7 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         start, bad_epochs, stopped = int(state["epoch"]) + 1, int(state["bad_epochs"]), bool(state["stopped"])
         best_state, best_test = state["best_state"], _unpack(state["best_test"])
         partial = state.get("partial")  # stopped mid-epoch (SIGTERM, Ctrl-C): continue at that very step
+        retries = list(state.get("recoveries") or [])
         if partial is not None and int(partial["epoch"]) == start:
             logger.info("resuming %s at step %d of epoch %d of %d (checkpoint %s)", key, int(partial["step"]), start,
                         options["epochs"], ckpt_path)
@@ -684,8 +698,10 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
             logger.info("resuming %s after epoch %d of %d (checkpoint %s)", key, start - 1, options["epochs"], ckpt_path)
     else:
         t0 = time.perf_counter()
+        env, net.envelope = net.envelope, None  # before any step the network is exactly the head, unclamped
         test0 = _evaluate(net, evals["test"], pre, dev, index_of, amp=options["amp"], ctx=ctx)
         val0 = _evaluate(net, evals["val"], pre, dev, index_of, amp=options["amp"], ctx=ctx) if "val" in evals else None
+        net.envelope = env
         initial = {"test_accuracy": test0["accuracy"], "test_loss": test0["loss"],
                    "val_accuracy": val0["accuracy"] if val0 else None, "val_loss": val0["loss"] if val0 else None,
                    "seconds": round(time.perf_counter() - t0, 3)}
@@ -697,7 +713,7 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         best = {"epoch": 0, "val_accuracy": initial["val_accuracy"], "val_loss": initial["val_loss"]}
         best_state = _cpu_state(net) if val0 else None
         best_test = test0
-        partial = None
+        partial, retries = None, []
     # every rank must start from the same place (a model directory only some ranks see would not)
     ctx.agree({"checkpoint": (start, len(history), int(partial["step"]) if partial is not None else None)},
               what="checkpoint (the model directory must be shared)")
@@ -713,6 +729,7 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
             "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "best": best, "best_state": best_state, "best_test": _pack(best_test), "bad_epochs": bad_epochs,
             "stopped": stopped, "history": history, "initial": initial, "options": options, "partial": part,
+            "recoveries": retries,  # retries of the stopped epoch so far (divergence guard)
             "rng": {"seed": seed, "next_epoch_seed": _epoch_seed(seed, int(part["epoch"]))}})
         logger.info("stopped before step %d of epoch %d: checkpoint %s; the same command continues from there",
                     int(part["step"]) + 1, int(part["epoch"]), ckpt_path)
@@ -725,11 +742,39 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         if stopped:
             break
         top = trainable_groups(net.groups, strategy, epoch, options["gradual_every"] or 1)
-        rec = _train_epoch(net, train_set, train_labels, opt, scaler, pre, dev, epoch, top, seed=seed,
-                           batch_size=options["batch_size"], workers=workers, pin=pin, amp=options["amp"],
-                           show=show, tqdm=tqdm, partial=partial, save_partial=save_partial, ctx=ctx)
+        # retries of this epoch so far (a run stopped mid-epoch records those it made before the stop)
+        retries = list(retries) if partial is not None else []
+        snap = _snapshot(net, opt, sched, scaler)
+        while True:  # the epoch, retried from its start at a lower learning rate while it diverges
+            try:
+                rec = _train_epoch(net, train_set, train_labels, opt, scaler, pre, dev, epoch, top, seed=seed,
+                                   batch_size=options["batch_size"], workers=workers, pin=pin, amp=options["amp"],
+                                   show=show, tqdm=tqdm, partial=partial, save_partial=save_partial, ctx=ctx,
+                                   clip_grad=options["clip_grad"])
+                results = {s: _evaluate(net, ld, pre, dev, index_of, amp=options["amp"], ctx=ctx)
+                           for s, ld in evals.items()}
+                for s, r in results.items():
+                    if r["loss"] is not None and not math.isfinite(r["loss"]):
+                        raise _Diverged(epoch, 0, f"the {'validation' if s == 'val' else s} loss", r["loss"])
+                break
+            except _Diverged as d:
+                used = sum(len(h.get("recoveries") or []) for h in history) + len(retries)
+                if used >= options["recover"]:
+                    raise DivergenceError(_diverged_message(d, used, opt, epoch)) from None
+                _restore(snap, net, opt, sched, scaler)
+                lrs = [g["lr"] for g in opt.param_groups]
+                _scale_lr(opt, sched, RECOVER_FACTOR)
+                snap = _snapshot(net, opt, sched, scaler)
+                retries.append({"epoch": d.epoch, "step": d.step, "what": d.what, "value": str(d.value),
+                               "lr_before": lrs[0], "lr_after": opt.param_groups[0]["lr"]})
+                logger.warning("epoch %d, %s: %s is %s; back to the weights and optimizer state the epoch started "
+                               "with, retrying it at %g x the learning rate (head %.3g%s); %d more retr%s allowed "
+                               "(--recover)", epoch, f"step {d.step}" if d.step else "evaluation", d.what, d.value,
+                               RECOVER_FACTOR, opt.param_groups[0]["lr"],
+                               f", backbone {opt.param_groups[1]['lr']:.3g}" if len(lrs) > 1 else "",
+                               options["recover"] - used - 1, "y" if options["recover"] - used - 1 == 1 else "ies")
         partial = None
-        results = {s: _evaluate(net, ld, pre, dev, index_of, amp=options["amp"], ctx=ctx) for s, ld in evals.items()}
+        rec["recoveries"] = retries
         for s, r in results.items():
             rec[f"{s}_loss"], rec[f"{s}_accuracy"] = r["loss"], r["accuracy"]
         rec.setdefault("val_loss", None)
@@ -779,10 +824,29 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         best = {"epoch": len(history), "val_accuracy": None, "val_loss": None}
     else:
         net.load_state_dict(best_state)
+    if best["epoch"] == 0:
+        net.envelope = None  # the untouched network, as measured before training: the head itself
+    bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # cannot happen past the checks above; never write a model that is not finite
+        raise DivergenceError(f"fine-tuning diverged: the kept weights are not finite ({bad[0]}); nothing was written: "
+                              f"use a lower --lr or --clip-grad 1.0")
     if not ctx.is_main:
         return ctx.broadcast(None)  # rank 0's metrics, once it has written the model
     return ctx.broadcast(_finish(hm, net, out, key, options, best_test, dev, history, best, initial, val_source, parts,
                                  t_start, world_size=ctx.world_size))
+
+
+def _diverged_message(d: _Diverged, used: int, opt: torch.optim.Optimizer, epoch: int) -> str:
+    """The one line a run that gave up on divergence ends with: what happened, what was kept, what to change."""
+    lr = opt.param_groups[0]["lr"]
+    lrs = ", ".join(f"{g.get('name', 'head')} lr {g['lr']:.3g}" for g in opt.param_groups)
+    where = f"step {d.step}" if d.step else "its evaluation"
+    again = (f", still after {used} retr{'y' if used == 1 else 'ies'} at {RECOVER_FACTOR:g}x the learning rate"
+             if used else "")
+    kept = (f"the checkpoint of epoch {epoch - 1} is left as it was" if epoch > 1 else "no epoch had finished")
+    return (f"fine-tuning diverged: {d.what} was {d.value} at epoch {d.epoch}, {where}{again} ({lrs}); "
+            f"nothing of epoch {epoch} was written and {kept}: run again with a lower --lr (e.g. {lr / 10:.3g}) "
+            f"or --backbone-lr-factor, --clip-grad 1.0, --unfreeze head, or a larger --recover")
 
 
 def _pack(r: dict) -> dict:
@@ -807,7 +871,9 @@ def _fmt(v) -> str:
 def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Tensor, opt, scaler, pre: Preprocess,
                  dev: torch.device, epoch: int, top: set[int], *, seed: int, batch_size: int, workers: int, pin: bool,
                  amp: bool, show: bool, tqdm, partial: dict | None = None,
-                 save_partial: Callable[[dict], None] | None = None, ctx: distributed.Context | None = None) -> dict:
+                 save_partial: Callable[[dict], None] | None = None, ctx: distributed.Context | None = None,
+                 clip_grad: float | None = None) -> dict:
+    """One epoch of steps; raises :class:`_Diverged` at the first non-finite loss or gradient (before stepping)."""
     ctx = ctx or distributed.Context()
     t0 = time.perf_counter()
     es = _epoch_seed(seed, epoch)
@@ -820,12 +886,13 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
     loader = _loader(train_set, batches[done:], workers=workers, pin=pin)
     net.set_trainable(top)
     model = _ddp(net, dev) if ctx.active else net  # rebuilt each epoch: what trains may change (gradual)
-    loss_sum, correct, seen, bad = 0.0, 0, 0, 0
+    loss_sum, correct, seen, bad, norms = 0.0, 0, 0, 0, []
     if partial is not None:
         if ctx.is_main:  # the sums of the steps taken, over every rank (the others start from 0; summed at the end)
             loss_sum, correct, seen, bad = float(partial["loss_sum"]), int(partial["correct"]), \
                 int(partial["seen"]), int(partial["bad"])
         t0 -= float(partial["train_seconds"])
+        norms = [float(v) for v in partial.get("grad_norms") or []]  # the same on every rank (all-reduced)
     step, stop_rng = done, None
     bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not show, file=sys.stderr, desc=f"epoch {epoch}",
                dynamic_ncols=True)
@@ -868,11 +935,23 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
                         loss = F.cross_entropy(z.float(), y)
                     else:  # DDP averages the ranks' gradients: x world_size / global count = the global mean's
                         loss = F.cross_entropy(z.float(), y, reduction="sum") * (ctx.world_size / n_global)
+                value = float(loss.detach())
+                # checked before backward (this step then changes nothing); under DDP every rank must join the
+                # all-reduce, so a rank's own non-finite loss shows up below, as a non-finite gradient on all ranks
+                if not math.isfinite(value) and not ctx.active:
+                    raise _Diverged(epoch, step + 1, "the loss", value)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                norm = _grad_norm(opt, scaler, clip_grad)
+                # with fp16 loss scaling an overflowing gradient is expected now and then: the scaler skips that
+                # step and lowers its scale, so only an unscaled non-finite gradient is divergence
+                if not math.isfinite(norm) and not scaler.is_enabled():
+                    raise _Diverged(epoch, step + 1, "the gradient norm", norm)
                 scaler.step(opt)
                 scaler.update()
-                loss_sum += float(loss.detach()) * (len(idx) if not ctx.active else n_global / ctx.world_size)
+                if math.isfinite(norm):
+                    norms.append(norm)
+                loss_sum += value * (len(idx) if not ctx.active else n_global / ctx.world_size)
                 correct += int((z.detach().argmax(1) == y).sum())
                 seen += len(idx)
     except interrupt.Interrupted:
@@ -880,7 +959,8 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
             loss_sum, correct, seen, bad = ctx.all_reduce_sum([loss_sum, correct, seen, bad])
         if save_partial is not None and stop_rng is not None:
             save_partial({"epoch": epoch, "step": step, "loss_sum": loss_sum, "correct": correct, "seen": seen,
-                          "bad": bad, "train_seconds": time.perf_counter() - t0, "rng": stop_rng})
+                          "bad": bad, "train_seconds": time.perf_counter() - t0, "rng": stop_rng,
+                          "grad_norms": list(norms)})
         raise
     finally:
         bar.close()
@@ -892,9 +972,71 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
     if not seen:
         raise DataError("no training image could be decoded")
     dt = time.perf_counter() - t0
+    g = np.asarray(norms)
+    clip = {"clipped_steps": int((g > clip_grad).sum())} if clip_grad else {}
     return {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
             "lr": float(opt.param_groups[0]["lr"]), "train_images": seen, "train_seconds": round(dt, 3),
-            "train_images_per_s": round(seen / dt, 2), "_t0": t0}
+            "train_images_per_s": round(seen / dt, 2), "_t0": t0,
+            # gradient L2 norms before clipping (head and backbone together): what --clip-grad is compared with
+            "grad_norm_median": round(float(np.median(g)), 4) if len(g) else None,
+            "grad_norm_max": round(float(g.max()), 4) if len(g) else None, **clip}
+
+
+class _Diverged(Exception):
+    """A non-finite loss or gradient at ``epoch``/``step`` (``step`` 0: in the evaluation after the epoch)."""
+
+    def __init__(self, epoch: int, step: int, what: str, value: float):
+        super().__init__(f"{what} is {value} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.what, self.value = epoch, step, what, value
+
+
+def _grad_norm(opt: torch.optim.Optimizer, scaler, clip_grad: float | None) -> float:
+    """The L2 norm of every gradient of the step (unscaled first under AMP); clipped to ``clip_grad`` if given."""
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    if not params:
+        return 0.0
+    if scaler.is_enabled():
+        scaler.unscale_(opt)  # clipping and the check must see the true gradients; step() will not unscale twice
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if clip_grad and bool(torch.isfinite(norm)):
+        torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
+    return float(norm)
+
+
+def _snapshot(net: FinetuneNet, opt: torch.optim.Optimizer, sched, scaler) -> dict:
+    """Weights, optimizer, scheduler and loss-scaler state, copied to the CPU: what a diverged epoch returns to."""
+    def cpu(v):
+        if isinstance(v, torch.Tensor):
+            return v.detach().to("cpu", copy=True)
+        if isinstance(v, dict):
+            return {k: cpu(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(cpu(x) for x in v)
+        return v
+
+    return {"model": _cpu_state(net), "optimizer": cpu(opt.state_dict()),
+            "scheduler": cpu(sched.state_dict()) if sched is not None else None,
+            "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None}
+
+
+def _restore(snap: dict, net: FinetuneNet, opt: torch.optim.Optimizer, sched, scaler) -> None:
+    net.load_state_dict(snap["model"])
+    opt.load_state_dict(snap["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(snap["scheduler"])
+    if snap["grad_scaler"]:
+        scaler.load_state_dict(snap["grad_scaler"])
+
+
+def _scale_lr(opt: torch.optim.Optimizer, sched, factor: float) -> None:
+    """Multiply every learning rate by ``factor``, for good: the schedule goes on from the lowered rates."""
+    for g in opt.param_groups:
+        g["lr"] *= factor
+        if "initial_lr" in g:
+            g["initial_lr"] *= factor
+    for attr in ("base_lrs", "_last_lr"):  # the schedulers' closed forms start from these
+        if getattr(sched, attr, None):
+            setattr(sched, attr, [v * factor for v in getattr(sched, attr)])
 
 
 def _ddp(net: FinetuneNet, dev: torch.device) -> nn.Module:
@@ -953,6 +1095,7 @@ def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict,
         "macro_f1": m["macro_f1"], **({"top5_accuracy": m["top5_accuracy"]} if "top5_accuracy" in m else {}),
         "best_epoch": int(best["epoch"]), "best_val_accuracy": best["val_accuracy"], "epochs_run": len(history),
         "stopped_early": len(history) < options["epochs"], "validation": val_source,
+        "recoveries": [e for h in history for e in h.get("recoveries") or []],
         "curve": history, "per_class_accuracy": m["per_class_accuracy"], "confusion_matrix": m["confusion"],
         "classes": classes,
         "train_images_per_s": round(float(np.mean(ips)), 2) if ips else None,

@@ -111,19 +111,47 @@ def backbone_groups(backbone: nn.Module, names: dict[int, str] | None = None) ->
     return groups
 
 
-class FinetuneNet(nn.Module):
-    """Images ``[B, 3, H, W]`` -> logits ``[B, k]``: backbone up to the head's layer, scaling, head."""
+class Envelope(nn.Module):
+    """Each feature clamped to ``[lo, hi]``, the range it took over the rows the head was fit on (fixed buffers,
+    saved with the model, never trained)."""
 
-    def __init__(self, backbone: nn.Module, scale: nn.Module, head: nn.Module, groups: list[Group] | None = None):
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor):
+        super().__init__()
+        self.register_buffer("lo", lo.float())
+        self.register_buffer("hi", hi.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, self.lo.to(x.dtype), self.hi.to(x.dtype))
+
+
+class FinetuneNet(nn.Module):
+    """Images ``[B, 3, H, W]`` -> logits ``[B, k]``: backbone up to the head's layer, [envelope,] scaling, head.
+
+    The ``envelope`` (fine-tuned models) clamps each backbone feature to the range it took over the head's train
+    rows, in training and in evaluation alike.  Why: a ``standard`` scaling divides each feature by its
+    train-rows standard deviation, and some features (units that fire on one or two train images, common with
+    random weights) have standard deviations 1e-4 to 1e-7 of the others'.  On an augmented view, or after one
+    backbone step, those features take values thousands of standard deviations away from any the head was fit
+    on, and their gain of up to 1e7 turns that into logits, losses and gradients that overflow within a few SGD
+    steps (docs/finetune.md, "Why fine-tuning diverged").  Held to the range of the head's own train rows, the
+    head's input stays where it was fit, whatever the augmentation or the step.
+    """
+
+    def __init__(self, backbone: nn.Module, scale: nn.Module, head: nn.Module, groups: list[Group] | None = None,
+                 envelope: Envelope | None = None):
         super().__init__()
         self.backbone = backbone
         self.scale = scale
         self.head = head
+        self.envelope = envelope
         # plain list: the groups' modules are already registered under ``backbone``
         self.groups = groups if groups is not None else backbone_groups(backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.scale(self.backbone(x)))
+        f = self.backbone(x)
+        if self.envelope is not None:
+            f = self.envelope(f)
+        return self.head(self.scale(f))
 
     def set_trainable(self, top: set[int]) -> None:
         """Make the head and the backbone groups of index ``top`` trainable and in train mode; everything else
@@ -297,11 +325,34 @@ def head_torch(fh: FittedHead) -> nn.Module:
     return module.float()
 
 
-def build_from_head(head: str | os.PathLike | FittedHead) -> HeadModel:
+def feature_envelope(fh: FittedHead) -> Envelope:
+    """The per-feature range (min, max) of the train rows of the head's layer in its source feature set.
+
+    One pass over those rows, a shard at a time (no copy of the matrix is held).
+
+    Raises:
+        DataError: the feature set has no train rows of that layer.
+    """
+    from featx.store import FeatureSet
+
+    fs = FeatureSet(fh.meta["source"]["features"])
+    lo = hi = None
+    for X, _ in fs.iter_chunks(fh.layer, "train"):
+        a, b = X.min(0), X.max(0)
+        lo, hi = (a, b) if lo is None else (np.minimum(lo, a), np.maximum(hi, b))
+    if lo is None:
+        raise DataError(f"head {fh.path.name}: its feature set has no train rows of layer {fh.layer!r}")
+    return Envelope(torch.from_numpy(lo), torch.from_numpy(hi))
+
+
+def build_from_head(head: str | os.PathLike | FittedHead, *, envelope: bool = False) -> HeadModel:
     """Rebuild backbone + scaling + head from a head directory (weights checked, nothing trained).
 
     Args:
         head: a head directory written by ``featx fit`` (or an already loaded :class:`FittedHead`).
+        envelope: for training: clamp the features to the range of the head's train rows (:class:`FinetuneNet`);
+            only with a ``standard`` scaling, the one whose gain needs bounding.  Costs a pass over those rows.
+            Without it (the default) the network is exactly the head on its backbone.
 
     Returns:
         :class:`HeadModel` with the network in eval mode on the CPU.
@@ -321,7 +372,8 @@ def build_from_head(head: str | os.PathLike | FittedHead) -> HeadModel:
     trunk = truncated(bb, fh.layer)
     d = bb.spec.dims[fh.layer]
     groups = backbone_groups(trunk, names)
-    net = FinetuneNet(trunk, scale_module(fh.scaler.kind, d, fh.scaler), head_module, groups)
+    env = feature_envelope(fh) if envelope and fh.scaler.kind == "standard" else None
+    net = FinetuneNet(trunk, scale_module(fh.scaler.kind, d, fh.scaler), head_module, groups, env)
     net.eval()
     logit_classes = [int(c) for c in np.asarray(getattr(fh.estimator, "classes_", np.arange(len(fh.classes))))]
     with torch.inference_mode():
@@ -350,6 +402,7 @@ def model_json(hm: HeadModel, net: FinetuneNet, *, options: dict | None = None, 
         "scaler": {"kind": hm.head.scaler.kind, "dim": d},
         "features": hm.head.meta["source"].get("features"), "features_key": hm.head.meta["source"].get("key"),
         "options": options, "best_epoch": best_epoch,
+        "envelope": net.envelope is not None,  # features clamped to the head's train range (FinetuneNet)
     }
 
 
@@ -430,6 +483,7 @@ def load_model(path: str | os.PathLike) -> tuple[FinetuneNet, dict]:
         bb = Backbone(spec, spec.build(), meta["weights"], preprocess_from_json(meta["preprocess"]))
         trunk = truncated(bb, meta["layer"])
         scale = scale_module(meta["scaler"]["kind"], int(meta["dim"]))
+        env = Envelope(torch.empty(int(meta["dim"])), torch.empty(int(meta["dim"]))) if meta.get("envelope") else None
         desc = meta["head"].get("module")
         head = build_module(desc) if desc else None
     if head is None:  # a head whose torch form is not plain layers: rebuild it from its (unchanged) directory
@@ -438,7 +492,7 @@ def load_model(path: str | os.PathLike) -> tuple[FinetuneNet, dict]:
             raise IntegrityError(f"model {path.name}: its head directory {meta['head']['dir']} changed")
         head = head_torch(fh).to("meta")
     names = {id(m): n for n, m in bb.model.named_modules()}
-    net = FinetuneNet(trunk, scale, head, backbone_groups(trunk, names))
+    net = FinetuneNet(trunk, scale, head, backbone_groups(trunk, names), env)
     try:
         net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
