@@ -37,6 +37,7 @@ from featx.backbones import (
 )
 from featx.cache import StagePlan, atomic_write_json, cache_root, hash_key, read_json, seal_ok, write_command
 from featx.devices import resolve_device
+from featx.datasets.loading import CollateReady, DecodeSet, collate, decode, decode_loader
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, ImageDataset, discover, fingerprints, fingerprints_of, open_rgb
 from featx.errors import DataError, IntegrityError, StrictError, UsageError
 from featx.store import FORMAT_VERSION, ShardWriter, read_manifest, shard_is_valid, shard_name, shard_problem
@@ -44,64 +45,9 @@ from featx.store import FORMAT_VERSION, ShardWriter, read_manifest, shard_is_val
 logger = logging.getLogger(__name__)
 
 
-# ------------------------------------------------------------------------------------------ decode workers
-
-def _decode(path: Path, pre: Preprocess, max_pixels: int | None) -> tuple[torch.Tensor | None, str | None]:
-    """uint8 ``[V, 3, H, W]`` and None, or None and the reason the file cannot be used; never raises for a bad file."""
-    try:
-        return pre.pixels(open_rgb(path, max_pixels=max_pixels)), None
-    except BadImage as e:
-        return None, str(e)
-    except Exception as e:  # anything else a decoder can throw must cost one file, not the run
-        return None, f"cannot decode: {type(e).__name__}: {e}"
-
-
-class _DecodeSet(torch.utils.data.Dataset):
-    """Item i -> (i, uint8 [V, 3, H, W] or None, reason or None); never raises for a bad file."""
-
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, max_pixels: int | None):
-        self.paths = list(paths)
-        self.pre = preprocess
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        return (i, *_decode(self.paths[i], self.pre, self.max_pixels))
-
-
-def _collate(batch):
-    good = [(i, px) for i, px, _ in batch if px is not None]
-    bad = [(i, why) for i, px, why in batch if px is None]
-    pixels = torch.cat([px for _, px in good]) if good else None
-    return [i for i, _ in good], pixels, bad
-
-
-class _CollateReady:
-    """Collate into the network's input: normalized float32 in channels_last, built in the worker process so
-    the main process only runs the forward pass (CPU).  The values are those of :meth:`Preprocess.normalize`."""
-
-    def __init__(self, pre: Preprocess):
-        self.pre = pre
-
-    def __call__(self, batch):
-        idx, pixels, bad = _collate(batch)
-        if pixels is not None:
-            pixels = self.pre.normalize(pixels).contiguous(memory_format=torch.channels_last)
-        return idx, pixels, bad
-
-
-def _loader(paths: Sequence[Path], batches: list[list[int]], pre: Preprocess, *, workers: int, pin: bool,
-            max_pixels: int | None, ready: bool = False) -> torch.utils.data.DataLoader:
-    """Decode in ``workers`` processes; ``ready``: batches arrive normalized (else uint8, e.g. for the GPU, where
-    sending uint8 and normalizing there moves 4x fewer bytes)."""
-    kw = {}
-    if workers > 0:
-        kw = {"prefetch_factor": 4, "persistent_workers": False}
-    return torch.utils.data.DataLoader(_DecodeSet(paths, pre, max_pixels), batch_sampler=batches,
-                                       num_workers=workers, collate_fn=_CollateReady(pre) if ready else _collate,
-                                       pin_memory=pin, **kw)
+# the decoding shared with finetune and predict lives in featx.datasets.loading; the old private names stay bound
+# here because extract's lanes call them
+_decode, _DecodeSet, _collate, _CollateReady, _loader = decode, DecodeSet, collate, CollateReady, decode_loader
 
 
 def _lanes(files: Sequence[Path], batches: list[list[int]], pre: Preprocess, model: torch.nn.Module,

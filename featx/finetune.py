@@ -227,10 +227,10 @@ class _TrainSet(torch.utils.data.Dataset):
 
 
 def _loader(dataset, batches: list[list[int]], *, workers: int, pin: bool) -> torch.utils.data.DataLoader:
-    from featx.extract import _collate
+    from featx.datasets.loading import collate
 
     kw = {"prefetch_factor": 4} if workers > 0 else {}
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                                        pin_memory=pin, **kw)
 
 
@@ -362,9 +362,9 @@ class _EvalSet(torch.utils.data.Dataset):
 
     def __init__(self, paths: Sequence[Path], labels: np.ndarray, pre: Preprocess,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS):
-        from featx.extract import _DecodeSet
+        from featx.datasets.loading import DecodeSet
 
-        self.inner = _DecodeSet(paths, pre, max_pixels)
+        self.inner = DecodeSet(paths, pre, max_pixels)
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -615,13 +615,13 @@ def _finished(out: Path) -> dict | None:
 
 def _split_rows(rows: ImageRows, seed: int) -> tuple[dict[str, tuple[list[Path], np.ndarray]], str]:
     """train / val / test images; val is the feature set's, or a stratified part of train held out."""
-    from featx.data import _stratified
+    from featx.datasets.splits import stratified
 
     parts = {s: rows.select(s) for s in ("train", "val", "test")}
     source = "val split"
     if not len(parts["val"][0]):
         paths, labels = parts["train"]
-        assign = np.asarray(_stratified(labels.tolist(), {"val": VAL_FRACTION}, seed), dtype=str)
+        assign = np.asarray(stratified(labels.tolist(), {"val": VAL_FRACTION}, seed), dtype=str)
         parts["val"] = ([p for p, a in zip(paths, assign) if a == "val"], labels[assign == "val"])
         parts["train"] = ([p for p, a in zip(paths, assign) if a == "train"], labels[assign == "train"])
         source = f"{VAL_FRACTION:.0%} of each class's train images, held out (seed {seed})"

@@ -136,7 +136,7 @@ def open_rows(features: str | os.PathLike, layer: str | None = None, *, split: s
 
     Without a recorded split (a plain HDF5 file), a stratified ``split`` (default ``test=0.15``) is made with ``seed``.
     """
-    from featx.data import _stratified, parse_split
+    from featx.datasets.splits import parse_split, stratified
 
     fs = FeatureSet(features)
     if layer is None:
@@ -148,7 +148,7 @@ def open_rows(features: str | os.PathLike, layer: str | None = None, *, split: s
     splits = fs.splits()
     if splits is None:
         fractions = parse_split(split)
-        splits = np.asarray(_stratified(labels.tolist(), fractions, seed), dtype=object)
+        splits = np.asarray(stratified(labels.tolist(), fractions, seed), dtype=object)
         logger.info("%s records no split: made a stratified one (%s, seed %d)", fs.path.name, fractions, seed)
     else:
         bad = sorted(set(splits.tolist()) - {"train", "val", "test"})

@@ -30,7 +30,7 @@ import featx
 from featx import interrupt
 from featx.backbones import Preprocess
 from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
-from featx.data import DEFAULT_MAX_PIXELS, _walk_images, fingerprint_file
+from featx.datasets import DEFAULT_MAX_PIXELS, fingerprint_file, walk_images
 from featx.errors import DataError, UsageError
 from featx.model import MODEL_META, FinetuneNet, build_from_head, load_model, preprocess_from_json
 
@@ -90,7 +90,7 @@ def _expand(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     for p in inputs:
         p = Path(p).expanduser()
         if p.is_dir():
-            found = sorted(_walk_images(p))
+            found = sorted(walk_images(p))
             if not found:
                 logger.warning("no images found in folder %s", p)
             out.extend(found)
@@ -147,15 +147,16 @@ def _inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 def _predict(pr: Predictor, paths: list[Path], *, top_k: int, dev: torch.device, batch_size: int,
              workers: int | None, max_pixels: int | None) -> list[dict]:
-    from featx.extract import _DecodeSet, _collate, default_workers
+    from featx.datasets.loading import DecodeSet, collate
+    from featx.extract import default_workers
 
     net = pr.net.to(dev).to(memory_format=torch.channels_last).eval()
     k = min(int(top_k), len(pr.classes))
     if workers is None:
         workers = 0 if len(paths) <= 2 * batch_size else default_workers("cuda")  # decode processes
     batches = [list(range(a, min(a + batch_size, len(paths)))) for a in range(0, len(paths), batch_size)]
-    loader = torch.utils.data.DataLoader(_DecodeSet(paths, pr.preprocess, max_pixels), batch_sampler=batches,
-                                         num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda")
+    loader = torch.utils.data.DataLoader(DecodeSet(paths, pr.preprocess, max_pixels), batch_sampler=batches,
+                                         num_workers=workers, collate_fn=collate, pin_memory=dev.type == "cuda")
     rows: list[dict | None] = [None] * len(paths)
     for idx, pixels, bad in loader:
         interrupt.check("predict.batch")  # nothing is written before every row is known
