@@ -590,7 +590,7 @@ def _finetune_ranks(ctx: distributed.Context, fh, out: Path, key: str, options: 
     if dev.type == "cpu":  # torchrun sets OMP_NUM_THREADS=1; the node's cores are shared out between its ranks
         torch.set_num_threads(ctx.cores())
     try:
-        hm = build_from_head(fh)
+        hm = build_from_head(fh, envelope=True)  # as in one process: the features held to the head's train range
         rows = feature_set_images(Path(fh.meta["source"]["features"]), hm.manifest)
         metrics = _train(hm, rows, out, key, options, strategy, aug, dev, seed=seed, resume=resume, workers=workers,
                          progress=progress if ctx.is_main else False, on_epoch=on_epoch, t_start=t_start, ctx=ctx)
