@@ -25,8 +25,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q -m "not slow" -n 2
 
+# the tests marked slow: real torchrun processes, a PostgreSQL server, the signal stress test, the digits pipeline
+# as shipped, the divergence matrix; CI runs them after `make test` (.ci/run)
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow -n 2
 
 bench: install
 	$(PY) benchmarks/bench_extract.py
