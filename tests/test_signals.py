@@ -177,8 +177,8 @@ def uninterrupted(args: list) -> tuple[Path, dict]:
 @pytest.fixture(scope="module", autouse=True)
 def _one_blas_thread():
     """One BLAS thread, as conftest gives torch one: on the 2-core machines that run this, OpenBLAS's second thread
-    only contends (L-BFGS and the heads' predictions took 1.4x as long with two, far more on a loaded machine).
-    The same work, the same results in every run compared here (all of them run under this limit)."""
+    only contends (the tiny pipeline's run took 16.5 s with two, 11.6 s with one, on the loaded development
+    machine: L-BFGS and the heads' predictions).  The same work; every run compared here runs under this limit."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
