@@ -8,6 +8,9 @@ a 3-second interpreter start per run); a few run as real processes to check the 
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import csv
 import json
 import logging
 import os
@@ -123,11 +126,69 @@ EXTRACT = ["--weights", "random", "--workers", "0", "--batch-size", "2", "--shar
 FIT_MLP = ["--hidden", "16", "--epochs", "6", "--patience", "100", "--quiet"]
 FINETUNE = ["--epochs", "2", "--augment", "flip", "--batch-size", "3", "--workers", "0", "--schedule", "cosine",
             "--unfreeze", "all", "--quiet"]
+SEARCH = ["--trials", "3", "--cv", "2", "--quiet"]
+# featx run: pipelines/digits.toml made tiny as tests/test_run.py's TINY (one layer, 2 trials, 3 MLP epochs, the
+# fine-tune training the head), on the same 15 images; batches of 4 images and fine-tuning steps of 3 images, so
+# that extraction and fine-tuning each have several moments to stop at
+PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "digits.toml"
+RUN = ["--weights", "random", "--device", "cpu", "--quiet",
+       *[a for s in ["search.logreg.trials=2", "heads.mlp.epochs=3", "features.layers=['pool5']",
+                     "finetune.all.unfreeze=head", "features.batch_size=4", "finetune.all.batch_size=3",
+                     "data.split=test=0.2,val=0.2"] for a in ("--set", s)]]
+RUN_CASES = ["pool5-svm", "pool5-logreg", "pool5-mlp", "pool5-search-logreg", "finetune-all"]
+
+
+def command_args(command: str, small: dict, h5: Path, cache: Path) -> list:
+    """``featx ...`` of each command the stress test stops."""
+    if command == "extract":
+        return ["extract", small["data"], *EXTRACT, "--cache", cache]
+    if command == "fit-mlp":
+        return ["fit", "mlp", small["features"], *FIT_MLP, "--cache", cache]
+    if command == "search":
+        return ["search", "logreg", h5, *SEARCH, "--cache", cache]
+    if command == "finetune":
+        return ["finetune", small["head"], *FINETUNE, "--cache", cache]
+    assert command == "run", command
+    return ["run", PIPELINE, "--data", small["data"], *RUN, "--cache", cache]
+
+
+@contextlib.contextmanager
+def counting_stop_points():
+    """Count every stop point the commands inside reach (what ``FEATX_STOP_AT``'s N counts)."""
+    counts: collections.Counter = collections.Counter()
+    real = interrupt.mark
+
+    def mark(point: str) -> None:
+        counts[point] += 1
+        real(point)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interrupt, "mark", mark)
+        yield counts
+
+
+def uninterrupted(args: list) -> tuple[Path, dict]:
+    """Run ``featx ARGS`` to the end: its output, and how many times it reached each stop point."""
+    with counting_stop_points() as counts:
+        out = last_path(CliRunner().invoke(main, [str(a) for a in args]))
+    return out, dict(counts)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_blas_thread():
+    """One BLAS thread, as conftest gives torch one: on the 2-core machines that run this, OpenBLAS's second thread
+    only contends (the tiny pipeline's run took 16.5 s with two, 11.6 s with one, on the loaded development
+    machine: L-BFGS and the heads' predictions).  The same work; every run compared here runs under this limit."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 @pytest.fixture(scope="module")
 def small(digits_dir, tmp_path_factory):
-    """15 digits of 3 classes; their features; a logreg head; and every command's uninterrupted output."""
+    """15 digits of 3 classes; their features; a logreg head; and the uninterrupted output of extract, fit mlp and
+    finetune, with the stop points each reached."""
     import shutil
 
     root = tmp_path_factory.mktemp("signals")
@@ -137,12 +198,13 @@ def small(digits_dir, tmp_path_factory):
         for p in sorted((digits_dir / str(c)).glob("*.png"))[:5]:
             shutil.copy(p, data / str(c) / p.name)
     ref = root / "ref"
-    r = CliRunner().invoke(main, ["extract", str(data), *EXTRACT, "--cache", str(ref)])
-    features = last_path(r)
-    head = last_path(CliRunner().invoke(main, ["fit", "logreg", str(features), "--cache", str(ref), "--quiet"]))
-    mlp = last_path(CliRunner().invoke(main, ["fit", "mlp", str(features), *FIT_MLP, "--cache", str(ref)]))
-    model = last_path(CliRunner().invoke(main, ["finetune", str(head), *FINETUNE, "--cache", str(ref)]))
-    return {"data": data, "features": features, "head": head, "mlp": mlp, "model": model}
+    small = {"data": data, "reached": {}}
+    small["features"], small["reached"]["extract"] = uninterrupted(command_args("extract", small, None, ref))
+    small["head"] = last_path(CliRunner().invoke(main, ["fit", "logreg", str(small["features"]), "--cache", str(ref),
+                                                        "--quiet"]))
+    small["mlp"], small["reached"]["fit-mlp"] = uninterrupted(command_args("fit-mlp", small, None, ref))
+    small["model"], small["reached"]["finetune"] = uninterrupted(command_args("finetune", small, None, ref))
+    return small
 
 
 @pytest.fixture
@@ -307,81 +369,182 @@ def test_predict_stops_writing_nothing(small, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the stress test
 
-# Every command, its stop points and how many times each is reached in an uninterrupted run of the settings
-# above (15 images in batches of 2 and shards of 4; 6 MLP epochs; 2 epochs of 3 steps; 3 logreg trials of 2 folds).
+# Every command, its stop points and how many times each is reached in an uninterrupted run of the settings above
+# (15 images in batches of 2 and shards of 4; 6 MLP epochs; 2 epochs of 3 steps; 3 logreg trials of 2 folds; the
+# tiny pipeline's 5 cases: 4 batches of 4 images, 3 MLP epochs, 2 trials on the val split, 1 epoch of 3 steps).
+# test_stress_few_moments checks this table against what the uninterrupted runs reach, so it cannot go stale.
 STRESS = {
     "extract": [("extract.batch", 8), ("cli.output", 1)],
     "fit-mlp": [("fit.epoch", 6), ("cli.output", 1)],
     "search": [("search.trial", 3), ("search.fold", 6), ("cli.output", 1)],
     "finetune": [("finetune.step", 6), ("cli.output", 1)],
-    # "run": featx run is being built by the pipelines helper (issue #10); add its command and stop points here
+    "run": [("run.case", 5), ("extract.batch", 4), ("fit.epoch", 3), ("search.trial", 2), ("search.fold", 2),
+            ("finetune.step", 3), ("cli.output", 1)],
 }
+# featx run: the case each stage's stop points are reached in (the first that needs it: pool5-svm extracts)
+RUN_CASE_AT = {"extract.batch": "pool5-svm", "fit.epoch": "pool5-mlp", "search.trial": "pool5-search-logreg",
+               "search.fold": "pool5-search-logreg", "finetune.step": "finetune-all"}
+RUN_COMPARED = ("status", "test_accuracy", "val_accuracy", "macro_f1", "from_case")
 
 
 def moments(command: str, n: int, seed: int = 14) -> list[str]:
-    """``n`` seeded stop moments for ``command``: a stop point, the count at which it fires, SIGINT or SIGTERM."""
+    """``n`` seeded stop moments for ``command``: a stop point, the count at which it fires, SIGINT or SIGTERM.
+
+    Each moment of an uninterrupted run (a stop point and its count) is as likely as another; all of them come
+    before any comes again, and one that comes again has the other signal (a moment is deterministic: the same
+    moment with the same signal would check nothing new)."""
     rng = random.Random(f"{seed}-{command}")
-    points = STRESS[command]
+    every = [(point, k) for point, reached in STRESS[command] for k in range(1, reached + 1)]
+    rng.shuffle(every)
     out = []
     for i in range(n):
-        point, reached = points[rng.randrange(len(points))]
-        out.append(f"{point}:{rng.randint(1, reached)}:{('SIGINT', 'SIGTERM')[i % 2]}")
+        cycle, j = divmod(i, len(every))
+        point, k = every[j]
+        out.append(f"{point}:{k}:{('SIGINT', 'SIGTERM')[(j + cycle) % 2]}")
     return out
 
 
-def _stop_and_rerun(command: str, stop_at: str, small, h5: Path, cache: Path) -> None:
-    signame = stop_at.split(":")[2]
-    if command == "extract":
-        args = ["extract", small["data"], *EXTRACT, "--cache", cache]
-    elif command == "fit-mlp":
-        args = ["fit", "mlp", small["features"], *FIT_MLP, "--cache", cache]
-    elif command == "search":
-        args = ["search", "logreg", h5, "--trials", "3", "--cv", "2", "--cache", cache, "--quiet"]
-    else:
-        args = ["finetune", small["head"], *FINETUNE, "--cache", cache]
+@pytest.fixture(scope="module")
+def stress_h5(tmp_path_factory) -> Path:
+    X, y = _blobs(n=120, d=12, sep=1.0)
+    return write_h5(tmp_path_factory.mktemp("stress-h5") / "feats.h5", X, y)
+
+
+@pytest.fixture(scope="module")
+def search_ref(small, stress_h5, tmp_path_factory) -> dict:
+    """The uninterrupted search, its stop points, and the value of every parameter set evaluated so far: the
+    reference's trials, then each set a rerun draws that it did not (computed once, by the search's own
+    objective)."""
+    cache = tmp_path_factory.mktemp("search-ref")
+    out, reached = uninterrupted(command_args("search", small, stress_h5, cache))
+    values = {_params_key(t.params): t.value for t in trials(cache) if t.state.name == "COMPLETE"}
+    return {"path": out, "reached": reached, "values": values, "objective": None}
+
+
+def _params_key(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+@pytest.fixture(scope="module")
+def run_ref(small, tmp_path_factory) -> dict:
+    """The uninterrupted `featx run` of the tiny pipeline, its stop points, and its results per case."""
+    out, reached = uninterrupted(command_args("run", small, None, tmp_path_factory.mktemp("run-ref")))
+    rows = run_results(out)
+    assert list(rows) == RUN_CASES and all(r["status"] == "ok" for r in rows.values()), rows
+    return {"path": out, "reached": reached, "rows": rows}
+
+
+def run_results(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "results.csv", newline="") as f:
+        return {r["case"]: r for r in csv.DictReader(f)}
+
+
+def reference(command: str, small: dict, request) -> dict:
+    """The uninterrupted run of ``command``: ``path`` (its output) and ``reached`` (its stop points)."""
+    if command == "search":
+        return request.getfixturevalue("search_ref")
+    if command == "run":
+        return request.getfixturevalue("run_ref")
+    out = {"extract": "features", "fit-mlp": "mlp", "finetune": "model"}[command]
+    return {"path": small[out], "reached": small["reached"][command]}
+
+
+def no_trial_running(cache: Path) -> None:
+    """No trial RUNNING in any study of the cache's journal."""
+    journal = cache / "studies" / "featx.journal"
+    if not journal.exists():
+        return
+    storage = open_storage(str(journal))
+    for s in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        assert not [t.number for t in study.trials if t.state.name == "RUNNING"], s.study_name
+
+
+def _stop_and_rerun(command: str, stop_at: str, small, ref: dict, h5: Path, cache: Path) -> None:
+    point, _, signame = stop_at.split(":")
+    args = command_args(command, small, h5, cache)
     assert_stopped(invoke(args, stop_at), signame)
     assert not temp_files(cache), stop_at
-    if command == "search":
-        assert not [t for t in trials(cache) if t.state.name == "RUNNING"]
+    no_trial_running(cache)
+    if command == "run":
+        # the results so far: the finished cases ok, the one the stop came in `interrupted` (not failed), the rest
+        # not run; a stop between cases (run.case:N) comes before the N-th case starts
+        rows = run_results(cache / "runs" / ref["path"].name)
+        if point == "cli.output":
+            expected = ["ok"] * len(RUN_CASES)
+        elif point == "run.case":
+            n = int(stop_at.split(":")[1]) - 1
+            expected = ["ok"] * n + ["not run"] * (len(RUN_CASES) - n)
+        else:
+            n = RUN_CASES.index(RUN_CASE_AT[point])
+            expected = ["ok"] * n + ["interrupted"] + ["not run"] * (len(RUN_CASES) - n - 1)
+        assert [r["status"] for r in rows.values()] == expected, stop_at
     out = last_path(invoke(args))  # the rerun completes ...
     assert not temp_files(cache)
+    no_trial_running(cache)
     # ... and equals an uninterrupted run
     if command == "extract":
-        a, b = rows_of(small["features"]), rows_of(out)
+        a, b = rows_of(ref["path"]), rows_of(out)
         assert np.array_equal(a["path"], b["path"]) and np.allclose(a["X"], b["X"], rtol=1e-5, atol=1e-6)
     elif command == "fit-mlp":
-        a, b = head_arrays(small["mlp"]), head_arrays(out)
+        a, b = head_arrays(ref["path"]), head_arrays(out)
         assert all(np.array_equal(a[k], b[k]) for k in a)
     elif command == "search":
-        # every finished trial's value is what an uninterrupted evaluation of its parameters gives, no trial
-        # is left RUNNING, and the refit head is the best finished trial's
-        from featx.fit import open_rows
-        from featx.search import Objective
-
+        # every finished trial's value is what an uninterrupted evaluation of its parameters gives (the
+        # reference's, or the objective's for parameters the reference did not draw), no trial is left RUNNING,
+        # and the refit head is the best finished trial's
         ts = trials(cache)
-        assert not [t for t in ts if t.state.name == "RUNNING"]
-        obj = Objective(open_rows(h5, None), "logreg", cv=2, seed=0, device="cpu")
         for t in ts:
             if t.state.name == "COMPLETE":
-                assert obj(optuna.trial.FixedTrial(t.params)) == pytest.approx(t.value, abs=1e-12)
+                assert _value_of(t.params, h5, ref) == pytest.approx(t.value, abs=1e-12)
         m = json.loads((out / "metrics.json").read_text())
         complete = [t for t in ts if t.state.name == "COMPLETE"]
         assert m["search"]["best_value"] == max(t.value for t in complete)
+    elif command == "finetune":
+        same_model(ref["path"], out)
     else:
-        same_model(small["model"], out)
+        # the same results as the uninterrupted run: per case its status, accuracies and the case a fine-tune
+        # started from, the same heads (arrays) and the same fine-tuned model (weights, history)
+        assert out.name == ref["path"].name
+        rows = run_results(out)
+        assert {c: tuple(r[k] for k in RUN_COMPARED) for c, r in rows.items()} == \
+            {c: tuple(r[k] for k in RUN_COMPARED) for c, r in ref["rows"].items()}
+        for case, r in rows.items():
+            a, b = head_arrays(Path(ref["rows"][case]["head_dir"])), head_arrays(Path(r["head_dir"]))
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), case
+        same_model(Path(ref["rows"]["finetune-all"]["model_dir"]), Path(rows["finetune-all"]["model_dir"]))
 
 
-@pytest.mark.parametrize("command", ["extract", "fit-mlp", "search", "finetune"])
-def test_stress_few_moments(command, small, h5file, tmp_path):
-    """The default suite's share of the stress test: one seeded moment per command."""
+def _value_of(params: dict, h5: Path, ref: dict) -> float:
+    key = _params_key(params)
+    if key not in ref["values"]:
+        from featx.fit import open_rows
+        from featx.search import Objective
+
+        if ref["objective"] is None:
+            ref["objective"] = Objective(open_rows(h5, None), "logreg", cv=2, seed=0, device="cpu")
+        ref["values"][key] = ref["objective"](optuna.trial.FixedTrial(params))
+    return ref["values"][key]
+
+
+COMMANDS = ["extract", "fit-mlp", "search", "finetune", "run"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_stress_few_moments(command, small, stress_h5, tmp_path, request):
+    """The default suite's share of the stress test: the table above is what an uninterrupted run reaches, and one
+    seeded moment per command."""
+    ref = reference(command, small, request)
+    assert ref["reached"] == dict(STRESS[command])
     for i, stop_at in enumerate(moments(command, 1, seed=1)):
-        _stop_and_rerun(command, stop_at, small, h5file, tmp_path / str(i))
+        _stop_and_rerun(command, stop_at, small, ref, stress_h5, tmp_path / str(i))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["extract", "fit-mlp", "search", "finetune"])
-def test_stress_20_seeded_moments(command, small, h5file, tmp_path):
+@pytest.mark.parametrize("command", COMMANDS)
+def test_stress_20_seeded_moments(command, small, stress_h5, tmp_path, request):
     """20 seeded moments per command, SIGINT and SIGTERM in turn: every stop exits 130/143 with the one line,
     nothing RUNNING, no temporary file; every rerun completes and equals the uninterrupted run."""
+    ref = reference(command, small, request)
     for i, stop_at in enumerate(moments(command, 20)):
-        _stop_and_rerun(command, stop_at, small, h5file, tmp_path / str(i))
+        _stop_and_rerun(command, stop_at, small, ref, stress_h5, tmp_path / str(i))
