@@ -67,8 +67,57 @@ def _objective(est, X, y, C):
     [SVMHead(), LogisticHead(), MLPHead(hidden=32, epochs=30, random_state=0)],
     ids=["svm", "logreg", "mlp"],
 )
+# The heads derive from featx.heads._compat.ClassifierBase, not sklearn.base.BaseEstimator (importing scikit-learn
+# costs every CLI process 1-2 s); check_estimator warns about that and then runs all its checks all the same.
+@pytest.mark.filterwarnings("ignore:Estimator .* does not inherit from:UserWarning")
 def test_check_estimator(est):
     check_estimator(est)
+
+
+def test_scikit_learn_machinery_without_its_base_classes(wide):
+    """The heads implement scikit-learn's protocol themselves (featx.heads._compat, so that the CLI never imports
+    scikit-learn); scikit-learn's own clone, is_classifier, Pipeline, cross-validation and grid search must treat
+    them as they treat its estimators."""
+    from sklearn.base import clone, is_classifier
+    from sklearn.model_selection import GridSearchCV, cross_val_score
+    from sklearn.pipeline import make_pipeline
+
+    X, y = wide
+    head = SVMHead(C=0.05, tol=1e-5)
+    assert is_classifier(head) and is_classifier(LogisticHead()) and is_classifier(MLPHead())
+    twin = clone(head)
+    assert twin is not head and twin.get_params() == head.get_params()
+    assert repr(head) == "SVMHead(C=0.05, tol=1e-05)" and repr(SVMHead()) == "SVMHead()"
+    assert head.set_params(C=0.1) is head and head.C == 0.1
+    with pytest.raises(ValueError, match="Invalid parameter 'c' for estimator"):
+        head.set_params(c=1)
+    pipe = make_pipeline(StandardScaler(), SVMHead(C=0.1))
+    pipe.set_params(svmhead__C=0.01)
+    assert pipe.get_params()["svmhead__C"] == 0.01
+    assert pipe.fit(X, y).score(X, y) == pytest.approx(np.mean(pipe.predict(X) == y))
+    scores = cross_val_score(SVMHead(C=0.01, tol=1e-6), X, y, cv=3)
+    ref = cross_val_score(LinearSVC(C=0.01, tol=1e-8, max_iter=100_000), X, y, cv=3)
+    assert scores.shape == (3,) and np.abs(scores - ref).max() <= 0.03  # the same problem, solved to tolerance
+    grid = GridSearchCV(LogisticHead(max_iter=200), {"C": [0.01, 1.0]}, cv=2).fit(X, y)
+    assert grid.best_params_["C"] in (0.01, 1.0) and isinstance(grid.best_estimator_, LogisticHead)
+    # pickling round trip, as joblib does for parallel searches
+    import pickle
+
+    fitted = SVMHead(C=0.1).fit(X, y)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(fitted)).predict(X), fitted.predict(X))
+
+
+def test_importing_the_heads_does_not_import_scikit_learn():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from featx.heads import SVMHead, LogisticHead, MLPHead, load_head, save_head; "
+            "X = np.random.default_rng(0).standard_normal((60, 5)).astype(np.float32); y = np.arange(60) % 3; "
+            "h = SVMHead(C=0.1).fit(X, y); h.predict(X); LogisticHead().fit(X, y).predict(X); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'torch')))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "[]"
 
 
 def test_parameters_are_validated_in_fit(wide):

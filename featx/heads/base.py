@@ -11,11 +11,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
-
 from ..errors import DataError, UsageError
+from ._compat import ClassifierBase, check_classification_targets, check_is_fitted, validate_data
 from ._solvers import Batches
 
 if TYPE_CHECKING:
@@ -40,7 +37,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _encode_targets(est: BaseEstimator, y: np.ndarray) -> np.ndarray:
+def _encode_targets(est: ClassifierBase, y: np.ndarray) -> np.ndarray:
     """Set ``est.classes_`` and return ``y`` as class indices; refuse fewer than two classes."""
     check_classification_targets(y)
     classes, y_idx = np.unique(y, return_inverse=True)
@@ -112,7 +109,7 @@ class _StreamLabels:
         return gen
 
 
-class _LinearHead(ClassifierMixin, BaseEstimator):
+class _LinearHead(ClassifierBase):
     """Shared scoring, export and persistence for heads with ``coef_`` / ``intercept_``."""
 
     def decision_function(self, X: Any) -> np.ndarray:

@@ -9,11 +9,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
-
 from ..errors import DataError, UsageError
+from ._compat import ClassifierBase, check_is_fitted, check_random_state, validate_data
 from ._solvers import Batches, resolve_device
 from .base import _FLOAT_DTYPES, _PREDICT_BLOCK, _check_int, _check_positive, _encode_targets, _float32_rows, _StreamLabels
 
@@ -47,7 +44,7 @@ def _mlp_net_class() -> type:
     return _MLPNet
 
 
-class MLPHead(ClassifierMixin, BaseEstimator):
+class MLPHead(ClassifierBase):
     """One-hidden-layer network on features: ``Linear(d, hidden) -> ReLU -> Dropout -> Linear(hidden, k)``.
 
     Trained with cross-entropy on shuffled mini-batches by Adam (``optimizer="adam"``) or SGD with momentum
