@@ -278,6 +278,10 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
         stream = n_train * d * 4 > _available_bytes() // 2
     t0 = time.perf_counter()
     has_val = bool(rows.mask("val").any())
+    if kind != "mlp":  # (the MLP imports torch as it fits: two threads importing big packages at once gain little)
+        from featx.plots import preload
+
+        preload()  # matplotlib, for the confusion plot, imports on another core while the solver runs BLAS
     X = None
     if stream:
         logger.info("fitting %s chunk by chunk (%d x %d train rows)", kind, n_train, d)
@@ -567,6 +571,9 @@ def evaluate(head: str | os.PathLike, features: str | os.PathLike, *, split: str
             which), or its classes or dimensions differ.
     """
     fh = load_fitted(head)
+    from featx.plots import preload
+
+    preload()  # imports matplotlib for the confusion plot while the rows are read and scored
     fs = FeatureSet(features)
     layer = fh.layer
     fs.check_layer(layer)

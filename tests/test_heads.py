@@ -209,6 +209,42 @@ def test_gram_mixed_precision_matches_float64(monkeypatch, wide, duplicated):
     assert o32 == pytest.approx(o64, rel=1e-6)
 
 
+@pytest.mark.parametrize("n", [600, 1037])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_gram_tiles_match_one_product(n, workers):
+    """The CPU Gram matrix is computed as tiles on several threads (featx.heads._solvers.gram_plus_one): it must
+    equal the one product, be exactly symmetric, and leave the BLAS thread count as it found it."""
+    from featx.heads._solvers import blas_threads, gram_plus_one
+
+    X = np.random.default_rng(n).standard_normal((n, 300)).astype(np.float32)
+    before = blas_threads()
+    K = gram_plus_one(X, workers)
+    assert blas_threads() == before
+    assert K.dtype == np.float64 and np.array_equal(K, K.T)
+    ref = X.astype(np.float64) @ X.T.astype(np.float64) + 1
+    assert np.abs(K - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_gram_float32_products_reach_the_float64_optimum(monkeypatch):
+    """Big problems take the float32 path: tiled Gram matrix, float32 inverse, one BLAS thread fewer; the optimum
+    must be the float64 path's, and the BLAS thread count must be restored afterwards."""
+    import featx.heads._solvers as solvers
+
+    X, y = _scaled(600, 700, 5, seed=3)
+    Y = labels_to_pm1(y, 5)
+    w64, b64, i64 = LinearProblem(X, space="gram").solve_svm(Y, 0.1, tol=1e-8)
+    before = solvers.blas_threads()
+    monkeypatch.setattr(solvers, "_FLOAT64_BELOW", 0)
+    monkeypatch.setattr(solvers, "_MIXED_PRECISION_FROM", 1)
+    p = LinearProblem(X, space="gram")
+    w32, b32, i32 = p.solve_svm(Y, 0.1, tol=1e-8)
+    assert not p._K_exact and i32.detail["inverse"] == "float32" and i32.converged
+    assert solvers.blas_threads() == before
+    o64 = svm_primal_objective(w64, b64, X, Y, 0.1).sum()
+    o32 = svm_primal_objective(w32, b32, X, Y, 0.1).sum()
+    assert o32 == pytest.approx(o64, rel=1e-6)
+
+
 def test_linear_problem_is_reused_and_checked(wide):
     X, y = wide
     p = LinearProblem(X)

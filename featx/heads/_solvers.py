@@ -285,6 +285,94 @@ def backend_for(device: Any) -> _NumpyOps | _TorchOps:
     return _TorchOps(resolve_device(device))
 
 
+# -- CPU threads ---------------------------------------------------------------------------------------------------
+# OpenBLAS's own threads synchronize at many points inside one call (a Cholesky of 3,400 rows has hundreds): when any
+# of them waits for a core, all wait.  Measured on 2 cores at load ~4: a float32 Cholesky of 3,400 rows took 0.46 s
+# with one BLAS thread and 8.6 s with two.  A quiet machine may suffer too (not measured here): numpy and scipy
+# each bring their own OpenBLAS, whose idle threads spin for a while after each call, and the Gram solver alternates
+# numpy products with scipy factorizations; on a quiet 2-core machine `featx fit svm` took 8-11 s of wall and about
+# as much CPU time for ~3 s of single-threaded work.  So the Gram solver on the CPU runs its BLAS calls with one
+# thread fewer than configured (one on 2 cores: the process's other threads, such as the plot import that
+# `featx fit` starts beside the solver, keep a core), and computes its one big product, the Gram matrix, as
+# independent tiles on Python threads (numpy releases the GIL), each a single-threaded BLAS call: all the
+# configured cores, and no synchronization but the final join.
+
+
+def blas_threads() -> int:
+    """The BLAS threads configured now (``OPENBLAS_NUM_THREADS``, ``threadpool_limits``...): numpy's or scipy's, the most."""
+    from threadpoolctl import threadpool_info
+
+    return max([int(i.get("num_threads") or 1) for i in threadpool_info() if i.get("user_api") == "blas"], default=1)
+
+
+def _blas_limit(n: int) -> Any:
+    """A context in which numpy's and scipy's BLAS use at most ``n`` threads."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=max(1, int(n)), user_api="blas")
+
+
+def _run_threads(tasks: list[Callable[[], None]], workers: int) -> None:
+    """Run ``tasks`` (in order of submission, largest first) on ``workers`` threads; re-raise the first error."""
+    import threading
+
+    todo = iter(tasks)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while not errors:
+            with lock:
+                task = next(todo, None)
+            if task is None:
+                return
+            try:
+                task()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                errors.append(e)
+
+    threads = [threading.Thread(target=work, name=f"featx-gram-{i}", daemon=True) for i in range(max(1, workers) - 1)]
+    for t in threads:
+        t.start()
+    work()  # the calling thread is one of the workers
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def gram_plus_one(X: np.ndarray, workers: int) -> np.ndarray:
+    """``X X^T + 1`` in float64 from float32 products, on ``workers`` threads, each a single-threaded BLAS call.
+
+    The rows are cut into ``2 * workers`` blocks; each tile of the lower triangle is one product (a SYRK on the
+    diagonal, half the cost) written, plus one and in float64, into its place and its mirror's, largest tiles
+    first, so that the threads finish together whatever their number.
+    """
+    n = X.shape[0]
+    out = np.empty((n, n), dtype=np.float64)
+    n_blocks = max(1, min(2 * workers, n // 256)) if workers > 1 else 1
+    edges = np.linspace(0, n, n_blocks + 1).astype(int)
+    blocks = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+    def tile(bi: slice, bj: slice) -> Callable[[], None]:
+        def run() -> None:
+            T = X[bi] @ X[bj].T  # float32; X[bi] @ X[bi].T is one SYRK
+            np.add(T, 1.0, out=out[bi, bj])
+            if bi != bj:
+                np.add(T.T, 1.0, out=out[bj, bi])
+
+        return run
+
+    tasks = [(1 if i == j else 2, tile(blocks[i], blocks[j])) for i in range(n_blocks) for j in range(i + 1)]
+    tasks.sort(key=lambda t: -t[0])  # off-diagonal tiles cost twice a diagonal one
+    if n_blocks == 1:
+        tasks[0][1]()
+    else:
+        with _blas_limit(1):
+            _run_threads([t for _, t in tasks], workers)
+    return out
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """Return ``device`` as a :class:`torch.device`, refusing CUDA when it is not available (imports torch)."""
     import torch
@@ -440,6 +528,7 @@ class LinearProblem:
         self._factor_C: tuple[float, Any] | None = None
         self._factor: Any = None
         self._warm: dict[str, tuple[float, Any]] = {}
+        self._workers = 0  # the BLAS threads configured when a CPU solve starts (see solve_svm)
 
     @property
     def device(self) -> str:
@@ -479,11 +568,13 @@ class LinearProblem:
                 X64 = xp.cast(self.X_t, xp.f64)
                 K = X64 @ X64.T
                 del X64
+                K += 1.0
+            elif isinstance(xp, _NumpyOps):
+                # float32 tiles on as many threads as BLAS may use (see gram_plus_one), + 1 and float64 in place.
+                K = gram_plus_one(self.X_t, self._workers or blas_threads())
             else:
-                # On the CPU numpy's X @ X.T is one SYRK call (measured ~2x faster than torch's GEMM there).
-                Xt = self.X_t
-                K = xp.cast(Xt @ Xt.T, xp.f64)
-            K += 1.0
+                K = xp.cast(self.X_t @ self.X_t.T, xp.f64)
+                K += 1.0
             self._K = K
             logger.debug("Gram matrix %dx%d in %.2fs", self.n, self.n, time.perf_counter() - t0)
         return self._K
@@ -532,7 +623,14 @@ class LinearProblem:
         Yt = xp.asarray(np.asarray(Y, dtype=np.float64))
         t0 = time.perf_counter()
         if self.space == "gram":
-            B, n_iter, converged, obj, detail = self._svm_gram(Yt, C, tol, max_iter, warm[1] if warm else None)
+            if isinstance(xp, _NumpyOps):
+                # One BLAS thread fewer than configured for the factorizations and the small products; the Gram
+                # matrix's tiles on all of them (see gram_plus_one and the note above blas_threads).
+                self._workers = blas_threads()
+                with _blas_limit(self._workers - 1):
+                    B, n_iter, converged, obj, detail = self._svm_gram(Yt, C, tol, max_iter, warm[1] if warm else None)
+            else:
+                B, n_iter, converged, obj, detail = self._svm_gram(Yt, C, tol, max_iter, warm[1] if warm else None)
             self._warm[key] = (C, B)
             # w = X^T beta with float32 GEMMs: beta split into a float32 head and the float32 rounding
             # remainder, so beta's float64 precision survives (X itself is float32 anyway).
