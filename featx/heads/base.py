@@ -22,6 +22,14 @@ logger = logging.getLogger(__name__)
 
 # Rows per block when scoring; bounds the float64 temporaries of predict on big inputs.
 _PREDICT_BLOCK = 8192
+# ... and the float64 copy of a block to 4 Mi values (32 MB): glibc then reuses one block's memory for the next
+# instead of mapping fresh pages (scoring 3,400 x 9,216 rows at once faulted in 250 MB: ~0.2 s).
+_PREDICT_VALUES = 4 << 20
+
+
+def _predict_rows(n_features: int) -> int:
+    """Rows per scoring block for ``n_features`` columns (see :data:`_PREDICT_VALUES`)."""
+    return max(1, min(_PREDICT_BLOCK, _PREDICT_VALUES // max(1, int(n_features))))
 _FLOAT_DTYPES = (np.float64, np.float32)
 
 
@@ -117,8 +125,9 @@ class _LinearHead(ClassifierBase):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=_FLOAT_DTYPES)
         out = np.empty((X.shape[0], self.coef_.shape[0]), dtype=np.float64)
-        for s in range(0, X.shape[0], _PREDICT_BLOCK):
-            out[s : s + _PREDICT_BLOCK] = np.asarray(X[s : s + _PREDICT_BLOCK], dtype=np.float64) @ self.coef_.T
+        step = _predict_rows(X.shape[1])
+        for s in range(0, X.shape[0], step):
+            out[s : s + step] = np.asarray(X[s : s + step], dtype=np.float64) @ self.coef_.T
         out += self.intercept_
         return out[:, 0] if out.shape[1] == 1 else out
 
