@@ -149,10 +149,15 @@ class _NumpyOps:
     def colsum64(self, a: np.ndarray) -> np.ndarray:
         return a.sum(0, dtype=np.float64)
 
-    def cholesky(self, a: np.ndarray) -> tuple[np.ndarray, bool]:
-        """Lower Cholesky factor and whether the factorization succeeded (no exception, as torch's _ex)."""
+    def cholesky(self, a: np.ndarray, *, overwrite: bool = False) -> tuple[np.ndarray, bool]:
+        """Lower Cholesky factor and whether the factorization succeeded (no exception, as torch's _ex).
+
+        ``overwrite``: ``a`` (symmetric) may be destroyed, and holds the factor when ``a`` is contiguous (no copy).
+        """
+        if overwrite and a.flags.c_contiguous:
+            a = a.T  # the same symmetric matrix in Fortran order, which LAPACK factorizes where it lies
         try:
-            return scipy.linalg.cholesky(a, lower=True, check_finite=False), True
+            return scipy.linalg.cholesky(a, lower=True, overwrite_a=overwrite, check_finite=False), True
         except np.linalg.LinAlgError:
             return a, False
 
@@ -160,15 +165,23 @@ class _NumpyOps:
         return scipy.linalg.cho_solve((L, True), b, check_finite=False)
 
     def cholesky_inverse(self, L: np.ndarray) -> np.ndarray:
+        """``(L L^T)^-1``, written over ``L``."""
         potri = scipy.linalg.get_lapack_funcs("potri", (L,))
         inv, info = potri(L, lower=1, overwrite_c=1)
         if info != 0:
             raise np.linalg.LinAlgError(f"LAPACK potri failed (info={info})")
         # potri fills the lower triangle and leaves the upper one as it was: zero, since scipy's cholesky
-        # cleans it.  Mirror with one temporary: inv + inv.T counts the diagonal twice.
-        full = inv + inv.T
-        full.flat[:: full.shape[0] + 1] *= 0.5
-        return full
+        # cleans it.  Mirror it in place, block by block (no n x n temporary).
+        n = inv.shape[0]
+        step = 512
+        for a in range(0, n, step):
+            blk = inv[a : a + step, a : a + step]
+            blk += np.tril(blk, -1).T
+            for b in range(a + step, n, step):
+                inv[a : a + step, b : b + step] = inv[b : b + step, a : a + step].T
+        # Symmetric: hand it over in C order (the transposed view of a Fortran-ordered result), so that gathering
+        # its rows (see _solve_active) reads contiguous memory.
+        return inv.T if not inv.flags.c_contiguous else inv
 
     def solve(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.linalg.solve(a, b)
@@ -258,7 +271,7 @@ class _TorchOps:
     def colsum64(self, a: torch.Tensor) -> torch.Tensor:
         return a.sum(0, dtype=self.torch.float64)
 
-    def cholesky(self, a: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def cholesky(self, a: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Tensor, bool]:
         L, info = self.torch.linalg.cholesky_ex(a)
         return L, int(info) == 0
 
@@ -658,9 +671,14 @@ class LinearProblem:
             return self._factor
         self._factor = None  # release the previous one before allocating the next
         t0 = time.perf_counter()
-        A = xp.copy(self.K, dtype)
-        xp.add_diag_(A, 0.5 / C)
-        L, ok = xp.cholesky(A)
+
+        def shifted(extra: float = 0.0) -> Any:
+            A = xp.copy(self.K, dtype)
+            xp.add_diag_(A, 0.5 / C + extra)
+            return A
+
+        # Factorized where it lies (overwrite): the float32 path holds one n x n copy of K besides K itself.
+        L, ok = xp.cholesky(shifted(), overwrite=True)
         if dtype != xp.f64:
             # (max L_ii / min L_ii)^2 is a lower bound on cond(A); refuse float32 where it cannot resolve A.
             if not ok:
@@ -674,18 +692,16 @@ class LinearProblem:
             logger.debug("Cholesky of K + I/2C failed (C=%g); recomputing K in float64", C)
             self._K = None
             self._K_exact = True
-            A = xp.copy(self.K, dtype)
-            xp.add_diag_(A, 0.5 / C)
-            L, ok = xp.cholesky(A)
-        jitter = 1e-12
+            L, ok = xp.cholesky(shifted(), overwrite=True)
+        jitter, added = 1e-12, 0.0
+        mean_diag = float(xp.diag(self.K).mean()) + 0.5 / C
         while not ok and jitter < 1e-3:
             logger.warning("K + I/(2C) is numerically singular (C=%g); adding %.0e x mean(diag) to it", C, jitter)
-            xp.add_diag_(A, jitter * float(xp.diag(A).mean()))
-            L, ok = xp.cholesky(A)
+            added += jitter * mean_diag
+            L, ok = xp.cholesky(shifted(added), overwrite=True)
             jitter *= 100
         if not ok:
             raise np.linalg.LinAlgError("K + I/(2C) is not numerically positive definite")
-        del A
         inv = xp.cholesky_inverse(L)
         self._factor, self._factor_C = inv, key
         logger.debug("inverse of K + I/2C (C=%g, %s) in %.2fs", C, dtype, time.perf_counter() - t0)
