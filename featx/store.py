@@ -36,6 +36,7 @@ READABLE_VERSIONS = (1, 2)
 SHARD_PATTERN = "shard-{:05d}.h5"
 STR_DTYPE = h5py.string_dtype("utf-8")
 CHUNK_ROWS = 4096  # rows read at a time from a single-file feature set
+READ_BYTES = 32 << 20  # at most this much read at a time by FeatureSet.load into its buffer
 # ~256 KiB chunks: measured as cheap to check as 1 MiB ones and cheaper than 4 MiB (docs/benchmarks.md); a read
 # verifies only the chunks it touches.
 CHUNK_BYTES = 256 << 10
@@ -374,12 +375,50 @@ class FeatureSet:
         self.check_layer(layer)
         m = self.mask(split) if mask is None else np.asarray(mask, dtype=bool)
         out = np.empty((int(m.sum()), self.dim(layer)), dtype=np.float32)
-        pos = 0
-        for X, sel in self._blocks(layer, m):
-            out[pos:pos + len(X)] = X
-            pos += len(X)
+        if self._first_keys[layer][1] == np.float32:
+            pos = self._read_into(out, layer, m)
+        else:
+            pos = 0
+            for X, sel in self._blocks(layer, m):
+                out[pos:pos + len(X)] = X
+                pos += len(X)
         assert pos == len(out)
         return out
+
+    def _read_into(self, out: np.ndarray, layer: str, m: np.ndarray) -> int:
+        """Read the rows ``m`` of a float32 ``layer`` into ``out``: runs of wanted rows straight into place, the
+        others through one buffer of at most :data:`READ_BYTES` (every fresh page costs a fault: reading 3,400 of
+        4,000 rows of 9,216 floats through whole-block temporaries touched 400 MB for a 125 MB result).
+        Returns the number of rows written."""
+        d = out.shape[1]
+        step = max(1, min(CHUNK_ROWS, READ_BYTES // (4 * d)))
+        buf: np.ndarray | None = None
+        pos = 0
+        for part in self._parts:
+            try:
+                h = h5py.File(part.file, "r")
+            except OSError as e:
+                raise self._damaged(part.file, e) from None
+            with h:
+                ds = h[layer]
+                for a in range(0, part.n, step):
+                    b = min(part.n, a + step)
+                    local = m[part.start + a:part.start + b]
+                    k = int(local.sum())
+                    if not k:
+                        continue
+                    try:  # HDF5 checks each chunk's fletcher32 as it reads it
+                        if k == b - a:
+                            ds.read_direct(out, np.s_[a:b], np.s_[pos:pos + k])
+                        else:
+                            if buf is None:
+                                buf = np.empty((step, d), dtype=np.float32)
+                            ds.read_direct(buf, np.s_[a:b], np.s_[0:b - a])
+                            np.compress(local, buf[:b - a], axis=0, out=out[pos:pos + k])
+                    except OSError as e:
+                        raise self._damaged(part.file, e) from None
+                    pos += k
+        return pos
 
     def iter_chunks(self, layer: str, split: str | Sequence[str] | None = None, *,
                     mask: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
