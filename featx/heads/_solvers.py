@@ -124,6 +124,9 @@ class _NumpyOps:
     def cat0(self, parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts, axis=0)
 
+    def cat1(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts, axis=1)
+
     def argmax0(self, a: np.ndarray) -> np.ndarray:
         return np.argmax(a, axis=0)
 
@@ -247,6 +250,9 @@ class _TorchOps:
     def cat0(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return self.torch.cat(parts, 0)
 
+    def cat1(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return self.torch.cat(parts, 1)
+
     def argmax0(self, a: torch.Tensor) -> torch.Tensor:
         return self.torch.argmax(a.to(self.torch.int8), dim=0)
 
@@ -311,18 +317,27 @@ def backend_for(device: Any) -> _NumpyOps | _TorchOps:
 # configured cores, and no synchronization but the final join.
 
 
+_controller: Any = None
+
+
+def _threadpools() -> Any:
+    """threadpoolctl's view of the BLAS libraries loaded (numpy's and scipy's), found once."""
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController().select(user_api="blas")
+    return _controller
+
+
 def blas_threads() -> int:
     """The BLAS threads configured now (``OPENBLAS_NUM_THREADS``, ``threadpool_limits``...): numpy's or scipy's, the most."""
-    from threadpoolctl import threadpool_info
-
-    return max([int(i.get("num_threads") or 1) for i in threadpool_info() if i.get("user_api") == "blas"], default=1)
+    return max([int(i.get("num_threads") or 1) for i in _threadpools().info()], default=1)
 
 
 def _blas_limit(n: int) -> Any:
     """A context in which numpy's and scipy's BLAS use at most ``n`` threads."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=max(1, int(n)), user_api="blas")
+    return _threadpools().limit(limits=max(1, int(n)))
 
 
 def _run_threads(tasks: list[Callable[[], None]], workers: int) -> None:
@@ -383,6 +398,19 @@ def gram_plus_one(X: np.ndarray, workers: int) -> np.ndarray:
     else:
         with _blas_limit(1):
             _run_threads([t for _, t in tasks], workers)
+    return out
+
+
+def row_split_matmul(A: np.ndarray, V: np.ndarray, workers: int) -> np.ndarray:
+    """``A @ V`` with ``A``'s rows split over ``workers`` threads, each a single-threaded BLAS call."""
+    out = np.empty((A.shape[0], V.shape[1]), dtype=np.result_type(A, V))
+    edges = np.linspace(0, A.shape[0], workers + 1).astype(int)
+
+    def part(a: int, b: int) -> Callable[[], None]:
+        return lambda: np.matmul(A[a:b], V, out=out[a:b])
+
+    with _blas_limit(1):
+        _run_threads([part(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])], workers)
     return out
 
 
@@ -764,6 +792,13 @@ class LinearProblem:
                 D[Sidx, c] = xp.cholesky_solve(R[Sidx, c : c + 1], L)[:, 0]
         return D, n_direct
 
+    def _kmm(self, V: Any) -> Any:
+        """``K @ V`` (float64); on the CPU split by rows over the solve's threads (see gram_plus_one)."""
+        K = self.K
+        if not isinstance(self.xp, _NumpyOps) or self._workers <= 1 or K.shape[0] < 1024:
+            return K @ V
+        return row_split_matmul(K, V, self._workers)
+
     def _svm_gram(
         self, Y: Any, C: float, tol: float, max_iter: int, B0: Any
     ) -> tuple[Any, int, bool, float, dict[str, Any]]:
@@ -781,7 +816,7 @@ class LinearProblem:
             Ainv = self._gram_inverse(C, xp.f64)
         assert Ainv is not None
         B = xp.zeros((n, k), xp.f64) if B0 is None else xp.copy(B0)
-        F = K @ B
+        F = self._kmm(B)
         done = xp.zeros((k,), bool)
         converged = False
         it = 0
@@ -790,9 +825,15 @@ class LinearProblem:
         from_zero = B0 is None
         for it in range(1, max_iter + 1):
             S = (Y * F) < 1
+            Sf = xp.cast(S, xp.f64)
+            B0s = B * Sf
+            KB0s = None
             if not (from_zero and it == 1):  # at w = 0 the gap is never small: save the GEMM
                 alpha = 2 * C * xp.clamp(1 - Y * F, 0)
-                gap = _svm_relative_gap(xp, B, F, alpha, Y, C, K @ (Y * alpha))
+                # K (Y alpha) for the gap and K B0s for the Newton residual below: one pass over K for both
+                KV = self._kmm(xp.cat1([Y * alpha, B0s]))
+                gap = _svm_relative_gap(xp, B, F, alpha, Y, C, KV[:, :k])
+                KB0s = KV[:, k:]
                 done |= gap <= tol
                 if bool(done.all()):
                     converged = True
@@ -804,17 +845,15 @@ class LinearProblem:
                 logger.debug("no convergence after %d steps with a float32 inverse; switching to float64", it - 1)
                 Ainv = self._gram_inverse(C, xp.f64)
                 assert Ainv is not None
-            Sf = xp.cast(S, xp.f64)
             # Newton point for the active sets S: beta_N = 0, (K_SS + gamma I) beta_S = y_S, found as a
             # correction to the current beta restricted to S (so an approximate solve refines, not restarts).
-            B0s = B * Sf
-            R = Sf * (Y - gamma * B0s) if from_zero and it == 1 else Sf * (Y - K @ B0s - gamma * B0s)
+            R = Sf * (Y - gamma * B0s) if KB0s is None else Sf * (Y - KB0s - gamma * B0s)
             cache: dict[int, Any] = {}
             D, nd = self._solve_active(R, S, Ainv, cols, gamma, cache)
             n_direct += nd
             Bhat = B0s + D
             if Ainv.dtype != xp.f64:
-                R2 = Sf * (Y - K @ Bhat - gamma * Bhat)
+                R2 = Sf * (Y - self._kmm(Bhat) - gamma * Bhat)
                 r1 = xp.norm0(R[:, cols])
                 r2 = xp.norm0(R2[:, cols])
                 if bool((r2 > 0.25 * r1 + 1e-12 * xp.norm0(Y[:, cols])).any()):
@@ -829,7 +868,7 @@ class LinearProblem:
                 n_direct += nd
             P = Bhat - B
             P[:, done] = 0
-            KP = K @ P
+            KP = self._kmm(P)
             t = _exact_line_search(xp, (B * KP).sum(0), (P * KP).sum(0), F, KP, Y, C)
             t = xp.where(done, 0.0, t)
             B += t * P
