@@ -284,7 +284,7 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
     if kind != "mlp":  # (the MLP imports torch as it fits: two threads importing big packages at once gain little)
         from featx.plots import preload
 
-        preload()  # matplotlib, for the confusion plot, imports on another core while the solver runs BLAS
+        preload(rows.classes)  # matplotlib and the confusion plot's frame, on another core while the solver runs
     X = None
     if stream:
         logger.info("fitting %s chunk by chunk (%d x %d train rows)", kind, n_train, d)
@@ -576,7 +576,7 @@ def evaluate(head: str | os.PathLike, features: str | os.PathLike, *, split: str
     fh = load_fitted(head)
     from featx.plots import preload
 
-    preload()  # imports matplotlib for the confusion plot while the rows are read and scored
+    preload(fh.classes)  # matplotlib and the confusion plot's frame while the rows are read and scored
     fs = FeatureSet(features)
     layer = fh.layer
     fs.check_layer(layer)
