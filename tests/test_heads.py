@@ -225,6 +225,33 @@ def test_gram_tiles_match_one_product(n, workers):
     assert np.abs(K - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+def test_blas_limits_from_several_threads_restore_the_thread_count():
+    """Fits on several threads at once (e.g. a threaded grid search) limit BLAS in overlapping, not nested, spans;
+    the count found before the first must come back after the last."""
+    import threading
+
+    from featx.heads._solvers import _blas_limit, blas_threads
+
+    before = blas_threads()
+    entered, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with _blas_limit(1):
+            entered.set()
+            leave.wait()
+
+    t = threading.Thread(target=other)
+    t.start()
+    entered.wait()
+    span = _blas_limit(1)
+    span.__enter__()
+    leave.set()
+    t.join()  # the other span ends first
+    assert blas_threads() == 1
+    span.__exit__(None, None, None)
+    assert blas_threads() == before
+
+
 def test_gram_float32_products_reach_the_float64_optimum(monkeypatch):
     """Big problems take the float32 path: tiled Gram matrix, float32 inverse, one BLAS thread fewer; the optimum
     must be the float64 path's, and the BLAS thread count must be restored afterwards."""

@@ -43,9 +43,11 @@ randomized Nystrom approximation of ``X~^T X~`` and the stop is again a relative
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -335,15 +337,43 @@ def blas_threads() -> int:
     return max([int(i.get("num_threads") or 1) for i in _threadpools().info()], default=1)
 
 
-def _blas_limit(n: int) -> Any:
-    """A context in which numpy's and scipy's BLAS use at most ``n`` threads."""
-    return _threadpools().limit(limits=max(1, int(n)))
+_limit_lock = threading.Lock()
+_limit_requests: list[int] = []  # the limits in force, from every thread (fits may run on several)
+_limit_original: list[int] = []
+
+
+@contextlib.contextmanager
+def _blas_limit(n: int) -> Iterator[None]:
+    """A context in which numpy's and scipy's BLAS use at most ``n`` threads.
+
+    Safe when fits run on several threads at once: the strictest limit in force applies, and the thread counts
+    found before the first one are restored when the last one ends (threadpoolctl's own contexts, each restoring
+    what it found, could leave BLAS limited for good when they interleave).
+    """
+    global _limit_original
+    n = max(1, int(n))
+    libs = _threadpools().lib_controllers
+
+    def apply() -> None:
+        cap = min(_limit_requests) if _limit_requests else None
+        for lib, original in zip(libs, _limit_original):
+            lib.set_num_threads(original if cap is None else min(original, cap))
+
+    with _limit_lock:
+        if not _limit_requests:
+            _limit_original = [int(lib.num_threads) for lib in libs]
+        _limit_requests.append(n)
+        apply()
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _limit_requests.remove(n)
+            apply()
 
 
 def _run_threads(tasks: list[Callable[[], None]], workers: int) -> None:
     """Run ``tasks`` (in order of submission, largest first) on ``workers`` threads; re-raise the first error."""
-    import threading
-
     todo = iter(tasks)
     lock = threading.Lock()
     errors: list[BaseException] = []
