@@ -429,7 +429,8 @@ class FeatureSet:
                 if not k:
                     continue
                 ds.read_direct(buf[0], np.s_[s:e], np.s_[0:e - s])
-                np.compress(sel, buf[0][:e - s], axis=0, out=out[pos:pos + k])
+                # take with mode="clip" writes out directly (mode="raise", compress's, buffers it: 3x slower)
+                np.take(buf[0], np.flatnonzero(sel), axis=0, out=out[pos:pos + k], mode="clip")
                 pos += k
         except OSError as e:
             raise self._damaged(part.file, e) from None
