@@ -53,8 +53,11 @@ class Scaler:
             return self
         n, s, ss = 0, None, None
         for X in chunks:
-            for a in range(0, len(X), 512):  # float64 sums, over small blocks: bounded temporaries
-                X64 = X[a:a + 512].astype(np.float64)
+            # float64 sums over blocks of at most 2 Mi values (16 MB): bounded temporaries, small enough that each
+            # block reuses the last one's memory (512 rows of 9,216 features mapped 38 MB of fresh pages each time)
+            step = max(1, min(512, (2 << 20) // max(1, X.shape[1])))
+            for a in range(0, len(X), step):
+                X64 = X[a:a + step].astype(np.float64)
                 s = X64.sum(0) if s is None else s + X64.sum(0)
                 ss = np.einsum("ij,ij->j", X64, X64) if ss is None else ss + np.einsum("ij,ij->j", X64, X64)
             n += len(X)
@@ -278,6 +281,10 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
         stream = n_train * d * 4 > _available_bytes() // 2
     t0 = time.perf_counter()
     has_val = bool(rows.mask("val").any())
+    if kind != "mlp":  # (the MLP imports torch as it fits: two threads importing big packages at once gain little)
+        from featx.plots import preload
+
+        preload(rows.classes)  # matplotlib and the confusion plot's frame, on another core while the solver runs
     X = None
     if stream:
         logger.info("fitting %s chunk by chunk (%d x %d train rows)", kind, n_train, d)
@@ -567,6 +574,9 @@ def evaluate(head: str | os.PathLike, features: str | os.PathLike, *, split: str
             which), or its classes or dimensions differ.
     """
     fh = load_fitted(head)
+    from featx.plots import preload
+
+    preload(fh.classes)  # matplotlib and the confusion plot's frame while the rows are read and scored
     fs = FeatureSet(features)
     layer = fh.layer
     fs.check_layer(layer)

@@ -1,55 +1,131 @@
 """PNG plots saved beside each output: confusion matrices, training curves, search histories.
 
 matplotlib runs headless (Agg) and is imported only when a plot is drawn: its object-oriented ``Figure``, not
-``pyplot``, which costs more to import and keeps a registry of open figures we do not need.
+``pyplot``, which costs more to import and keeps a registry of open figures we do not need.  A command that will
+draw once its computation is done calls :func:`preload` first: matplotlib (~0.8 s of one core) is then imported on a
+background thread while the computation runs (mostly BLAS, which releases the GIL), and the drawing waits for it.
 """
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+_DPI = 110
+_preloading: threading.Thread | None = None
+_prepared: dict[tuple[str, ...], "_ConfusionFigure"] = {}  # built by the preload thread, taken by plot_confusion
+
+
+def preload(confusion_classes: Sequence[str] | None = None) -> None:
+    """Start importing matplotlib's ``Figure`` and Agg canvas on a background thread, and there build the frame of
+    the confusion plot for ``confusion_classes`` (axes, ticks, labels and their layout) when they are given.
+
+    Harmless: does nothing while an earlier preload still runs; any error is left for the drawing itself to raise.
+    """
+    global _preloading
+    if _preloading is not None and _preloading.is_alive():
+        return
+    if confusion_classes is None and "matplotlib.backends.backend_agg" in sys.modules:
+        return
+
+    def run() -> None:
+        try:
+            if confusion_classes is not None:
+                frame = _ConfusionFigure(confusion_classes)
+                _prepared.clear()  # one frame at most: that of the plot coming next
+                _prepared[frame.key] = frame
+            else:
+                from matplotlib.backends.backend_agg import FigureCanvasAgg
+                from matplotlib.figure import Figure
+
+                fig = Figure(figsize=(1, 1))  # one tiny draw: loads the font, builds the text and tick machinery
+                fig.subplots().set_title("0", fontsize=7)
+                FigureCanvasAgg(fig).draw()
+        except Exception:  # noqa: BLE001 - the real drawing reports it
+            pass
+
+    _preloading = threading.Thread(target=run, name="featx-plot-preload", daemon=True)
+    _preloading.start()
+
+
+def _wait_preload() -> None:
+    if _preloading is not None:
+        _preloading.join()  # never import matplotlib from two threads at once
+
 
 def _figure(**kw):
+    _wait_preload()
     from matplotlib.figure import Figure
 
     return Figure(**kw)
 
 
-def _save(fig, path: str | os.PathLike) -> None:
+def _save(fig, path: str | os.PathLike, bbox_inches: Any = "tight") -> None:
     from featx.cache import temp_path
 
     path = Path(path)
     tmp = temp_path(path)
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches=bbox_inches)
     os.replace(tmp, path)
+
+
+class _ConfusionFigure:
+    """The confusion plot in two steps: the frame, which depends only on the classes (built ahead, on the preload
+    thread, while the head fits), then the counts and the title.
+
+    Saved with the bounding box that ``bbox_inches="tight"`` would compute, measured here on the Agg renderer that
+    the frame's layout already used, so that saving draws the figure once instead of twice (the same pixels; ~0.2 s
+    less for 20 classes).
+    """
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self.key = tuple(str(c) for c in classes)
+        k = len(self.key)
+        size = min(12.0, 3.0 + 0.35 * k)
+        self.fig = Figure(figsize=(size, size), dpi=_DPI)
+        FigureCanvasAgg(self.fig)
+        ax = self.ax = self.fig.subplots()
+        self.image = ax.imshow(np.zeros((k, k)), cmap="Blues", vmin=0, vmax=1)
+        if k <= 40:
+            ax.set_xticks(range(k), list(self.key), rotation=90, fontsize=7)
+            ax.set_yticks(range(k), list(self.key), fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        self.fig.get_tightbbox(self.fig.canvas.get_renderer())  # lays out the ticks and labels on that renderer
+
+    def save(self, cm: np.ndarray, path: str | os.PathLike, title: str) -> None:
+        import matplotlib
+
+        k = len(self.key)
+        cm = np.asarray(cm, dtype=float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            norm = np.nan_to_num(cm / cm.sum(axis=1, keepdims=True))
+        ax = self.ax
+        self.image.set_data(norm)
+        if k <= 20:
+            for i in range(k):
+                for j in range(k):
+                    if cm[i, j]:
+                        ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if norm[i, j] > 0.5 else "black")
+        ax.set_title(title, fontsize=9)
+        bbox = self.fig.get_tightbbox(self.fig.canvas.get_renderer())
+        _save(self.fig, path, bbox_inches=bbox.padded(matplotlib.rcParams["savefig.pad_inches"]))
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike, *, title: str = "") -> None:
     """Row-normalized confusion matrix (true class per row), counts written in cells when there is room."""
-    k = len(classes)
-    cm = np.asarray(cm, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        norm = np.nan_to_num(cm / cm.sum(axis=1, keepdims=True))
-    size = min(12.0, 3.0 + 0.35 * k)
-    fig = _figure(figsize=(size, size))
-    ax = fig.subplots()
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    if k <= 40:
-        ax.set_xticks(range(k), [str(c) for c in classes], rotation=90, fontsize=7)
-        ax.set_yticks(range(k), [str(c) for c in classes], fontsize=7)
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                if cm[i, j]:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    _save(fig, path)
+    _wait_preload()
+    key = tuple(str(c) for c in classes)
+    frame = _prepared.pop(key, None) or _ConfusionFigure(classes)
+    frame.save(cm, path, title)
 
 
 def plot_curve(history: Sequence[dict], path: str | os.PathLike, *, title: str = "") -> None:

@@ -36,6 +36,7 @@ READABLE_VERSIONS = (1, 2)
 SHARD_PATTERN = "shard-{:05d}.h5"
 STR_DTYPE = h5py.string_dtype("utf-8")
 CHUNK_ROWS = 4096  # rows read at a time from a single-file feature set
+READ_BYTES = 32 << 20  # at most this much read at a time by FeatureSet.load into its buffer
 # ~256 KiB chunks: measured as cheap to check as 1 MiB ones and cheaper than 4 MiB (docs/benchmarks.md); a read
 # verifies only the chunks it touches.
 CHUNK_BYTES = 256 << 10
@@ -374,12 +375,65 @@ class FeatureSet:
         self.check_layer(layer)
         m = self.mask(split) if mask is None else np.asarray(mask, dtype=bool)
         out = np.empty((int(m.sum()), self.dim(layer)), dtype=np.float32)
-        pos = 0
-        for X, sel in self._blocks(layer, m):
-            out[pos:pos + len(X)] = X
-            pos += len(X)
+        if self._first_keys[layer][1] == np.float32:
+            pos = self._read_into(out, layer, m)
+        else:
+            pos = 0
+            for X, sel in self._blocks(layer, m):
+                out[pos:pos + len(X)] = X
+                pos += len(X)
         assert pos == len(out)
         return out
+
+    def _read_into(self, out: np.ndarray, layer: str, m: np.ndarray) -> int:
+        """Read the rows ``m`` of a float32 ``layer`` into ``out`` (see :meth:`_fill`); returns the rows written."""
+        buf: list[np.ndarray] = []
+        pos = 0
+        for part in self._parts:
+            try:
+                h = h5py.File(part.file, "r")
+            except OSError as e:
+                raise self._damaged(part.file, e) from None
+            with h:
+                ds = h[layer]
+                step = max(1, min(CHUNK_ROWS, READ_BYTES // (4 * out.shape[1])))
+                for a in range(0, part.n, step):
+                    b = min(part.n, a + step)
+                    local = m[part.start + a:part.start + b]
+                    k = int(local.sum())
+                    if k:
+                        self._fill(part, ds, a, b, local, out[pos:pos + k], buf)
+                        pos += k
+        return pos
+
+    def _fill(self, part: _Part, ds, a: int, b: int, local: np.ndarray, out: np.ndarray, buf: list[np.ndarray]) -> None:
+        """Write the rows ``local`` of the float32 ``ds[a:b]`` into ``out``: straight into place when all are wanted,
+        else through one reused buffer of at most :data:`READ_BYTES` (``buf`` holds it between calls).
+
+        Every fresh page costs a fault: reading 3,400 of 4,000 rows of 9,216 floats through a whole-block temporary
+        and a fancy-indexed copy touched 400 MB of new memory for a 125 MB result (0.6-1.0 s instead of ~0.3 s).
+        """
+        d = out.shape[1]
+        try:  # HDF5 checks each chunk's fletcher32 as it reads it
+            if len(out) == b - a:
+                ds.read_direct(out, np.s_[a:b], np.s_[0:b - a])
+                return
+            step = max(1, min(b - a, READ_BYTES // (4 * d)))
+            if not buf or len(buf[0]) < step:
+                buf[:] = [np.empty((step, d), dtype=np.float32)]
+            pos = 0
+            for s in range(a, b, step):
+                e = min(b, s + step)
+                sel = local[s - a:e - a]
+                k = int(sel.sum())
+                if not k:
+                    continue
+                ds.read_direct(buf[0], np.s_[s:e], np.s_[0:e - s])
+                # take with mode="clip" writes out directly (mode="raise", compress's, buffers it: 3x slower)
+                np.take(buf[0], np.flatnonzero(sel), axis=0, out=out[pos:pos + k], mode="clip")
+                pos += k
+        except OSError as e:
+            raise self._damaged(part.file, e) from None
 
     def iter_chunks(self, layer: str, split: str | Sequence[str] | None = None, *,
                     mask: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -391,6 +445,7 @@ class FeatureSet:
             yield X, y_all[sel]
 
     def _blocks(self, layer: str, m: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        buf: list[np.ndarray] = []  # _fill's read buffer, shared by all blocks
         for part in self._parts:
             try:
                 h = h5py.File(part.file, "r")
@@ -403,13 +458,18 @@ class FeatureSet:
                     local = m[part.start + a:part.start + b]
                     if not local.any():
                         continue
+                    rows = np.nonzero(local)[0]
+                    if ds.dtype == np.float32 and len(rows) < b - a:  # a fresh array of the wanted rows only
+                        X = np.empty((len(rows), ds.shape[1]), dtype=np.float32)
+                        self._fill(part, ds, a, b, local, X, buf)
+                        yield X, part.start + a + rows
+                        continue
                     try:
                         block = ds[a:b]
                     except OSError as e:  # HDF5 checks each chunk's fletcher32 as it reads it
                         raise self._damaged(part.file, e) from None
                     if block.dtype != np.float32:
                         block = block.astype(np.float32)
-                    rows = np.nonzero(local)[0]
                     X = block if len(rows) == b - a else block[rows]
                     yield X, part.start + a + rows
 

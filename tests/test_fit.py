@@ -188,3 +188,52 @@ def test_unknown_head_parameter():
 
     with pytest.raises(UsageError, match="has no parameter 'gamma2'"):
         make_head("logreg", {"gamma2": 1})
+
+
+def _confusion_png_as_before(cm, classes, path, title):
+    """featx.plots.plot_confusion as it was (one Figure, saved with bbox_inches="tight"): the reference."""
+    from matplotlib.figure import Figure
+
+    k = len(classes)
+    cm = np.asarray(cm, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.nan_to_num(cm / cm.sum(axis=1, keepdims=True))
+    size = min(12.0, 3.0 + 0.35 * k)
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if k <= 40:
+        ax.set_xticks(range(k), [str(c) for c in classes], rotation=90, fontsize=7)
+        ax.set_yticks(range(k), [str(c) for c in classes], fontsize=7)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+
+
+@pytest.mark.parametrize("k,long_names", [(2, False), (20, False), (12, True), (45, False)])
+@pytest.mark.parametrize("prepared", [False, True], ids=["drawn-at-once", "frame-prepared"])
+def test_confusion_plot_draws_the_same_pixels(tmp_path, k, long_names, prepared):
+    """The confusion plot's frame is built ahead on the preload thread and saved with the tight bounding box measured
+    on it (one draw instead of two): the picture must be the one the single-step drawing made."""
+    from PIL import Image
+
+    from featx import plots
+
+    rng = np.random.default_rng(k)
+    classes = [f"n0144{i:04d}_a_rather_long_class_name" if long_names else str(i) for i in range(k)]
+    cm = rng.integers(0, 5, (k, k)) * (rng.random((k, k)) < 0.3) + np.diag(rng.integers(10, 40, k))
+    cm[min(1, k - 1)] = 0  # a class never seen
+    title = "svm on pool5: test accuracy 0.883" if k != 2 else "svm on " + "a_very_long_layer_name_" * 4 + ": 0.5"
+    _confusion_png_as_before(cm, classes, tmp_path / "before.png", title)
+    if prepared:
+        plots.preload(classes)
+    plots.plot_confusion(cm, classes, tmp_path / "now.png", title=title)
+    before, now = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("before", "now"))
+    assert before.shape == now.shape and np.array_equal(before, now)

@@ -67,8 +67,57 @@ def _objective(est, X, y, C):
     [SVMHead(), LogisticHead(), MLPHead(hidden=32, epochs=30, random_state=0)],
     ids=["svm", "logreg", "mlp"],
 )
+# The heads derive from featx.heads._compat.ClassifierBase, not sklearn.base.BaseEstimator (importing scikit-learn
+# costs every CLI process 1-2 s); check_estimator warns about that and then runs all its checks all the same.
+@pytest.mark.filterwarnings("ignore:Estimator .* does not inherit from:UserWarning")
 def test_check_estimator(est):
     check_estimator(est)
+
+
+def test_scikit_learn_machinery_without_its_base_classes(wide):
+    """The heads implement scikit-learn's protocol themselves (featx.heads._compat, so that the CLI never imports
+    scikit-learn); scikit-learn's own clone, is_classifier, Pipeline, cross-validation and grid search must treat
+    them as they treat its estimators."""
+    from sklearn.base import clone, is_classifier
+    from sklearn.model_selection import GridSearchCV, cross_val_score
+    from sklearn.pipeline import make_pipeline
+
+    X, y = wide
+    head = SVMHead(C=0.05, tol=1e-5)
+    assert is_classifier(head) and is_classifier(LogisticHead()) and is_classifier(MLPHead())
+    twin = clone(head)
+    assert twin is not head and twin.get_params() == head.get_params()
+    assert repr(head) == "SVMHead(C=0.05, tol=1e-05)" and repr(SVMHead()) == "SVMHead()"
+    assert head.set_params(C=0.1) is head and head.C == 0.1
+    with pytest.raises(ValueError, match="Invalid parameter 'c' for estimator"):
+        head.set_params(c=1)
+    pipe = make_pipeline(StandardScaler(), SVMHead(C=0.1))
+    pipe.set_params(svmhead__C=0.01)
+    assert pipe.get_params()["svmhead__C"] == 0.01
+    assert pipe.fit(X, y).score(X, y) == pytest.approx(np.mean(pipe.predict(X) == y))
+    scores = cross_val_score(SVMHead(C=0.01, tol=1e-6), X, y, cv=3)
+    ref = cross_val_score(LinearSVC(C=0.01, tol=1e-8, max_iter=100_000), X, y, cv=3)
+    assert scores.shape == (3,) and np.abs(scores - ref).max() <= 0.03  # the same problem, solved to tolerance
+    grid = GridSearchCV(LogisticHead(max_iter=200), {"C": [0.01, 1.0]}, cv=2).fit(X, y)
+    assert grid.best_params_["C"] in (0.01, 1.0) and isinstance(grid.best_estimator_, LogisticHead)
+    # pickling round trip, as joblib does for parallel searches
+    import pickle
+
+    fitted = SVMHead(C=0.1).fit(X, y)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(fitted)).predict(X), fitted.predict(X))
+
+
+def test_importing_the_heads_does_not_import_scikit_learn():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from featx.heads import SVMHead, LogisticHead, MLPHead, load_head, save_head; "
+            "X = np.random.default_rng(0).standard_normal((60, 5)).astype(np.float32); y = np.arange(60) % 3; "
+            "h = SVMHead(C=0.1).fit(X, y); h.predict(X); LogisticHead().fit(X, y).predict(X); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'torch')))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "[]"
 
 
 def test_parameters_are_validated_in_fit(wide):
@@ -157,6 +206,69 @@ def test_gram_mixed_precision_matches_float64(monkeypatch, wide, duplicated):
     assert i32.converged and i64.converged
     o64 = svm_primal_objective(w64, b64, X, Y, C).sum()
     o32 = svm_primal_objective(w32, b32, X, Y, C).sum()
+    assert o32 == pytest.approx(o64, rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [600, 1037])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_gram_tiles_match_one_product(n, workers):
+    """The CPU Gram matrix is computed as tiles on several threads (featx.heads._solvers.gram_plus_one): it must
+    equal the one product, be exactly symmetric, and leave the BLAS thread count as it found it."""
+    from featx.heads._solvers import blas_threads, gram_plus_one
+
+    X = np.random.default_rng(n).standard_normal((n, 300)).astype(np.float32)
+    before = blas_threads()
+    K = gram_plus_one(X, workers)
+    assert blas_threads() == before
+    assert K.dtype == np.float64 and np.array_equal(K, K.T)
+    ref = X.astype(np.float64) @ X.T.astype(np.float64) + 1
+    assert np.abs(K - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_blas_limits_from_several_threads_restore_the_thread_count():
+    """Fits on several threads at once (e.g. a threaded grid search) limit BLAS in overlapping, not nested, spans;
+    the count found before the first must come back after the last."""
+    import threading
+
+    from featx.heads._solvers import _blas_limit, blas_threads
+
+    before = blas_threads()
+    entered, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with _blas_limit(1):
+            entered.set()
+            leave.wait()
+
+    t = threading.Thread(target=other)
+    t.start()
+    entered.wait()
+    span = _blas_limit(1)
+    span.__enter__()
+    leave.set()
+    t.join()  # the other span ends first
+    assert blas_threads() == 1
+    span.__exit__(None, None, None)
+    assert blas_threads() == before
+
+
+def test_gram_float32_products_reach_the_float64_optimum(monkeypatch):
+    """Big problems take the float32 path: tiled Gram matrix, float32 inverse, one BLAS thread fewer; the optimum
+    must be the float64 path's, and the BLAS thread count must be restored afterwards."""
+    import featx.heads._solvers as solvers
+
+    X, y = _scaled(600, 700, 5, seed=3)
+    Y = labels_to_pm1(y, 5)
+    w64, b64, i64 = LinearProblem(X, space="gram").solve_svm(Y, 0.1, tol=1e-8)
+    before = solvers.blas_threads()
+    monkeypatch.setattr(solvers, "_FLOAT64_BELOW", 0)
+    monkeypatch.setattr(solvers, "_MIXED_PRECISION_FROM", 1)
+    p = LinearProblem(X, space="gram")
+    w32, b32, i32 = p.solve_svm(Y, 0.1, tol=1e-8)
+    assert not p._K_exact and i32.detail["inverse"] == "float32" and i32.converged
+    assert solvers.blas_threads() == before
+    o64 = svm_primal_objective(w64, b64, X, Y, 0.1).sum()
+    o32 = svm_primal_objective(w32, b32, X, Y, 0.1).sum()
     assert o32 == pytest.approx(o64, rel=1e-6)
 
 

@@ -1,7 +1,10 @@
 """Classifier heads fitted on extracted (and already standardized) CNN features.
 
 Three scikit-learn classifiers, all following the estimator contract (``__init__`` stores parameters, ``fit``
-validates and returns ``self``, learned attributes end in ``_``) and passing ``check_estimator``:
+validates and returns ``self``, learned attributes end in ``_``) and passing ``check_estimator``.  They implement
+that protocol themselves (:mod:`featx.heads._compat`) rather than deriving from ``sklearn.base.BaseEstimator``, so
+that fitting, predicting, saving and loading them never imports scikit-learn (1-2 s of every process); scikit-learn's
+``clone``, ``Pipeline``, grid searches and cross-validation use them as before:
 
 * :class:`SVMHead` - a linear SVM solving exactly ``sklearn.svm.LinearSVC(C=C)``'s problem (L2-regularized
   squared hinge, one-vs-rest, intercept as a regularized constant feature); on 3,400 x 9,216 pool5-like rows

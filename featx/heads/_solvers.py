@@ -43,9 +43,11 @@ randomized Nystrom approximation of ``X~^T X~`` and the stop is again a relative
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -124,6 +126,9 @@ class _NumpyOps:
     def cat0(self, parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts, axis=0)
 
+    def cat1(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts, axis=1)
+
     def argmax0(self, a: np.ndarray) -> np.ndarray:
         return np.argmax(a, axis=0)
 
@@ -149,10 +154,15 @@ class _NumpyOps:
     def colsum64(self, a: np.ndarray) -> np.ndarray:
         return a.sum(0, dtype=np.float64)
 
-    def cholesky(self, a: np.ndarray) -> tuple[np.ndarray, bool]:
-        """Lower Cholesky factor and whether the factorization succeeded (no exception, as torch's _ex)."""
+    def cholesky(self, a: np.ndarray, *, overwrite: bool = False) -> tuple[np.ndarray, bool]:
+        """Lower Cholesky factor and whether the factorization succeeded (no exception, as torch's _ex).
+
+        ``overwrite``: ``a`` (symmetric) may be destroyed, and holds the factor when ``a`` is contiguous (no copy).
+        """
+        if overwrite and a.flags.c_contiguous:
+            a = a.T  # the same symmetric matrix in Fortran order, which LAPACK factorizes where it lies
         try:
-            return scipy.linalg.cholesky(a, lower=True, check_finite=False), True
+            return scipy.linalg.cholesky(a, lower=True, overwrite_a=overwrite, check_finite=False), True
         except np.linalg.LinAlgError:
             return a, False
 
@@ -160,15 +170,23 @@ class _NumpyOps:
         return scipy.linalg.cho_solve((L, True), b, check_finite=False)
 
     def cholesky_inverse(self, L: np.ndarray) -> np.ndarray:
+        """``(L L^T)^-1``, written over ``L``."""
         potri = scipy.linalg.get_lapack_funcs("potri", (L,))
         inv, info = potri(L, lower=1, overwrite_c=1)
         if info != 0:
             raise np.linalg.LinAlgError(f"LAPACK potri failed (info={info})")
         # potri fills the lower triangle and leaves the upper one as it was: zero, since scipy's cholesky
-        # cleans it.  Mirror with one temporary: inv + inv.T counts the diagonal twice.
-        full = inv + inv.T
-        full.flat[:: full.shape[0] + 1] *= 0.5
-        return full
+        # cleans it.  Mirror it in place, block by block (no n x n temporary).
+        n = inv.shape[0]
+        step = 512
+        for a in range(0, n, step):
+            blk = inv[a : a + step, a : a + step]
+            blk += np.tril(blk, -1).T
+            for b in range(a + step, n, step):
+                inv[a : a + step, b : b + step] = inv[b : b + step, a : a + step].T
+        # Symmetric: hand it over in C order (the transposed view of a Fortran-ordered result), so that gathering
+        # its rows (see _solve_active) reads contiguous memory.
+        return inv.T if not inv.flags.c_contiguous else inv
 
     def solve(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.linalg.solve(a, b)
@@ -234,6 +252,9 @@ class _TorchOps:
     def cat0(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return self.torch.cat(parts, 0)
 
+    def cat1(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return self.torch.cat(parts, 1)
+
     def argmax0(self, a: torch.Tensor) -> torch.Tensor:
         return self.torch.argmax(a.to(self.torch.int8), dim=0)
 
@@ -258,7 +279,7 @@ class _TorchOps:
     def colsum64(self, a: torch.Tensor) -> torch.Tensor:
         return a.sum(0, dtype=self.torch.float64)
 
-    def cholesky(self, a: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def cholesky(self, a: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Tensor, bool]:
         L, info = self.torch.linalg.cholesky_ex(a)
         return L, int(info) == 0
 
@@ -283,6 +304,144 @@ def backend_for(device: Any) -> _NumpyOps | _TorchOps:
     if str(device) == "cpu":
         return _NUMPY
     return _TorchOps(resolve_device(device))
+
+
+# -- CPU threads ---------------------------------------------------------------------------------------------------
+# OpenBLAS's own threads synchronize at many points inside one call (a Cholesky of 3,400 rows has hundreds): when any
+# of them waits for a core, all wait.  Measured on 2 cores at load ~4: a float32 Cholesky of 3,400 rows took 0.46 s
+# with one BLAS thread and 8.6 s with two.  A quiet machine may suffer too (not measured here): numpy and scipy
+# each bring their own OpenBLAS, whose idle threads spin for a while after each call, and the Gram solver alternates
+# numpy products with scipy factorizations; on a quiet 2-core machine `featx fit svm` took 8-11 s of wall and about
+# as much CPU time for ~3 s of single-threaded work.  So the Gram solver on the CPU runs its BLAS calls with one
+# thread fewer than configured (one on 2 cores: the process's other threads, such as the plot import that
+# `featx fit` starts beside the solver, keep a core), and computes its one big product, the Gram matrix, as
+# independent tiles on Python threads (numpy releases the GIL), each a single-threaded BLAS call: all the
+# configured cores, and no synchronization but the final join.
+
+
+_controller: Any = None
+
+
+def _threadpools() -> Any:
+    """threadpoolctl's view of the BLAS libraries loaded (numpy's and scipy's), found once."""
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController().select(user_api="blas")
+    return _controller
+
+
+def blas_threads() -> int:
+    """The BLAS threads configured now (``OPENBLAS_NUM_THREADS``, ``threadpool_limits``...): numpy's or scipy's, the most."""
+    return max([int(i.get("num_threads") or 1) for i in _threadpools().info()], default=1)
+
+
+_limit_lock = threading.Lock()
+_limit_requests: list[int] = []  # the limits in force, from every thread (fits may run on several)
+_limit_original: list[int] = []
+
+
+@contextlib.contextmanager
+def _blas_limit(n: int) -> Iterator[None]:
+    """A context in which numpy's and scipy's BLAS use at most ``n`` threads.
+
+    Safe when fits run on several threads at once: the strictest limit in force applies, and the thread counts
+    found before the first one are restored when the last one ends (threadpoolctl's own contexts, each restoring
+    what it found, could leave BLAS limited for good when they interleave).
+    """
+    global _limit_original
+    n = max(1, int(n))
+    libs = _threadpools().lib_controllers
+
+    def apply() -> None:
+        cap = min(_limit_requests) if _limit_requests else None
+        for lib, original in zip(libs, _limit_original):
+            lib.set_num_threads(original if cap is None else min(original, cap))
+
+    with _limit_lock:
+        if not _limit_requests:
+            _limit_original = [int(lib.num_threads) for lib in libs]
+        _limit_requests.append(n)
+        apply()
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _limit_requests.remove(n)
+            apply()
+
+
+def _run_threads(tasks: list[Callable[[], None]], workers: int) -> None:
+    """Run ``tasks`` (in order of submission, largest first) on ``workers`` threads; re-raise the first error."""
+    todo = iter(tasks)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while not errors:
+            with lock:
+                task = next(todo, None)
+            if task is None:
+                return
+            try:
+                task()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                errors.append(e)
+
+    threads = [threading.Thread(target=work, name=f"featx-gram-{i}", daemon=True) for i in range(max(1, workers) - 1)]
+    for t in threads:
+        t.start()
+    work()  # the calling thread is one of the workers
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def gram_plus_one(X: np.ndarray, workers: int) -> np.ndarray:
+    """``X X^T + 1`` in float64 from float32 products, on ``workers`` threads, each a single-threaded BLAS call.
+
+    The rows are cut into ``2 * workers`` blocks; each tile of the lower triangle is one product (a SYRK on the
+    diagonal, half the cost) written, plus one and in float64, into its place and its mirror's, largest tiles
+    first, so that the threads finish together whatever their number.
+    """
+    n = X.shape[0]
+    out = np.empty((n, n), dtype=np.float64)
+    n_blocks = max(1, min(2 * workers, n // 256)) if workers > 1 else 1
+    edges = np.linspace(0, n, n_blocks + 1).astype(int)
+    blocks = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+    def tile(bi: slice, bj: slice) -> Callable[[], None]:
+        def run() -> None:
+            T = X[bi] @ X[bj].T  # float32; X[bi] @ X[bi].T is one SYRK
+            np.add(T, 1.0, out=out[bi, bj])
+            if bi != bj:
+                np.add(T.T, 1.0, out=out[bj, bi])
+
+        return run
+
+    tasks = [(1 if i == j else 2, tile(blocks[i], blocks[j])) for i in range(n_blocks) for j in range(i + 1)]
+    tasks.sort(key=lambda t: -t[0])  # off-diagonal tiles cost twice a diagonal one
+    if n_blocks == 1:
+        tasks[0][1]()
+    else:
+        with _blas_limit(1):
+            _run_threads([t for _, t in tasks], workers)
+    return out
+
+
+def row_split_matmul(A: np.ndarray, V: np.ndarray, workers: int) -> np.ndarray:
+    """``A @ V`` with ``A``'s rows split over ``workers`` threads, each a single-threaded BLAS call."""
+    out = np.empty((A.shape[0], V.shape[1]), dtype=np.result_type(A, V))
+    edges = np.linspace(0, A.shape[0], workers + 1).astype(int)
+
+    def part(a: int, b: int) -> Callable[[], None]:
+        return lambda: np.matmul(A[a:b], V, out=out[a:b])
+
+    with _blas_limit(1):
+        _run_threads([part(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])], workers)
+    return out
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -440,6 +599,7 @@ class LinearProblem:
         self._factor_C: tuple[float, Any] | None = None
         self._factor: Any = None
         self._warm: dict[str, tuple[float, Any]] = {}
+        self._workers = 0  # the BLAS threads configured when a CPU solve starts (see solve_svm)
 
     @property
     def device(self) -> str:
@@ -479,11 +639,13 @@ class LinearProblem:
                 X64 = xp.cast(self.X_t, xp.f64)
                 K = X64 @ X64.T
                 del X64
+                K += 1.0
+            elif isinstance(xp, _NumpyOps):
+                # float32 tiles on as many threads as BLAS may use (see gram_plus_one), + 1 and float64 in place.
+                K = gram_plus_one(self.X_t, self._workers or blas_threads())
             else:
-                # On the CPU numpy's X @ X.T is one SYRK call (measured ~2x faster than torch's GEMM there).
-                Xt = self.X_t
-                K = xp.cast(Xt @ Xt.T, xp.f64)
-            K += 1.0
+                K = xp.cast(self.X_t @ self.X_t.T, xp.f64)
+                K += 1.0
             self._K = K
             logger.debug("Gram matrix %dx%d in %.2fs", self.n, self.n, time.perf_counter() - t0)
         return self._K
@@ -532,7 +694,14 @@ class LinearProblem:
         Yt = xp.asarray(np.asarray(Y, dtype=np.float64))
         t0 = time.perf_counter()
         if self.space == "gram":
-            B, n_iter, converged, obj, detail = self._svm_gram(Yt, C, tol, max_iter, warm[1] if warm else None)
+            if isinstance(xp, _NumpyOps):
+                # One BLAS thread fewer than configured for the factorizations and the small products; the Gram
+                # matrix's tiles on all of them (see gram_plus_one and the note above blas_threads).
+                self._workers = blas_threads()
+                with _blas_limit(self._workers - 1):
+                    B, n_iter, converged, obj, detail = self._svm_gram(Yt, C, tol, max_iter, warm[1] if warm else None)
+            else:
+                B, n_iter, converged, obj, detail = self._svm_gram(Yt, C, tol, max_iter, warm[1] if warm else None)
             self._warm[key] = (C, B)
             # w = X^T beta with float32 GEMMs: beta split into a float32 head and the float32 rounding
             # remainder, so beta's float64 precision survives (X itself is float32 anyway).
@@ -560,9 +729,14 @@ class LinearProblem:
             return self._factor
         self._factor = None  # release the previous one before allocating the next
         t0 = time.perf_counter()
-        A = xp.copy(self.K, dtype)
-        xp.add_diag_(A, 0.5 / C)
-        L, ok = xp.cholesky(A)
+
+        def shifted(extra: float = 0.0) -> Any:
+            A = xp.copy(self.K, dtype)
+            xp.add_diag_(A, 0.5 / C + extra)
+            return A
+
+        # Factorized where it lies (overwrite): the float32 path holds one n x n copy of K besides K itself.
+        L, ok = xp.cholesky(shifted(), overwrite=True)
         if dtype != xp.f64:
             # (max L_ii / min L_ii)^2 is a lower bound on cond(A); refuse float32 where it cannot resolve A.
             if not ok:
@@ -576,18 +750,16 @@ class LinearProblem:
             logger.debug("Cholesky of K + I/2C failed (C=%g); recomputing K in float64", C)
             self._K = None
             self._K_exact = True
-            A = xp.copy(self.K, dtype)
-            xp.add_diag_(A, 0.5 / C)
-            L, ok = xp.cholesky(A)
-        jitter = 1e-12
+            L, ok = xp.cholesky(shifted(), overwrite=True)
+        jitter, added = 1e-12, 0.0
+        mean_diag = float(xp.diag(self.K).mean()) + 0.5 / C
         while not ok and jitter < 1e-3:
             logger.warning("K + I/(2C) is numerically singular (C=%g); adding %.0e x mean(diag) to it", C, jitter)
-            xp.add_diag_(A, jitter * float(xp.diag(A).mean()))
-            L, ok = xp.cholesky(A)
+            added += jitter * mean_diag
+            L, ok = xp.cholesky(shifted(added), overwrite=True)
             jitter *= 100
         if not ok:
             raise np.linalg.LinAlgError("K + I/(2C) is not numerically positive definite")
-        del A
         inv = xp.cholesky_inverse(L)
         self._factor, self._factor_C = inv, key
         logger.debug("inverse of K + I/2C (C=%g, %s) in %.2fs", C, dtype, time.perf_counter() - t0)
@@ -650,6 +822,13 @@ class LinearProblem:
                 D[Sidx, c] = xp.cholesky_solve(R[Sidx, c : c + 1], L)[:, 0]
         return D, n_direct
 
+    def _kmm(self, V: Any) -> Any:
+        """``K @ V`` (float64); on the CPU split by rows over the solve's threads (see gram_plus_one)."""
+        K = self.K
+        if not isinstance(self.xp, _NumpyOps) or self._workers <= 1 or K.shape[0] < 1024:
+            return K @ V
+        return row_split_matmul(K, V, self._workers)
+
     def _svm_gram(
         self, Y: Any, C: float, tol: float, max_iter: int, B0: Any
     ) -> tuple[Any, int, bool, float, dict[str, Any]]:
@@ -667,7 +846,7 @@ class LinearProblem:
             Ainv = self._gram_inverse(C, xp.f64)
         assert Ainv is not None
         B = xp.zeros((n, k), xp.f64) if B0 is None else xp.copy(B0)
-        F = K @ B
+        F = self._kmm(B)
         done = xp.zeros((k,), bool)
         converged = False
         it = 0
@@ -676,9 +855,15 @@ class LinearProblem:
         from_zero = B0 is None
         for it in range(1, max_iter + 1):
             S = (Y * F) < 1
+            Sf = xp.cast(S, xp.f64)
+            B0s = B * Sf
+            KB0s = None
             if not (from_zero and it == 1):  # at w = 0 the gap is never small: save the GEMM
                 alpha = 2 * C * xp.clamp(1 - Y * F, 0)
-                gap = _svm_relative_gap(xp, B, F, alpha, Y, C, K @ (Y * alpha))
+                # K (Y alpha) for the gap and K B0s for the Newton residual below: one pass over K for both
+                KV = self._kmm(xp.cat1([Y * alpha, B0s]))
+                gap = _svm_relative_gap(xp, B, F, alpha, Y, C, KV[:, :k])
+                KB0s = KV[:, k:]
                 done |= gap <= tol
                 if bool(done.all()):
                     converged = True
@@ -690,17 +875,15 @@ class LinearProblem:
                 logger.debug("no convergence after %d steps with a float32 inverse; switching to float64", it - 1)
                 Ainv = self._gram_inverse(C, xp.f64)
                 assert Ainv is not None
-            Sf = xp.cast(S, xp.f64)
             # Newton point for the active sets S: beta_N = 0, (K_SS + gamma I) beta_S = y_S, found as a
             # correction to the current beta restricted to S (so an approximate solve refines, not restarts).
-            B0s = B * Sf
-            R = Sf * (Y - gamma * B0s) if from_zero and it == 1 else Sf * (Y - K @ B0s - gamma * B0s)
+            R = Sf * (Y - gamma * B0s) if KB0s is None else Sf * (Y - KB0s - gamma * B0s)
             cache: dict[int, Any] = {}
             D, nd = self._solve_active(R, S, Ainv, cols, gamma, cache)
             n_direct += nd
             Bhat = B0s + D
             if Ainv.dtype != xp.f64:
-                R2 = Sf * (Y - K @ Bhat - gamma * Bhat)
+                R2 = Sf * (Y - self._kmm(Bhat) - gamma * Bhat)
                 r1 = xp.norm0(R[:, cols])
                 r2 = xp.norm0(R2[:, cols])
                 if bool((r2 > 0.25 * r1 + 1e-12 * xp.norm0(Y[:, cols])).any()):
@@ -715,7 +898,7 @@ class LinearProblem:
                 n_direct += nd
             P = Bhat - B
             P[:, done] = 0
-            KP = K @ P
+            KP = self._kmm(P)
             t = _exact_line_search(xp, (B * KP).sum(0), (P * KP).sum(0), F, KP, Y, C)
             t = xp.where(done, 0.0, t)
             B += t * P

@@ -11,11 +11,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
-
 from ..errors import DataError, UsageError
+from ._compat import ClassifierBase, check_classification_targets, check_is_fitted, validate_data
 from ._solvers import Batches
 
 if TYPE_CHECKING:
@@ -25,6 +22,14 @@ logger = logging.getLogger(__name__)
 
 # Rows per block when scoring; bounds the float64 temporaries of predict on big inputs.
 _PREDICT_BLOCK = 8192
+# ... and the float64 copy of a block to 4 Mi values (32 MB): glibc then reuses one block's memory for the next
+# instead of mapping fresh pages (scoring 3,400 x 9,216 rows at once faulted in 250 MB: ~0.2 s).
+_PREDICT_VALUES = 4 << 20
+
+
+def _predict_rows(n_features: int) -> int:
+    """Rows per scoring block for ``n_features`` columns (see :data:`_PREDICT_VALUES`)."""
+    return max(1, min(_PREDICT_BLOCK, _PREDICT_VALUES // max(1, int(n_features))))
 _FLOAT_DTYPES = (np.float64, np.float32)
 
 
@@ -40,7 +45,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _encode_targets(est: BaseEstimator, y: np.ndarray) -> np.ndarray:
+def _encode_targets(est: ClassifierBase, y: np.ndarray) -> np.ndarray:
     """Set ``est.classes_`` and return ``y`` as class indices; refuse fewer than two classes."""
     check_classification_targets(y)
     classes, y_idx = np.unique(y, return_inverse=True)
@@ -112,7 +117,7 @@ class _StreamLabels:
         return gen
 
 
-class _LinearHead(ClassifierMixin, BaseEstimator):
+class _LinearHead(ClassifierBase):
     """Shared scoring, export and persistence for heads with ``coef_`` / ``intercept_``."""
 
     def decision_function(self, X: Any) -> np.ndarray:
@@ -120,8 +125,9 @@ class _LinearHead(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=_FLOAT_DTYPES)
         out = np.empty((X.shape[0], self.coef_.shape[0]), dtype=np.float64)
-        for s in range(0, X.shape[0], _PREDICT_BLOCK):
-            out[s : s + _PREDICT_BLOCK] = np.asarray(X[s : s + _PREDICT_BLOCK], dtype=np.float64) @ self.coef_.T
+        step = _predict_rows(X.shape[1])
+        for s in range(0, X.shape[0], step):
+            out[s : s + step] = np.asarray(X[s : s + step], dtype=np.float64) @ self.coef_.T
         out += self.intercept_
         return out[:, 0] if out.shape[1] == 1 else out
 

@@ -5,9 +5,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils.validation import validate_data
-
+from ._compat import convergence_warning, validate_data
 from ._solvers import Batches, lbfgs_linear
 from .base import _FLOAT_DTYPES, _check_int, _check_positive, _encode_targets, _float32_rows, _LinearHead, _StreamLabels
 
@@ -81,7 +79,7 @@ class LogisticHead(_LinearHead):
         if not info.converged:
             warnings.warn(
                 f"LogisticHead did not converge in max_iter={self.max_iter} iterations: {info.detail['message']}",
-                ConvergenceWarning,
+                convergence_warning(),
                 stacklevel=3,
             )
 

@@ -9,13 +9,10 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
-
 from ..errors import DataError, UsageError
+from ._compat import ClassifierBase, check_is_fitted, check_random_state, validate_data
 from ._solvers import Batches, resolve_device
-from .base import _FLOAT_DTYPES, _PREDICT_BLOCK, _check_int, _check_positive, _encode_targets, _float32_rows, _StreamLabels
+from .base import _FLOAT_DTYPES, _check_int, _check_positive, _encode_targets, _float32_rows, _predict_rows, _StreamLabels
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +44,7 @@ def _mlp_net_class() -> type:
     return _MLPNet
 
 
-class MLPHead(ClassifierMixin, BaseEstimator):
+class MLPHead(ClassifierBase):
     """One-hidden-layer network on features: ``Linear(d, hidden) -> ReLU -> Dropout -> Linear(hidden, k)``.
 
     Trained with cross-entropy on shuffled mini-batches by Adam (``optimizer="adam"``) or SGD with momentum
@@ -321,9 +318,10 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         W2 = self.output_weight_.astype(np.float64)
         b2 = self.output_bias_.astype(np.float64)
         out = np.empty((X.shape[0], W2.shape[0]), dtype=np.float64)
-        for s in range(0, X.shape[0], _PREDICT_BLOCK):
-            h = np.maximum(np.asarray(X[s : s + _PREDICT_BLOCK], dtype=np.float64) @ W1.T + b1, 0.0)
-            out[s : s + _PREDICT_BLOCK] = h @ W2.T + b2
+        step = _predict_rows(X.shape[1])
+        for s in range(0, X.shape[0], step):
+            h = np.maximum(np.asarray(X[s : s + step], dtype=np.float64) @ W1.T + b1, 0.0)
+            out[s : s + step] = h @ W2.T + b2
         return out
 
     def predict_proba(self, X: Any) -> np.ndarray:

@@ -14,18 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted
-
 from ..cache import atomic_write_bytes as _atomic_write
 from ..errors import IntegrityError, UsageError
+from ._compat import ClassifierBase, check_is_fitted
 from .logreg import LogisticHead
 from .mlp import MLPHead
 from .svm import SVMHead
 
 logger = logging.getLogger(__name__)
 
-HEAD_CLASSES: dict[str, type[BaseEstimator]] = {c.__name__: c for c in (SVMHead, LogisticHead, MLPHead)}
+HEAD_CLASSES: dict[str, type[ClassifierBase]] = {c.__name__: c for c in (SVMHead, LogisticHead, MLPHead)}
 _FORMAT = "featx-head"
 _FORMAT_VERSION = 1
 
@@ -41,7 +39,7 @@ def _json_safe(value: Any) -> Any:
     raise UsageError(f"cannot save a head parameter of type {type(value).__name__}: {value!r}")
 
 
-def save_head(est: BaseEstimator, directory: str | os.PathLike[str]) -> None:
+def save_head(est: ClassifierBase, directory: str | os.PathLike[str]) -> None:
     """Save a fitted head to ``directory``: ``head.json`` plus ``head.npz`` (or ``head.joblib`` for RBF).
 
     ``head.json`` records the class, the parameters, the classes, the array names and the sha256 of the data
@@ -94,7 +92,7 @@ def save_head(est: BaseEstimator, directory: str | os.PathLike[str]) -> None:
     logger.debug("saved %s to %s", name, out)
 
 
-def load_head(directory: str | os.PathLike[str]) -> BaseEstimator:
+def load_head(directory: str | os.PathLike[str]) -> ClassifierBase:
     """Load a head saved by :func:`save_head`, verifying the data file's sha256 first.
 
     Raises :class:`IntegrityError` (one line) when a file is missing, unreadable, malformed or does not

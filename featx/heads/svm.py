@@ -6,10 +6,8 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils.validation import check_is_fitted, validate_data
-
 from ..errors import UsageError
+from ._compat import check_is_fitted, convergence_warning, validate_data
 from ._solvers import Batches, LinearProblem, SolveInfo, labels_to_pm1, lbfgs_linear
 from .base import _FLOAT_DTYPES, _check_int, _check_positive, _encode_targets, _float32_rows, _LinearHead, _StreamLabels
 
@@ -148,7 +146,7 @@ class SVMHead(_LinearHead):
         if not info.converged:
             warnings.warn(
                 f"SVMHead did not reach tol={self.tol} in max_iter={self.max_iter} iterations ({info.detail})",
-                ConvergenceWarning,
+                convergence_warning(),
                 stacklevel=3,
             )
 
