@@ -791,7 +791,7 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
             except _Diverged as d:
                 used = sum(len(h.get("recoveries") or []) for h in history) + len(retries)
                 if used >= options["recover"]:
-                    raise DivergenceError(_diverged_message(d, used, opt, epoch)) from None
+                    raise DivergenceError(_diverged_message(d, used, opt, epoch, options)) from None
                 _restore(snap, net, opt, sched, scaler)
                 lrs = [g["lr"] for g in opt.param_groups]
                 _scale_lr(opt, sched, RECOVER_FACTOR)
@@ -874,7 +874,7 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
                                  extra={"feature_spread": hm.feature_spread, "backbone_lr_scale": lr_scale}))
 
 
-def _diverged_message(d: _Diverged, used: int, opt: torch.optim.Optimizer, epoch: int) -> str:
+def _diverged_message(d: _Diverged, used: int, opt: torch.optim.Optimizer, epoch: int, options: dict | None = None) -> str:
     """The one line a run that gave up on divergence ends with: what happened, what was kept, what to change."""
     lr = opt.param_groups[0]["lr"]
     lrs = ", ".join(f"{g.get('name', 'head')} lr {g['lr']:.3g}" for g in opt.param_groups)
@@ -882,9 +882,13 @@ def _diverged_message(d: _Diverged, used: int, opt: torch.optim.Optimizer, epoch
     again = (f", still after {used} retr{'y' if used == 1 else 'ies'} at {RECOVER_FACTOR:g}x the learning rate"
              if used else "")
     kept = (f"the checkpoint of epoch {epoch - 1} is left as it was" if epoch > 1 else "no epoch had finished")
+    options = options or {}
+    undo = [f for f, on in (("--no-scale-backbone-lr", options.get("scale_backbone_lr") is False),
+                            ("--backbone-dropout", options.get("backbone_dropout"))) if on]
+    first = f"without {' and '.join(undo)}, " if undo else ""
     return (f"fine-tuning diverged: {d.what} was {d.shown} at epoch {d.epoch}, {where}{again} ({lrs}); "
-            f"nothing of epoch {epoch} was written and {kept}: run again with a lower --lr (e.g. {lr / 10:.3g}) "
-            f"or --backbone-lr-factor, --clip-grad 1.0, --unfreeze head, or a larger --recover")
+            f"nothing of epoch {epoch} was written and {kept}: run again {first}with a lower --lr (e.g. "
+            f"{lr / 10:.3g}) or --backbone-lr-factor, --clip-grad 1.0, --unfreeze head, or a larger --recover")
 
 
 def _pack(r: dict) -> dict:
@@ -1040,6 +1044,10 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
     dt = time.perf_counter() - t0
     g = np.asarray(norms)
     clip = {"clipped_steps": int((g > clip_grad).sum())} if clip_grad else {}
+    # what the explosion guard compared: the largest mean of EXPLODE_WINDOW consecutive step losses, and its limit
+    windows = [np.mean(losses[max(0, i + 1 - EXPLODE_WINDOW):i + 1]) for i in range(len(losses))]
+    guard = {"train_loss_peak": round(float(max(windows)), 4),
+             "train_loss_limit": round(EXPLODE_FACTOR * max(chance, losses[0]), 4)} if losses else {}
     return {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
             "lr": float(opt.param_groups[0]["lr"]),
             **({"backbone_lr": float(opt.param_groups[1]["lr"])} if len(opt.param_groups) > 1 else {}),
@@ -1047,7 +1055,7 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
             "train_images_per_s": round(seen / dt, 2), "_t0": t0,
             # gradient L2 norms before clipping (head and backbone together): what --clip-grad is compared with
             "grad_norm_median": round(float(np.median(g)), 4) if len(g) else None,
-            "grad_norm_max": round(float(g.max()), 4) if len(g) else None, **clip}
+            "grad_norm_max": round(float(g.max()), 4) if len(g) else None, **clip, **guard}
 
 
 class _Diverged(Exception):
@@ -1168,7 +1176,8 @@ def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict,
     head_acc = _head_test_accuracy(hm)
     metrics = {
         "initial_test_accuracy": initial["test_accuracy"], "head_test_accuracy": head_acc,
-        "initial_val_accuracy": initial["val_accuracy"], "test_accuracy": m["accuracy"], "test_loss": r["loss"],
+        "initial_val_accuracy": initial["val_accuracy"], "initial_val_loss": initial["val_loss"],
+        "test_accuracy": m["accuracy"], "test_loss": r["loss"],
         "macro_f1": m["macro_f1"], **({"top5_accuracy": m["top5_accuracy"]} if "top5_accuracy" in m else {}),
         "best_epoch": int(best["epoch"]), "best_val_accuracy": best["val_accuracy"], "epochs_run": len(history),
         "stopped_early": len(history) < options["epochs"], "validation": val_source,
