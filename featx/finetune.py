@@ -874,7 +874,8 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
                                  extra={"feature_spread": hm.feature_spread, "backbone_lr_scale": lr_scale}))
 
 
-def _diverged_message(d: _Diverged, used: int, opt: torch.optim.Optimizer, epoch: int, options: dict | None = None) -> str:
+def _diverged_message(d: _Diverged, used: int, opt: torch.optim.Optimizer, epoch: int,
+                      options: dict | None = None) -> str:
     """The one line a run that gave up on divergence ends with: what happened, what was kept, what to change."""
     lr = opt.param_groups[0]["lr"]
     lrs = ", ".join(f"{g.get('name', 'head')} lr {g['lr']:.3g}" for g in opt.param_groups)

@@ -134,7 +134,8 @@ class FinetuneNet(nn.Module):
     backbone step, those features take values thousands of standard deviations away from any the head was fit
     on, and their gain of up to 1e7 turns that into logits, losses and gradients that overflow within a few SGD
     steps (docs/finetune.md, "Why fine-tuning diverged").  Held to the range of the head's own train rows, the
-    head's input stays where it was fit, whatever the augmentation or the step.
+    head's input stays where it was fit, whatever the augmentation or the step.  (What keeps the backbone's steps
+    themselves in scale is its learning rate, x ``min(1, spread**2)``: :func:`featx.finetune.backbone_lr_scale`.)
     """
 
     def __init__(self, backbone: nn.Module, scale: nn.Module, head: nn.Module, groups: list[Group] | None = None,
