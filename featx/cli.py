@@ -283,7 +283,12 @@ def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sam
 @click.option("--gradual-every", default=1, show_default=True, type=int)
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Learning rate of the head.")
 @click.option("--backbone-lr-factor", default=0.1, show_default=True, type=float,
-              help="The backbone learns at lr x this.")
+              help="The backbone learns at lr x this (x min(1, s^2), see --scale-backbone-lr).")
+@click.option("--scale-backbone-lr/--no-scale-backbone-lr", default=True, show_default=True,
+              help="Multiply the backbone's lr by min(1, s^2), s the median train std of the head's features "
+                   "(about 1e-6 with random weights, 1 for features that vary by 1 or more).")
+@click.option("--backbone-dropout", is_flag=True,
+              help="Keep the backbone's dropout on in the layers that train (default: off, as at extraction).")
 @click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]))
 @click.option("--momentum", default=0.9, show_default=True, type=float)
 @click.option("--weight-decay", default=5e-4, show_default=True, type=float)
@@ -300,7 +305,8 @@ def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sam
 @click.option("--clip-grad", default=None, type=float,
               help="Clip each step's gradient to this L2 norm (default: no clipping; see grad_norm_max in history.jsonl).")
 @click.option("--recover", default=3, show_default=True, type=int,
-              help="Retries of a diverged epoch (non-finite loss or gradient) at half the learning rate.")
+              help="Retries of a diverged epoch (non-finite or exploding loss, non-finite gradient) at half the "
+                   "learning rate.")
 @device_option
 @click.option("--amp", is_flag=True, help="Mixed precision on CUDA.")
 @cache_option

@@ -61,6 +61,13 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("step", "plateau", "cosine", "none")
 VAL_FRACTION = 0.1  # of each class's train images, held out for model selection when the data has no val split
 RECOVER_FACTOR = 0.5  # a diverged epoch is retried at this times the learning rate
+# A finite loss that explodes is treated as divergence too (docs/finetune.md, "the guard").  Training: the mean
+# loss of the last EXPLODE_WINDOW steps above EXPLODE_FACTOR x the larger of chance level (log k, the loss of a
+# uniform guess) and the epoch's first step's loss.  Evaluation: the validation loss above VAL_EXPLODE_FACTOR x
+# the larger of log k and the validation loss the epoch started from.
+EXPLODE_WINDOW = 5
+EXPLODE_FACTOR = 10.0
+VAL_EXPLODE_FACTOR = 3.0
 _CKPT_MAGIC = b"\nFEATX-SHA256:"  # trailer of a checkpoint: the sha256 of everything before it
 
 
@@ -446,6 +453,7 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
              resume: bool | None = None, cache: str | os.PathLike | None = None, workers: int | None = None,
              seed: int = 0, progress: bool | None = None, gradual_every: int = 1, step_size: int = 5,
              plateau_patience: int = 2, clip_grad: float | None = None, recover: int = 3,
+             scale_backbone_lr: bool = True, backbone_dropout: bool = False,
              on_epoch: Callable[[int, FinetuneNet, dict], None] | None = None,
              plan: bool = False) -> FinetuneResult | StagePlan:
     """Put a fitted head back on its backbone and train the network end to end on the feature set's images.
@@ -456,7 +464,8 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
         unfreeze: what trains besides the head: ``head`` (nothing else; ``none`` is the same), ``fc`` (the fully
             connected layers before the head's layer), ``last:N`` (the top N layers with parameters), ``all``,
             ``gradual`` (one more layer from the top every ``gradual_every`` epochs, starting with none).
-        lr: learning rate of the head; the backbone's is ``lr * backbone_lr_factor``.
+        lr: learning rate of the head; the backbone's is ``lr * backbone_lr_factor``, times
+            :func:`backbone_lr_scale` of the head's features unless ``scale_backbone_lr=False``.
         optimizer: ``sgd`` (with ``momentum``) or ``adam``. weight_decay: L2 penalty of both.
         schedule: ``cosine`` (to 0 over ``epochs``), ``step`` (x0.1 every ``step_size`` epochs), ``plateau``
             (x0.1 after ``plateau_patience`` epochs without a lower validation loss) or ``none``.
@@ -471,9 +480,14 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
         progress: tqdm bar (default: when stderr is a terminal).
         clip_grad: rescale each step's gradient (head and backbone together) to at most this L2 norm; None
             (default): no clipping.
-        recover: how many times a diverged epoch (a non-finite loss or gradient) is retried, from the weights
-            and optimizer state it started with, at half the learning rate; when none are left the run stops
-            with :class:`~featx.errors.DivergenceError`.
+        recover: how many times a diverged epoch (a non-finite loss or gradient, or a loss that explodes: see
+            ``EXPLODE_FACTOR``) is retried, from the weights and optimizer state it started with, at half the
+            learning rate; when none are left the run stops with :class:`~featx.errors.DivergenceError`.
+        scale_backbone_lr: multiply the backbone's learning rate by ``min(1, s**2)``, ``s`` being the median
+            train standard deviation of the head's features (:func:`backbone_lr_scale`); 1 for features that
+            vary by 1 or more, about 1e-6 for those of random weights.
+        backbone_dropout: keep the backbone's Dropout layers active in the layers that train (False, the
+            default: off, as when the head's features were extracted, so the head trains on what it was fit on).
         on_epoch: called after each epoch's checkpoint with ``(epoch, net, record)``; an exception it raises
             stops the run with that checkpoint kept (tests use it to stand for a kill).
         plan: train nothing: return a :class:`~featx.cache.StagePlan` saying where the model is and whether it
@@ -514,7 +528,8 @@ def finetune(head: str | os.PathLike, *, epochs: int = 10, unfreeze: str = "all"
                "gradual_every": int(gradual_every) if strategy[0] == "gradual" else None,
                "augment": sorted(aug), "batch_size": int(batch_size), "amp": bool(amp),
                "early_stop": int(early_stop) if early_stop else None,
-               "clip_grad": float(clip_grad) if clip_grad else None, "recover": int(recover)}
+               "clip_grad": float(clip_grad) if clip_grad else None, "recover": int(recover),
+               "scale_backbone_lr": bool(scale_backbone_lr), "backbone_dropout": bool(backbone_dropout)}
     key = hash_key({"head": fh.meta.get("files"), "features": (fh.meta.get("source") or {}).get("key"),
                     "options": options, "seed": int(seed), "format": MODEL_FORMAT,
                     "featx": featx.__version__.split(".")[0]})
@@ -646,6 +661,7 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
     k = len(hm.classes)
     index_of = np.full(k, -1, dtype=np.int64)  # class index -> logit index (-1: the head never saw the class)
     index_of[hm.logit_classes] = np.arange(len(hm.logit_classes))
+    chance = math.log(max(2, len(hm.logit_classes)))  # the cross-entropy of a uniform guess over the logits
     parts, val_source = _split_rows(rows, seed)
     n_train = len(parts["train"][0])
     logger.info("%s: fine-tuning %s %s head on %s %s (%s weights): %d train, %d val (%s), %d test images, "
@@ -662,7 +678,14 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
     evals = {s: _loader(_EvalSet(*_share(ctx, *parts[s]), pre), _batches(len(_share(ctx, *parts[s])[0]),
                                                                           options["batch_size"]),
                         workers=workers, pin=pin) for s in ("val", "test") if len(parts[s][0])}
-    backbone_lr = options["lr"] * options["backbone_lr_factor"]
+    lr_scale = backbone_lr_scale(hm.feature_spread) if options["scale_backbone_lr"] else 1.0
+    backbone_lr = options["lr"] * options["backbone_lr_factor"] * lr_scale
+    if net.groups and strategy[0] not in ("none", "head"):
+        logger.info("backbone lr %.3g (lr %g x --backbone-lr-factor %g x %.3g: the head's features vary by %s in "
+                    "the backbone's units%s), backbone dropout %s", backbone_lr, options["lr"],
+                    options["backbone_lr_factor"], lr_scale, _fmt(hm.feature_spread, ".3g"),
+                    "" if options["scale_backbone_lr"] else ", not scaled (--no-scale-backbone-lr)",
+                    "on" if options["backbone_dropout"] else "off")
     opt = _make_optimizer(net, optimizer=options["optimizer"], lr=options["lr"], backbone_lr=backbone_lr,
                           momentum=options["momentum"] or 0.0, weight_decay=options["weight_decay"])
     sched = _make_scheduler(opt, options["schedule"], epochs=options["epochs"], step_size=options["step_size"] or 1,
@@ -750,26 +773,35 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
                 rec = _train_epoch(net, train_set, train_labels, opt, scaler, pre, dev, epoch, top, seed=seed,
                                    batch_size=options["batch_size"], workers=workers, pin=pin, amp=options["amp"],
                                    show=show, tqdm=tqdm, partial=partial, save_partial=save_partial, ctx=ctx,
-                                   clip_grad=options["clip_grad"])
+                                   clip_grad=options["clip_grad"], dropout=options["backbone_dropout"], chance=chance)
                 results = {s: _evaluate(net, ld, pre, dev, index_of, amp=options["amp"], ctx=ctx)
                            for s, ld in evals.items()}
                 for s, r in results.items():
                     if r["loss"] is not None and not math.isfinite(r["loss"]):
                         raise _Diverged(epoch, 0, f"the {'validation' if s == 'val' else s} loss", r["loss"])
+                start = history[-1]["val_loss"] if history else initial["val_loss"]  # where this epoch began
+                val = results.get("val")
+                if val is not None and val["loss"] is not None and start is not None:
+                    limit = VAL_EXPLODE_FACTOR * max(chance, start)
+                    if val["loss"] > limit:
+                        raise _Diverged(epoch, 0, "the validation loss", val["loss"], limit=limit,
+                                        why=f"{VAL_EXPLODE_FACTOR:g} x the larger of chance level log(k) = "
+                                            f"{chance:.3g} and the validation loss before the epoch, {start:.3g}")
                 break
             except _Diverged as d:
                 used = sum(len(h.get("recoveries") or []) for h in history) + len(retries)
                 if used >= options["recover"]:
-                    raise DivergenceError(_diverged_message(d, used, opt, epoch)) from None
+                    raise DivergenceError(_diverged_message(d, used, opt, epoch, options)) from None
                 _restore(snap, net, opt, sched, scaler)
                 lrs = [g["lr"] for g in opt.param_groups]
                 _scale_lr(opt, sched, RECOVER_FACTOR)
                 snap = _snapshot(net, opt, sched, scaler)
                 retries.append({"epoch": d.epoch, "step": d.step, "what": d.what, "value": str(d.value),
+                               **({"limit": d.limit} if d.limit is not None else {}),
                                "lr_before": lrs[0], "lr_after": opt.param_groups[0]["lr"]})
                 logger.warning("epoch %d, %s: %s is %s; back to the weights and optimizer state the epoch started "
                                "with, retrying it at %g x the learning rate (head %.3g%s); %d more retr%s allowed "
-                               "(--recover)", epoch, f"step {d.step}" if d.step else "evaluation", d.what, d.value,
+                               "(--recover)", epoch, f"step {d.step}" if d.step else "evaluation", d.what, d.shown,
                                RECOVER_FACTOR, opt.param_groups[0]["lr"],
                                f", backbone {opt.param_groups[1]['lr']:.3g}" if len(lrs) > 1 else "",
                                options["recover"] - used - 1, "y" if options["recover"] - used - 1 == 1 else "ies")
@@ -826,6 +858,11 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
         net.load_state_dict(best_state)
     if best["epoch"] == 0:
         net.envelope = None  # the untouched network, as measured before training: the head itself
+        if history and ctx.is_main:
+            logger.warning("no epoch did better than the head on validation (accuracy %s before training; after "
+                           "epoch%s %s): the model written is the head itself, unchanged; see curve.png",
+                           _fmt(initial["val_accuracy"]), "s" if len(history) > 1 else "",
+                           ", ".join(_fmt(h["val_accuracy"]) for h in history))
     bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # cannot happen past the checks above; never write a model that is not finite
         raise DivergenceError(f"fine-tuning diverged: the kept weights are not finite ({bad[0]}); nothing was written: "
@@ -833,10 +870,12 @@ def _train(hm: HeadModel, rows: ImageRows, out: Path, key: str, options: dict, s
     if not ctx.is_main:
         return ctx.broadcast(None)  # rank 0's metrics, once it has written the model
     return ctx.broadcast(_finish(hm, net, out, key, options, best_test, dev, history, best, initial, val_source, parts,
-                                 t_start, world_size=ctx.world_size))
+                                 t_start, world_size=ctx.world_size,
+                                 extra={"feature_spread": hm.feature_spread, "backbone_lr_scale": lr_scale}))
 
 
-def _diverged_message(d: _Diverged, used: int, opt: torch.optim.Optimizer, epoch: int) -> str:
+def _diverged_message(d: _Diverged, used: int, opt: torch.optim.Optimizer, epoch: int,
+                      options: dict | None = None) -> str:
     """The one line a run that gave up on divergence ends with: what happened, what was kept, what to change."""
     lr = opt.param_groups[0]["lr"]
     lrs = ", ".join(f"{g.get('name', 'head')} lr {g['lr']:.3g}" for g in opt.param_groups)
@@ -844,9 +883,13 @@ def _diverged_message(d: _Diverged, used: int, opt: torch.optim.Optimizer, epoch
     again = (f", still after {used} retr{'y' if used == 1 else 'ies'} at {RECOVER_FACTOR:g}x the learning rate"
              if used else "")
     kept = (f"the checkpoint of epoch {epoch - 1} is left as it was" if epoch > 1 else "no epoch had finished")
-    return (f"fine-tuning diverged: {d.what} was {d.value} at epoch {d.epoch}, {where}{again} ({lrs}); "
-            f"nothing of epoch {epoch} was written and {kept}: run again with a lower --lr (e.g. {lr / 10:.3g}) "
-            f"or --backbone-lr-factor, --clip-grad 1.0, --unfreeze head, or a larger --recover")
+    options = options or {}
+    undo = [f for f, on in (("--no-scale-backbone-lr", options.get("scale_backbone_lr") is False),
+                            ("--backbone-dropout", options.get("backbone_dropout"))) if on]
+    first = f"without {' and '.join(undo)}, " if undo else ""
+    return (f"fine-tuning diverged: {d.what} was {d.shown} at epoch {d.epoch}, {where}{again} ({lrs}); "
+            f"nothing of epoch {epoch} was written and {kept}: run again {first}with a lower --lr (e.g. "
+            f"{lr / 10:.3g}) or --backbone-lr-factor, --clip-grad 1.0, --unfreeze head, or a larger --recover")
 
 
 def _pack(r: dict) -> dict:
@@ -864,16 +907,34 @@ def _head_test_accuracy(hm: HeadModel) -> float | None:
     return float(m["test_accuracy"]) if isinstance(m, dict) and "test_accuracy" in m else None
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4f}"
+def _fmt(v, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def backbone_lr_scale(spread: float | None) -> float:
+    """``min(1, spread**2)``: what the backbone's learning rate is multiplied by, ``spread`` being the median
+    train standard deviation of the head's features in the backbone's units (:attr:`FeatureStats.spread`).
+
+    A head tells images apart by feature differences of about ``spread``, so it reads the features in units of
+    ``spread`` (a ``standard`` scaling divides by exactly that; an ``l2`` or unscaled head learns weights
+    of about 1/``spread`` instead).  A backbone step is then amplified twice: the gradient reaching the backbone
+    is multiplied by 1/``spread`` and the change of the features it makes is read at 1/``spread`` again.  The
+    default learning rates suit features that vary by about 1 (pretrained backbones); features of random weights
+    vary by 1e-3 to 1e-2, where the same step moved the head's input by more than its whole train spread and
+    collapsed the network to chance within ten steps (docs/finetune.md, "Why fine-tuning diverged").
+    """
+    if spread is None or not math.isfinite(spread) or spread <= 0:
+        return 1.0
+    return min(1.0, float(spread) ** 2)
 
 
 def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Tensor, opt, scaler, pre: Preprocess,
                  dev: torch.device, epoch: int, top: set[int], *, seed: int, batch_size: int, workers: int, pin: bool,
                  amp: bool, show: bool, tqdm, partial: dict | None = None,
                  save_partial: Callable[[dict], None] | None = None, ctx: distributed.Context | None = None,
-                 clip_grad: float | None = None) -> dict:
-    """One epoch of steps; raises :class:`_Diverged` at the first non-finite loss or gradient (before stepping)."""
+                 clip_grad: float | None = None, dropout: bool = False, chance: float = math.log(2)) -> dict:
+    """One epoch of steps; raises :class:`_Diverged` at the first non-finite loss or gradient, or a training loss
+    that explodes (``EXPLODE_*``; ``chance``: log k), before stepping."""
     ctx = ctx or distributed.Context()
     t0 = time.perf_counter()
     es = _epoch_seed(seed, epoch)
@@ -884,15 +945,16 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
     if ctx.active:  # --batch-size is the global batch: each step, every rank takes its consecutive part of it
         batches = [np.array_split(np.asarray(b), ctx.world_size)[ctx.rank].tolist() for b in batches]
     loader = _loader(train_set, batches[done:], workers=workers, pin=pin)
-    net.set_trainable(top)
+    net.set_trainable(top, dropout=dropout)
     model = _ddp(net, dev) if ctx.active else net  # rebuilt each epoch: what trains may change (gradual)
-    loss_sum, correct, seen, bad, norms = 0.0, 0, 0, 0, []
+    loss_sum, correct, seen, bad, norms, losses = 0.0, 0, 0, 0, [], []
     if partial is not None:
         if ctx.is_main:  # the sums of the steps taken, over every rank (the others start from 0; summed at the end)
             loss_sum, correct, seen, bad = float(partial["loss_sum"]), int(partial["correct"]), \
                 int(partial["seen"]), int(partial["bad"])
         t0 -= float(partial["train_seconds"])
         norms = [float(v) for v in partial.get("grad_norms") or []]  # the same on every rank (all-reduced)
+        losses = [float(v) for v in partial.get("losses") or []]  # the global step losses so far (guard)
     step, stop_rng = done, None
     bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not show, file=sys.stderr, desc=f"epoch {epoch}",
                dynamic_ncols=True)
@@ -936,10 +998,19 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
                     else:  # DDP averages the ranks' gradients: x world_size / global count = the global mean's
                         loss = F.cross_entropy(z.float(), y, reduction="sum") * (ctx.world_size / n_global)
                 value = float(loss.detach())
-                # checked before backward (this step then changes nothing); under DDP every rank must join the
-                # all-reduce, so a rank's own non-finite loss shows up below, as a non-finite gradient on all ranks
-                if not math.isfinite(value) and not ctx.active:
-                    raise _Diverged(epoch, step + 1, "the loss", value)
+                # checked before backward (this step then changes nothing), on the global batch's mean loss, so
+                # that under DDP every rank stops at the same step
+                mean = value if not ctx.active else ctx.all_reduce_sum([value])[0] / ctx.world_size
+                if not math.isfinite(mean):
+                    raise _Diverged(epoch, step + 1, "the loss", mean)
+                losses.append(mean)
+                recent = losses[-EXPLODE_WINDOW:]
+                limit = EXPLODE_FACTOR * max(chance, losses[0])
+                if sum(recent) / len(recent) > limit:
+                    raise _Diverged(epoch, step + 1, f"the training loss (mean of the last {len(recent)} steps)",
+                                    sum(recent) / len(recent), limit=limit,
+                                    why=f"{EXPLODE_FACTOR:g} x the larger of chance level log(k) = {chance:.3g} "
+                                        f"and the epoch's first loss {losses[0]:.3g}")
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 norm = _grad_norm(opt, scaler, clip_grad)
@@ -960,7 +1031,7 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
         if save_partial is not None and stop_rng is not None:
             save_partial({"epoch": epoch, "step": step, "loss_sum": loss_sum, "correct": correct, "seen": seen,
                           "bad": bad, "train_seconds": time.perf_counter() - t0, "rng": stop_rng,
-                          "grad_norms": list(norms)})
+                          "grad_norms": list(norms), "losses": list(losses)})
         raise
     finally:
         bar.close()
@@ -974,20 +1045,35 @@ def _train_epoch(net: FinetuneNet, train_set: _TrainSet, train_labels: torch.Ten
     dt = time.perf_counter() - t0
     g = np.asarray(norms)
     clip = {"clipped_steps": int((g > clip_grad).sum())} if clip_grad else {}
+    # what the explosion guard compared: the largest mean of EXPLODE_WINDOW consecutive step losses, and its limit
+    windows = [np.mean(losses[max(0, i + 1 - EXPLODE_WINDOW):i + 1]) for i in range(len(losses))]
+    guard = {"train_loss_peak": round(float(max(windows)), 4),
+             "train_loss_limit": round(EXPLODE_FACTOR * max(chance, losses[0]), 4)} if losses else {}
     return {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-            "lr": float(opt.param_groups[0]["lr"]), "train_images": seen, "train_seconds": round(dt, 3),
+            "lr": float(opt.param_groups[0]["lr"]),
+            **({"backbone_lr": float(opt.param_groups[1]["lr"])} if len(opt.param_groups) > 1 else {}),
+            "train_images": seen, "train_seconds": round(dt, 3),
             "train_images_per_s": round(seen / dt, 2), "_t0": t0,
             # gradient L2 norms before clipping (head and backbone together): what --clip-grad is compared with
             "grad_norm_median": round(float(np.median(g)), 4) if len(g) else None,
-            "grad_norm_max": round(float(g.max()), 4) if len(g) else None, **clip}
+            "grad_norm_max": round(float(g.max()), 4) if len(g) else None, **clip, **guard}
 
 
 class _Diverged(Exception):
-    """A non-finite loss or gradient at ``epoch``/``step`` (``step`` 0: in the evaluation after the epoch)."""
+    """A non-finite or exploding loss, or a non-finite gradient, at ``epoch``/``step`` (``step`` 0: in the
+    evaluation after the epoch); ``limit`` and ``why``: the threshold an exploding (finite) value passed."""
 
-    def __init__(self, epoch: int, step: int, what: str, value: float):
-        super().__init__(f"{what} is {value} at epoch {epoch}, step {step}")
-        self.epoch, self.step, self.what, self.value = epoch, step, what, value
+    def __init__(self, epoch: int, step: int, what: str, value: float, *, limit: float | None = None,
+                 why: str = ""):
+        self.epoch, self.step, self.what, self.value, self.limit, self.why = epoch, step, what, value, limit, why
+        super().__init__(f"{what} is {self.shown} at epoch {epoch}, step {step}")
+
+    @property
+    def shown(self) -> str:
+        """The value as said in the log and the error: ``nan``, or ``123.4, above 23.03 (10 x ...)``."""
+        if self.limit is None or not math.isfinite(self.value):
+            return str(self.value)
+        return f"{self.value:.4g}, above {self.limit:.4g} ({self.why})"
 
 
 def _grad_norm(opt: torch.optim.Optimizer, scaler, clip_grad: float | None) -> float:
@@ -1073,7 +1159,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict, r: dict, dev: torch.device,
             history: list[dict], best: dict, initial: dict, val_source: str, parts: dict, t_start: float, *,
-            world_size: int = 1) -> dict:
+            world_size: int = 1, extra: dict | None = None) -> dict:
     """Write the model (the best epoch's weights, already in ``net``) and its metrics (``r``: its test results)."""
     from featx.plots import plot_confusion, plot_curve
 
@@ -1091,7 +1177,8 @@ def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict,
     head_acc = _head_test_accuracy(hm)
     metrics = {
         "initial_test_accuracy": initial["test_accuracy"], "head_test_accuracy": head_acc,
-        "initial_val_accuracy": initial["val_accuracy"], "test_accuracy": m["accuracy"], "test_loss": r["loss"],
+        "initial_val_accuracy": initial["val_accuracy"], "initial_val_loss": initial["val_loss"],
+        "test_accuracy": m["accuracy"], "test_loss": r["loss"],
         "macro_f1": m["macro_f1"], **({"top5_accuracy": m["top5_accuracy"]} if "top5_accuracy" in m else {}),
         "best_epoch": int(best["epoch"]), "best_val_accuracy": best["val_accuracy"], "epochs_run": len(history),
         "stopped_early": len(history) < options["epochs"], "validation": val_source,
@@ -1104,6 +1191,7 @@ def _finish(hm: HeadModel, net: FinetuneNet, out: Path, key: str, options: dict,
         "layer": hm.head.layer, "backbone": hm.manifest["config"]["backbone"], "weights": hm.weights_id,
         "features": hm.head.meta["source"].get("features"), "device": str(dev), "world_size": int(world_size),
         "seconds": round(time.perf_counter() - t_start, 3), "featx_version": featx.__version__,
+        **(extra or {}),
     }
     title = f"fine-tuned {hm.head.meta.get('kind')} on {hm.head.layer} ({options['unfreeze']})"
     if history:

@@ -134,7 +134,8 @@ class FinetuneNet(nn.Module):
     backbone step, those features take values thousands of standard deviations away from any the head was fit
     on, and their gain of up to 1e7 turns that into logits, losses and gradients that overflow within a few SGD
     steps (docs/finetune.md, "Why fine-tuning diverged").  Held to the range of the head's own train rows, the
-    head's input stays where it was fit, whatever the augmentation or the step.
+    head's input stays where it was fit, whatever the augmentation or the step.  (What keeps the backbone's steps
+    themselves in scale is its learning rate, x ``min(1, spread**2)``: :func:`featx.finetune.backbone_lr_scale`.)
     """
 
     def __init__(self, backbone: nn.Module, scale: nn.Module, head: nn.Module, groups: list[Group] | None = None,
@@ -153,9 +154,13 @@ class FinetuneNet(nn.Module):
             f = self.envelope(f)
         return self.head(self.scale(f))
 
-    def set_trainable(self, top: set[int]) -> None:
+    def set_trainable(self, top: set[int], *, dropout: bool = True) -> None:
         """Make the head and the backbone groups of index ``top`` trainable and in train mode; everything else
-        is frozen and in eval mode (so a frozen part's Dropout and BatchNorm behave as at extraction)."""
+        is frozen and in eval mode (so a frozen part's Dropout and BatchNorm behave as at extraction).
+
+        ``dropout=False`` keeps the backbone's Dropout layers off in the trainable groups too, as at extraction,
+        so the head sees during training the features it was fit on (fine-tuning's default; the head's own
+        dropout, an MLP's, still trains as it was fit)."""
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         for i in top:
@@ -166,8 +171,8 @@ class FinetuneNet(nn.Module):
         self.train()
         self.scale.eval()
         for i, g in enumerate(self.groups):
-            if i not in top:
-                for m in g.modules:
+            for m in g.modules:
+                if i not in top or (not dropout and isinstance(m, nn.modules.dropout._DropoutNd)):
                     m.eval()
 
 
@@ -232,6 +237,7 @@ class HeadModel:
     preprocess: Preprocess
     weights_id: dict
     logit_classes: list[int]       # the class index of each logit (the estimator's ``classes_``)
+    feature_spread: float | None = None  # FeatureStats.spread of the head's train rows (built for training)
 
     @property
     def classes(self) -> list[str]:
@@ -325,10 +331,28 @@ def head_torch(fh: FittedHead) -> nn.Module:
     return module.float()
 
 
-def feature_envelope(fh: FittedHead) -> Envelope:
-    """The per-feature range (min, max) of the train rows of the head's layer in its source feature set.
+@dataclass
+class FeatureStats:
+    """Per-feature range and spread of the train rows of a head's layer (in the backbone's units, before scaling)."""
 
-    One pass over those rows, a shard at a time (no copy of the matrix is held).
+    lo: np.ndarray
+    hi: np.ndarray
+    std: np.ndarray
+
+    @property
+    def spread(self) -> float | None:
+        """The median train standard deviation of the features that vary (None when none does): how far apart the
+        images lie in the backbone's units, i.e. the scale of the differences the head was fit to tell apart."""
+        live = self.std[self.std > 0]
+        return float(np.median(live)) if len(live) else None
+
+    def envelope(self) -> Envelope:
+        return Envelope(torch.from_numpy(self.lo), torch.from_numpy(self.hi))
+
+
+def feature_stats(fh: FittedHead) -> FeatureStats:
+    """Min, max and standard deviation of each feature over the train rows of the head's layer in its source
+    feature set: one pass over those rows, a shard at a time (float64 sums; no copy of the matrix is held).
 
     Raises:
         DataError: the feature set has no train rows of that layer.
@@ -336,13 +360,27 @@ def feature_envelope(fh: FittedHead) -> Envelope:
     from featx.store import FeatureSet
 
     fs = FeatureSet(fh.meta["source"]["features"])
-    lo = hi = None
+    lo = hi = s = ss = None
+    n = 0
     for X, _ in fs.iter_chunks(fh.layer, "train"):
         a, b = X.min(0), X.max(0)
         lo, hi = (a, b) if lo is None else (np.minimum(lo, a), np.maximum(hi, b))
-    if lo is None:
+        for i in range(0, len(X), 512):  # bounded float64 temporaries
+            X64 = X[i:i + 512].astype(np.float64)
+            s = X64.sum(0) if s is None else s + X64.sum(0)
+            ss = np.einsum("ij,ij->j", X64, X64) if ss is None else ss + np.einsum("ij,ij->j", X64, X64)
+        n += len(X)
+    if lo is None or not n:
         raise DataError(f"head {fh.path.name}: its feature set has no train rows of layer {fh.layer!r}")
-    return Envelope(torch.from_numpy(lo), torch.from_numpy(hi))
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
+    std[(hi - lo) <= 0] = 0.0  # constant over the train rows: no rounding residue counts as spread
+    return FeatureStats(lo, hi, std)
+
+
+def feature_envelope(fh: FittedHead) -> Envelope:
+    """The per-feature range (min, max) of the train rows of the head's layer in its source feature set."""
+    return feature_stats(fh).envelope()
 
 
 def build_from_head(head: str | os.PathLike | FittedHead, *, envelope: bool = False) -> HeadModel:
@@ -350,9 +388,10 @@ def build_from_head(head: str | os.PathLike | FittedHead, *, envelope: bool = Fa
 
     Args:
         head: a head directory written by ``featx fit`` (or an already loaded :class:`FittedHead`).
-        envelope: for training: clamp the features to the range of the head's train rows (:class:`FinetuneNet`);
-            only with a ``standard`` scaling, the one whose gain needs bounding.  Costs a pass over those rows.
-            Without it (the default) the network is exactly the head on its backbone.
+        envelope: for training: clamp the features to the range of the head's train rows (:class:`FinetuneNet`;
+            only with a ``standard`` scaling, the one whose gain needs bounding) and measure their spread
+            (``HeadModel.feature_spread``, which scales the backbone's learning rate).  Costs a pass over those
+            rows.  Without it (the default) the network is exactly the head on its backbone.
 
     Returns:
         :class:`HeadModel` with the network in eval mode on the CPU.
@@ -372,7 +411,8 @@ def build_from_head(head: str | os.PathLike | FittedHead, *, envelope: bool = Fa
     trunk = truncated(bb, fh.layer)
     d = bb.spec.dims[fh.layer]
     groups = backbone_groups(trunk, names)
-    env = feature_envelope(fh) if envelope and fh.scaler.kind == "standard" else None
+    stats = feature_stats(fh) if envelope else None
+    env = stats.envelope() if stats is not None and fh.scaler.kind == "standard" else None
     net = FinetuneNet(trunk, scale_module(fh.scaler.kind, d, fh.scaler), head_module, groups, env)
     net.eval()
     logit_classes = [int(c) for c in np.asarray(getattr(fh.estimator, "classes_", np.arange(len(fh.classes))))]
@@ -380,7 +420,8 @@ def build_from_head(head: str | os.PathLike | FittedHead, *, envelope: bool = Fa
         k = net.head(torch.zeros(1, d)).shape[1]
     if k != len(logit_classes):
         raise DataError(f"head {fh.path.name}: its torch form gives {k} logits for {len(logit_classes)} classes")
-    return HeadModel(net, fh, manifest, bb.preprocess, bb.weights_id, logit_classes)
+    return HeadModel(net, fh, manifest, bb.preprocess, bb.weights_id, logit_classes,
+                     stats.spread if stats is not None else None)
 
 
 # ============================================================================================ on disk
@@ -412,13 +453,19 @@ def pre_json(pre: Preprocess) -> dict:
     return d
 
 
+_ON_BY_DEFAULT = ("scale_backbone_lr",)  # boolean options whose flag is --X/--no-X, on by default
+
+
 def finetune_command(head: Path, options: dict, *, seed: int, cache: Path) -> list[str]:
     """The ``featx finetune`` command line of these options (each option's flag is its name with dashes)."""
     argv = ["featx", "finetune", str(head)]
     for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is False and name in _ON_BY_DEFAULT:
+            argv.append("--no-" + flag[2:])
+            continue
         if value is None or value is False:
             continue
-        flag = "--" + name.replace("_", "-")
         if value is True:
             argv.append(flag)
         else:

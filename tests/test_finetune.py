@@ -140,7 +140,9 @@ def test_one_epoch_changes_exactly_the_unfrozen_parts(tiny, unfreeze, backbone, 
     def grab(epoch, net, rec):
         after.update(_state(net))
 
-    finetune(tiny, unfreeze=unfreeze, cache=tmp_path, on_epoch=grab, **QUICK)
+    # the backbone's lr unscaled: with random weights it is otherwise x ~1e-5 (docs/finetune.md), and the steps of
+    # some conv biases round to nothing in float32; what trains is the question here, not how far
+    finetune(tiny, unfreeze=unfreeze, cache=tmp_path, on_epoch=grab, scale_backbone_lr=False, **QUICK)
     changed = _changed(before, after)
     head = {k for k in before if k.startswith("head.")}
     assert head and head <= changed
