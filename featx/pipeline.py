@@ -36,7 +36,7 @@ NORMALIZE = ("weights", "dataset")
 # what a [finetune.NAME] table may set besides `from` (the keyword arguments of featx.finetune.finetune)
 FINETUNE_OPTIONS = ("epochs", "unfreeze", "lr", "backbone_lr_factor", "optimizer", "momentum", "weight_decay",
                     "schedule", "augment", "batch_size", "early_stop", "gradual_every", "step_size",
-                    "plateau_patience", "amp")
+                    "plateau_patience", "amp", "clip_grad", "recover", "scale_backbone_lr", "backbone_dropout")
 SEARCH_KEYS = ("kind", "trials", "sampler", "cv", "layers")
 BUILTIN_DATA = {"sklearn:digits": "scikit-learn's 1,797 handwritten digits, written once under <cache>/demo/digits"}
 
