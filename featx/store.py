@@ -385,16 +385,19 @@ class FeatureSet:
         assert pos == len(out)
         return out
 
+    def _open_part(self, part: _Part) -> h5py.File:
+        """A shard opened for reading; a file HDF5 cannot open is reported as damaged, naming it."""
+        try:
+            return h5py.File(part.file, "r")
+        except OSError as e:
+            raise self._damaged(part.file, e) from None
+
     def _read_into(self, out: np.ndarray, layer: str, m: np.ndarray) -> int:
         """Read the rows ``m`` of a float32 ``layer`` into ``out`` (see :meth:`_fill`); returns the rows written."""
         buf: list[np.ndarray] = []
         pos = 0
         for part in self._parts:
-            try:
-                h = h5py.File(part.file, "r")
-            except OSError as e:
-                raise self._damaged(part.file, e) from None
-            with h:
+            with self._open_part(part) as h:
                 ds = h[layer]
                 step = max(1, min(CHUNK_ROWS, READ_BYTES // (4 * out.shape[1])))
                 for a in range(0, part.n, step):
@@ -447,11 +450,7 @@ class FeatureSet:
     def _blocks(self, layer: str, m: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         buf: list[np.ndarray] = []  # _fill's read buffer, shared by all blocks
         for part in self._parts:
-            try:
-                h = h5py.File(part.file, "r")
-            except OSError as e:
-                raise self._damaged(part.file, e) from None
-            with h:
+            with self._open_part(part) as h:
                 ds = h[layer]
                 for a in range(0, part.n, CHUNK_ROWS):
                     b = min(part.n, a + CHUNK_ROWS)
