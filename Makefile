@@ -31,7 +31,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow -n 2
 
 # the signal tests ROUNDS times in a row, stopping at the first failure (issue 14: no test may depend on when a
-# signal lands); about a minute a round on 2 quiet cores
+# signal lands); about 40 s a round on 2 quiet cores
 ROUNDS ?= 30
 test-signals: install
 	for i in $$(seq $(ROUNDS)); do echo "round $$i"; $(PY) -m pytest -q -p no:cacheprovider -n 2 -m "not slow" \
