@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch/torchvision are pinned to the releases this workplace serves from its own disk; any torch>=2.10 works.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow test-signals bench clean install
+.PHONY: demo test test-slow test-signals bench clean install lint
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ test-signals: install
 	for i in $$(seq $(ROUNDS)); do echo "round $$i"; $(PY) -m pytest -q -p no:cacheprovider -n 2 -m "not slow" \
 	  tests/test_signals.py tests/test_search.py::test_ctrl_c_stops_cleanly_keeping_finished_trials \
 	  tests/test_extract.py -k "signals or ctrl_c or interrupted or stop_while" || exit 1; done
+
+# ruff (style and likely bugs) and mypy (types) over the package, its tests and the benchmarks
+lint: install
+	$(VENV)/bin/ruff check featx tests benchmarks
+	$(VENV)/bin/mypy featx tests
 
 bench: install
 	$(PY) benchmarks/bench_extract.py

@@ -29,8 +29,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.synth import make_pool5_like, stratified_split  # noqa: E402
-from featx.heads._solvers import labels_to_pm1, svm_primal_objective  # noqa: E402
 from featx.heads import LinearProblem, LogisticHead, SVMHead  # noqa: E402
+from featx.heads._solvers import labels_to_pm1, svm_primal_objective  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import logging
 import os
 import pickle
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ class Preprocess:
             raise UsageError(f"--views {self.views} is not supported: use one of {sorted(VIEW_SETS)}")
 
     @classmethod
-    def from_weights(cls, weights_enum, **overrides) -> "Preprocess":
+    def from_weights(cls, weights_enum, **overrides) -> Preprocess:
         t = weights_enum.transforms()
         return cls(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), interpolation=t.interpolation.value,
                    antialias=bool(t.antialias), mean=tuple(float(x) for x in t.mean),

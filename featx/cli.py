@@ -414,7 +414,8 @@ def prune(names, dry_run, older_than, cache, quiet):
     """Remove the named items, or else leftovers of killed runs and unfinished items older than --older-than.
 
     Never removes an item a featx process is using (it holds the item's lock)."""
-    from featx.maintain import human_size, prune as run
+    from featx.maintain import human_size
+    from featx.maintain import prune as run
 
     done = run(names, cache=cache, dry_run=dry_run, older_than=older_than * 3600)
     for p in done:

@@ -18,10 +18,10 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import numpy as np
@@ -32,13 +32,21 @@ from tqdm.auto import tqdm
 import featx
 from featx import distributed, interrupt
 from featx.backbones import (
-    VIEW_SETS, Backbone, Preprocess, Tapped, check_layers, dataset_stats_to_preprocess, get_spec, load_backbone,
-    start_layer, weights_identity,
+    VIEW_SETS,
+    Backbone,
+    Preprocess,
+    Tapped,
+    check_layers,
+    dataset_stats_to_preprocess,
+    get_spec,
+    load_backbone,
+    start_layer,
+    weights_identity,
 )
 from featx.cache import StagePlan, atomic_write_json, cache_root, hash_key, read_json, seal_ok, write_command
-from featx.devices import resolve_device
+from featx.data import DEFAULT_MAX_PIXELS, ImageDataset, discover, fingerprints, fingerprints_of
 from featx.datasets.loading import CollateReady, DecodeSet, collate, decode, decode_loader
-from featx.data import DEFAULT_MAX_PIXELS, BadImage, ImageDataset, discover, fingerprints, fingerprints_of, open_rgb
+from featx.devices import resolve_device
 from featx.errors import DataError, IntegrityError, StrictError, UsageError
 from featx.store import FORMAT_VERSION, ShardWriter, read_manifest, shard_is_valid, shard_name, shard_problem
 

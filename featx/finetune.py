@@ -26,9 +26,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,15 +41,32 @@ from torchvision.transforms import functional as TF
 import featx
 from featx import distributed, interrupt
 from featx.backbones import Preprocess
-from featx.cache import (StagePlan, atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json,
-                         sha256_file, write_command)
+from featx.cache import (
+    StagePlan,
+    atomic_write_bytes,
+    atomic_write_json,
+    cache_root,
+    hash_key,
+    read_json,
+    sha256_file,
+    write_command,
+)
 from featx.curves import EventLog
 from featx.data import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from featx.errors import DataError, DivergenceError, IntegrityError, UsageError
 from featx.fit import load_fitted, metrics_for
-from featx.model import (MODEL_FILE, MODEL_FORMAT, MODEL_META, FinetuneNet, Group, HeadModel, build_from_head,
-                         model_json)
-from featx.model import finetune_command, model_problem
+from featx.model import (
+    MODEL_FILE,
+    MODEL_FORMAT,
+    MODEL_META,
+    FinetuneNet,
+    Group,
+    HeadModel,
+    build_from_head,
+    finetune_command,
+    model_json,
+    model_problem,
+)
 
 logger = logging.getLogger(__name__)
 

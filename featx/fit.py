@@ -11,16 +11,27 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 import featx
 from featx import interrupt
-from featx.cache import (StagePlan, atomic_write_json, cache_root, canonical_json, hash_key, read_json,
-                         read_sealed_json, repair_hint, sha256_file, temp_path)
+from featx.cache import (
+    StagePlan,
+    atomic_write_json,
+    cache_root,
+    canonical_json,
+    hash_key,
+    read_json,
+    read_sealed_json,
+    repair_hint,
+    sha256_file,
+    temp_path,
+)
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.store import FeatureSet
 
@@ -48,7 +59,7 @@ class Scaler:
         if self.kind not in SCALES:
             raise UsageError(f"--scale {self.kind!r}: use one of {', '.join(SCALES)}")
 
-    def fit_chunks(self, chunks: Iterator[np.ndarray]) -> "Scaler":
+    def fit_chunks(self, chunks: Iterator[np.ndarray]) -> Scaler:
         if self.kind != "standard":
             return self
         n, s, ss = 0, None, None
@@ -70,7 +81,7 @@ class Scaler:
         self.mean, self.scale = mean.astype(np.float32), std.astype(np.float32)
         return self
 
-    def fit(self, X: np.ndarray) -> "Scaler":
+    def fit(self, X: np.ndarray) -> Scaler:
         return self.fit_chunks(iter([X]))
 
     def transform_(self, X: np.ndarray) -> np.ndarray:

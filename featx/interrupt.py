@@ -36,7 +36,7 @@ import os
 import signal
 import threading
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from featx.errors import FeatxError
 

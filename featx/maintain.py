@@ -17,9 +17,9 @@ import os
 import shutil
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from featx import interrupt
 from featx.cache import cache_root, read_json, read_sealed_json, repair_hint

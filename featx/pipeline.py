@@ -89,7 +89,7 @@ class Case:
             out["head"] = self.kind
         if self.stage == "fit":
             out["scale"] = self.scale
-        out.update({k: v for k, v in self.params.items()})
+        out.update(dict(self.params.items()))
         return out
 
 
@@ -389,7 +389,7 @@ def expand(raw: dict, *, name: str = "pipeline", file: Path | None = None, origi
 
     # [finetune.NAME]
     fts = ck.table(raw.get("finetune", {}), "finetune")
-    sources = [c for c in cases]
+    sources = list(cases)
     for group, table in fts.items():
         prefix = f"finetune.{group}."
         table = ck.table(table, f"finetune.{group}")

@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 _DPI = 110
 _preloading: threading.Thread | None = None
-_prepared: dict[tuple[str, ...], "_ConfusionFigure"] = {}  # built by the preload thread, taken by plot_confusion
+_prepared: dict[tuple[str, ...], _ConfusionFigure] = {}  # built by the preload thread, taken by plot_confusion
 
 
 def preload(confusion_classes: Sequence[str] | None = None) -> None:

@@ -19,9 +19,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -221,7 +221,7 @@ def predict_to_cache(model_or_head: str | os.PathLike, inputs: Sequence[str | os
     atomic_write_bytes(out / "predictions.csv", format_predictions(rows, "csv").encode())
     atomic_write_bytes(out / "predictions.json", format_predictions(rows, "json").encode())
     good = [r for r in rows if not r["error"]]
-    per_class = {c: 0 for c in pr.classes}
+    per_class = dict.fromkeys(pr.classes, 0)
     for r in good:
         per_class[r["class"]] += 1
     atomic_write_json(out / PREDICTIONS_META, {

@@ -19,9 +19,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import featx
 from featx import interrupt
@@ -120,8 +121,8 @@ class _Runner:
         self.p, self.root, self.device, self.progress, self.on_stage = p, root, device, progress, on_stage
         self.features: dict[Variant, Any] = {}      # variant -> ExtractResult, or StageFailed
         self.outcomes: dict[str, dict] = {}          # case name -> its row (fit and search cases feed fine-tunes)
-        self.computed = {s: 0 for s in STAGES}
-        self.cached = {s: 0 for s in STAGES}
+        self.computed = dict.fromkeys(STAGES, 0)
+        self.cached = dict.fromkeys(STAGES, 0)
         self._data: Path | None = None
 
     # ---------------------------------------------------------------------------------------- data
@@ -469,7 +470,7 @@ def _needed(p: Pipeline, chosen: list[Case]) -> dict:
     names = {c.name for c in chosen}
     for c in chosen:
         names |= set(c.candidates)
-    need: dict = {n: True for n in names}
+    need: dict = dict.fromkeys(names, True)
     for c in p.cases:
         if c.name in names and c.variant is not None:
             need[c.variant] = True

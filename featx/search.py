@@ -489,9 +489,9 @@ def _search_plots(study, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
     import warnings
 
+    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
     for name, fn in (("optimization_history.png", ovm.plot_optimization_history),

@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
 
-from featx.cache import read_json, read_sealed_json, repair_hint, temp_path
+from featx.cache import read_sealed_json, repair_hint, temp_path
 from featx.errors import DataError, FeatxError, IntegrityError
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,6 @@
 """Backbone taps against torchvision's own feature extractor, weights loading, preprocessing."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -12,18 +12,24 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import imagezoo
 import numpy as np
 import pytest
+from imagezoo import make_zoo
 from PIL import Image
 
-import imagezoo
 from featx.data import (
-    DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SPLITS, BadImage, discover, fingerprint_file, fingerprints, open_rgb,
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    BadImage,
+    discover,
+    fingerprint_file,
+    fingerprints,
+    open_rgb,
     parse_split,
 )
 from featx.errors import DataError, UsageError
-from imagezoo import make_zoo
-
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -414,7 +420,7 @@ def test_discover_lists_exactly_the_zoo(zoo):
     assert [it.path for it in ds.items] == zoo.rows
     assert all(ds.classes[it.label] == zoo.label_of(it.path) for it in ds.items)
     assert "loose.png" in ds.ignored
-    fps = dict((p, (s, d)) for p, s, d in fingerprints(ds))
+    fps = {p: (s, d) for p, s, d in fingerprints(ds)}
     assert fps[zoo.of_kind("dangling-symlink")][0] is None
     assert all(fps[rel][0] is not None for rel in zoo.valid)
 

@@ -6,14 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import layouts
 import numpy as np
 import pytest
-
-import layouts
 from conftest import run_cli
+from layouts import BUILDERS, EXPECTED
+
 from featx.datasets import LAYOUTS, NAMES, detect, discover
 from featx.errors import DataError, UsageError
-from layouts import BUILDERS, EXPECTED
 
 
 def _paths(ds) -> list[str]:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_cli
 
 import featx.finetune as ft
-from conftest import run_cli
 from featx.errors import DivergenceError
 from featx.extract import extract
 from featx.finetune import CHECKPOINT, backbone_lr_scale, finetune, load_checkpoint

@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from featx.backbones import load_backbone
 from featx.data import open_rgb
 from featx.errors import DataError, StrictError

@@ -19,8 +19,8 @@ from featx.cache import sealed
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.extract import extract
 from featx.finetune import CHECKPOINT, ImageRows, _split_rows, finetune, load_checkpoint, trainable_groups
-from featx.model import build_from_head, load_model
 from featx.fit import fit_head, load_fitted
+from featx.model import build_from_head, load_model
 from featx.store import FeatureSet
 
 EXTRACT = dict(weights="random", seed=0, workers=0, batch_size=20)

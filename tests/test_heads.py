@@ -22,9 +22,9 @@ except ImportError:  # benchmarks/ is a plain folder; make it importable when py
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.synth import make_pool5_like
-from featx.heads._solvers import labels_to_pm1, svm_primal_objective
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.heads import LinearProblem, LogisticHead, MLPHead, SVMHead, load_head, save_head
+from featx.heads._solvers import labels_to_pm1, svm_primal_objective
 
 
 @pytest.fixture(autouse=True)

@@ -10,13 +10,20 @@ from pathlib import Path
 
 import optuna
 import pytest
+from pgserver import open_storage_at_barrier, running_server, why_unavailable
+from test_fit import _blobs, write_h5
+from test_studies import (  # noqa: F401 (fixture)
+    ONE_THREAD,
+    _one_blas_thread,
+    check_dead_trials_fail_and_retry,
+    check_kill9_then_rerun,
+    kill9,
+    search_cmd,
+    start_held,
+)
 
 from featx.search import search
 from featx.studies import OWNER, open_storage
-from pgserver import open_storage_at_barrier, running_server, why_unavailable
-from test_fit import _blobs, write_h5
-from test_studies import (ONE_THREAD, _one_blas_thread, check_dead_trials_fail_and_retry,  # noqa: F401 (fixture)
-                          check_kill9_then_rerun, kill9, search_cmd, start_held)
 
 S = optuna.trial.TrialState
 

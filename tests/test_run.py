@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from featx.run import STAGES, RunPlan, RunResult, run_pipeline
 
 DIGITS = Path(__file__).resolve().parent.parent / "pipelines" / "digits.toml"

@@ -10,11 +10,11 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
+from test_fit import _blobs, write_h5
 
 from featx.cli import main
 from featx.errors import UsageError
 from featx.search import Objective, open_storage, search
-from test_fit import _blobs, write_h5
 
 
 @pytest.fixture

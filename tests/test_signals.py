@@ -25,13 +25,13 @@ import optuna
 import pytest
 import torch
 from click.testing import CliRunner
+from test_fit import _blobs, write_h5
 
 from featx import interrupt
 from featx.cli import main
 from featx.errors import FeatxError
 from featx.finetune import CHECKPOINT, load_checkpoint
 from featx.search import open_storage
-from test_fit import _blobs, write_h5
 
 LINE = "featx: interrupted ({}); finished work is kept and the same command resumes it"
 CODE = {"SIGINT": 130, "SIGTERM": 143}

@@ -34,8 +34,8 @@ try:
     main(sys.argv[1:], prog_name="featx")
 except SystemExit as e:
     code = e.code or 0
-print(json.dumps({"code": code, "modules": [m for m in %r if m in sys.modules]}), file=sys.stderr)
-""" % (WATCHED,)
+print(json.dumps({{"code": code, "modules": [m for m in {!r} if m in sys.modules]}}), file=sys.stderr)
+""".format(WATCHED)
 
 
 def imported(*args: str) -> set[str]:

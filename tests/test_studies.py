@@ -12,10 +12,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from test_fit import _blobs, write_h5
 
 from featx.search import search
 from featx.studies import OWNER, fail_dead_trials, node_id, open_storage, owner, process_alive
-from test_fit import _blobs, write_h5
 
 S = optuna.trial.TrialState
 

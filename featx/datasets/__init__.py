@@ -10,7 +10,14 @@ dataset: :mod:`.oxford_pets`, :mod:`.caltech` (101 and 256), :mod:`.tiny_imagene
 from __future__ import annotations
 
 from featx.datasets.base import (
-    IMAGE_EXTENSIONS, SPLITS, ImageDataset, Item, fingerprint_file, fingerprints, fingerprints_of, is_image_name,
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    ImageDataset,
+    Item,
+    fingerprint_file,
+    fingerprints,
+    fingerprints_of,
+    is_image_name,
     walk_images,
 )
 from featx.datasets.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb

@@ -19,7 +19,14 @@ import re
 from pathlib import Path
 
 from featx.datasets.base import (
-    ImageDataset, is_image_name, rel, sorted_items, unused_file, unused_folder, visible_dirs, visible_files,
+    ImageDataset,
+    is_image_name,
+    rel,
+    sorted_items,
+    unused_file,
+    unused_folder,
+    visible_dirs,
+    visible_files,
 )
 from featx.datasets.folder import check_classes
 from featx.datasets.splits import stratified

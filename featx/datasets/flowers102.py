@@ -15,7 +15,13 @@ import logging
 from pathlib import Path
 
 from featx.datasets.base import (
-    ImageDataset, is_image_name, mat_ints, read_mat, sorted_items, unused_file, visible_files,
+    ImageDataset,
+    is_image_name,
+    mat_ints,
+    read_mat,
+    sorted_items,
+    unused_file,
+    visible_files,
 )
 from featx.datasets.folder import check_classes
 from featx.errors import DataError
@@ -77,5 +83,5 @@ def read(root: Path, *, fractions: dict[str, float], seed: int, data: str) -> Im
                        TITLE, len(missing), missing[0]["path"])
     return ImageDataset(root, tuple(classes), sorted_items([(p, index[lab], s) for p, lab, s in rows]), NAME,
                         None, seed, data, unused=tuple(unused),
-                        report={"dataset": TITLE, "official_split": {k: s for k, s in SPLIT_KEYS}, "missing": missing,
+                        report={"dataset": TITLE, "official_split": dict(SPLIT_KEYS), "missing": missing,
                                 "class_names": "the publisher's labels 1..102 (the archive has no names)"})

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from featx.datasets import caltech, dogs_vs_cats, flowers102, oxford_pets, stanford_dogs, tiny_imagenet
 from featx.datasets.base import SPLITS, ImageDataset

@@ -6,8 +6,8 @@ which the torch-free commands import.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

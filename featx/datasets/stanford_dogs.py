@@ -15,7 +15,14 @@ import logging
 from pathlib import Path
 
 from featx.datasets.base import (
-    ImageDataset, mat_ints, mat_strings, read_mat, rel, sorted_items, unused_file, walk_images,
+    ImageDataset,
+    mat_ints,
+    mat_strings,
+    read_mat,
+    rel,
+    sorted_items,
+    unused_file,
+    walk_images,
 )
 from featx.datasets.folder import check_classes
 from featx.errors import DataError

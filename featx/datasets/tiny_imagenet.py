@@ -17,7 +17,14 @@ import logging
 from pathlib import Path
 
 from featx.datasets.base import (
-    ImageDataset, is_image_name, rel, sorted_items, unused_file, unused_folder, visible_dirs, visible_files,
+    ImageDataset,
+    is_image_name,
+    rel,
+    sorted_items,
+    unused_file,
+    unused_folder,
+    visible_dirs,
+    visible_files,
     walk_images,
 )
 from featx.datasets.folder import check_classes

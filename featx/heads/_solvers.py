@@ -833,7 +833,6 @@ class LinearProblem:
         self, Y: Any, C: float, tol: float, max_iter: int, B0: Any
     ) -> tuple[Any, int, bool, float, dict[str, Any]]:
         xp = self.xp
-        K = self.K
         n, k = Y.shape
         gamma = 0.5 / C
         # Mixed precision: a float32 inverse costs ~1/3 of a float64 one; the Newton systems are then solved

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from ..errors import DataError, UsageError
 from ._compat import ClassifierBase, check_classification_targets, check_is_fitted, validate_data
 from ._solvers import Batches

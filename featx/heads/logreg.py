@@ -5,6 +5,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+
 from ._compat import convergence_warning, validate_data
 from ._solvers import Batches, lbfgs_linear
 from .base import _FLOAT_DTYPES, _check_int, _check_positive, _encode_targets, _float32_rows, _LinearHead, _StreamLabels

@@ -9,10 +9,19 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from ..errors import DataError, UsageError
 from ._compat import ClassifierBase, check_is_fitted, check_random_state, validate_data
 from ._solvers import Batches, resolve_device
-from .base import _FLOAT_DTYPES, _check_int, _check_positive, _encode_targets, _float32_rows, _predict_rows, _StreamLabels
+from .base import (
+    _FLOAT_DTYPES,
+    _check_int,
+    _check_positive,
+    _encode_targets,
+    _float32_rows,
+    _predict_rows,
+    _StreamLabels,
+)
 
 if TYPE_CHECKING:
     import torch

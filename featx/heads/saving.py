@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from ..cache import atomic_write_bytes as _atomic_write
 from ..errors import IntegrityError, UsageError
 from ._compat import ClassifierBase, check_is_fitted

@@ -6,6 +6,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from ..errors import UsageError
 from ._compat import check_is_fitted, convergence_warning, validate_data
 from ._solvers import Batches, LinearProblem, SolveInfo, labels_to_pm1, lbfgs_linear
