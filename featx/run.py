@@ -132,7 +132,7 @@ class _Runner:
         if self._data is None:
             path = self.p.data["path"]
             if path == "sklearn:digits":
-                from featx.demo import write_digits
+                from featx.datasets.digits import write_digits
 
                 self._data = write_digits(self.root / "demo" / "digits")
             else:
