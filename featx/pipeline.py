@@ -17,6 +17,7 @@ import fnmatch
 import itertools
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,8 @@ class Case:
 
     ``stage`` is ``fit``, ``search`` or ``finetune``.  Fit and search cases have a ``variant`` and a ``layer``;
     a fine-tune case has ``candidates``, the cases it may start from (in the file's order, all on one backbone and
-    weights), of which :func:`featx.run.start.choose_start` picks one.  ``labels`` are the values that name the case (and differ between cases).
+    weights), of which :func:`featx.run.start.choose_start` picks one.  ``labels`` are the values that name the case
+    (and differ between cases).
     """
 
     name: str
@@ -366,6 +368,12 @@ def _features(ck: _Checker, value: Any, original: dict | None) -> _Grid:
     return _Grid(variants, layers, extract_opts, named)
 
 
+def _tables(ck: _Checker, value: Any, where: str) -> Iterator[tuple[str, str, dict]]:
+    """The ``[WHERE.NAME]`` tables, in the file's order: NAME, the prefix of their keys, the table."""
+    for group, table in ck.table(value, where).items():
+        yield group, f"{where}.{group}.", ck.table(table, f"{where}.{group}")
+
+
 def _head_kind(ck: _Checker, table: dict, where: str, group: str) -> str:
     """A ``[heads.NAME]`` or ``[search.NAME]`` table's head: its ``kind``, else its name."""
     kind = ck.scalar(table.get("kind", group), f"{where}.{group}.kind", (str,))
@@ -379,9 +387,7 @@ def _head_kind(ck: _Checker, table: dict, where: str, group: str) -> str:
 def _head_cases(ck: _Checker, value: Any, grid: _Grid) -> list[Case]:
     """``[heads.NAME]``: a case per feature set, layer and combination of the table's lists."""
     cases = []
-    for group, table in ck.table(value, "heads").items():
-        prefix = f"heads.{group}."
-        table = ck.table(table, f"heads.{group}")
+    for group, prefix, table in _tables(ck, value, "heads"):
         kind = _head_kind(ck, table, "heads", group)
         g_layers = _sub_layers(ck, table, grid.layers, prefix)
         scales = ck.one_or_list(table.get("scale", "standard"), f"{prefix}scale", (str,),
@@ -405,9 +411,7 @@ def _head_cases(ck: _Checker, value: Any, grid: _Grid) -> list[Case]:
 def _search_cases(ck: _Checker, value: Any, grid: _Grid) -> list[Case]:
     """``[search.NAME]``: a case per feature set and layer."""
     cases = []
-    for group, table in ck.table(value, "search").items():
-        prefix = f"search.{group}."
-        table = ck.table(table, f"search.{group}")
+    for group, prefix, table in _tables(ck, value, "search"):
         ck.known(table, SEARCH_KEYS, prefix)
         kind = _head_kind(ck, table, "search", group)
         opts = {"trials": ck.scalar(table.get("trials", 20), f"{prefix}trials", (int,)),
@@ -429,9 +433,7 @@ def _finetune_cases(ck: _Checker, value: Any, grid: _Grid, sources: list[Case]) 
     """``[finetune.NAME]``: per backbone and weights among the cases ``from`` names (its candidates), a case per
     combination of the table's lists."""
     cases = []
-    for group, table in ck.table(value, "finetune").items():
-        prefix = f"finetune.{group}."
-        table = ck.table(table, f"finetune.{group}")
+    for group, prefix, table in _tables(ck, value, "finetune"):
         ck.known(table, ("from", *FINETUNE_OPTIONS), prefix)
         nets = _candidates(ck, table, prefix, sources)
         opts = {k: ck.one_or_list(v, f"{prefix}{k}", (str, int, float, bool)) for k, v in table.items() if k != "from"}

@@ -36,6 +36,7 @@ def first_run(tmp_path_factory, digits_dir) -> tuple[RunResult, Path]:
     cache = tmp_path_factory.mktemp("run-cache")
     res = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=TINY, cache=cache, device="cpu",
                        progress=False)
+    assert isinstance(res, RunResult)
     return res, cache
 
 
@@ -52,7 +53,7 @@ def check_results(res: RunResult, cases: list[str]) -> None:
     assert Path(ft["model_dir"], "model.pt").exists()
     # the fine-tune started from the case with the best validation accuracy (the first of equals)
     vals = {c: float(r["val_accuracy"]) for c, r in rows.items() if c != "finetune-all"}
-    assert ft["from_case"] == max(vals, key=vals.get)
+    assert ft["from_case"] == max(vals, key=vals.__getitem__)
     assert ft["head_dir"] == rows[ft["from_case"]]["head_dir"]
     data = json.loads((res.path / "results.json").read_text())
     assert [r["case"] for r in data["rows"]] == list(rows)
@@ -296,7 +297,7 @@ def test_dry_run_and_real_run_choose_the_same_start(first_run, digits_dir, tmp_p
     if "val" in split:
         assert rows["finetune-tie"]["from_case"] == "pool5-a"  # equal scores: the first in the file's order
         scored = {c: float(r["val_accuracy"]) for c, r in rows.items() if not c.startswith("finetune")}
-        assert rows["finetune-any"]["from_case"] == max(scored, key=scored.get)
+        assert rows["finetune-any"]["from_case"] == max(scored, key=scored.__getitem__)
     else:  # the search alone has a score: its cross-validation accuracy
         assert rows["finetune-any"]["from_case"] == "pool5-search-logreg"
     for case, r in rows.items():
