@@ -73,7 +73,8 @@ def run_pipeline(pipeline: str | os.PathLike | Pipeline, *, data: str | os.PathL
             ``KEY=VALUE``), as :func:`featx.pipeline.load` does.
         only: a glob (or comma-separated globs) of case names to run; the stages they depend on run too.
         dry_run: compute nothing: read the data, and say per case whether each stage is cached or to compute.
-        cache: cache root. device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, passed to every stage as it is.
+        cache: cache root. device: ``auto``, ``cpu`` or ``cuda`` (as :mod:`featx.devices` reads it), passed to
+            every stage as it is.
         progress: tqdm bars inside stages (default: when stderr is a terminal).
         on_stage: called with ``(event, case, stage)``, ``event`` being ``start`` or ``done``, around every stage
             (tests use it to stop a run at a named point).
