@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=2)
     a = ap.parse_args()
-    from featx.demo import write_digits
+    from featx.datasets.digits import write_digits
 
     work = Path(tempfile.mkdtemp(prefix="featx-bench-torchrun-"))
     data = write_digits(work / "digits", limit=a.images)

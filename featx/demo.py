@@ -1,7 +1,8 @@
 """``featx demo``: the whole pipeline on scikit-learn's 1,797 real handwritten digits, with no download.
 
-The digits (8x8 grey images, 10 classes) are written once as an image folder under the cache; then each stage
-runs on them with the library API, exactly as the commands would, and a short summary is printed to stderr.
+The digits (8x8 grey images, 10 classes) are written once as an image folder under the cache
+(:func:`featx.datasets.digits.write_digits`); then each stage runs on them with the library API, exactly as the
+commands would, and a short summary is printed to stderr.
 """
 from __future__ import annotations
 
@@ -9,35 +10,12 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from featx import interrupt
 from featx.cache import cache_root
+from featx.datasets.digits import write_digits
 from featx.errors import WeightsError
 
 logger = logging.getLogger(__name__)
-
-
-def write_digits(root: str | os.PathLike, *, limit: int | None = None) -> Path:
-    """Write scikit-learn's digits as ``root/<digit>/<index>.png`` (grey, 8x8, intensities scaled to 0-255).
-
-    Idempotent: an existing complete folder is left as it is.
-    """
-    from sklearn.datasets import load_digits
-
-    root = Path(root)
-    digits = load_digits()
-    n = len(digits.images) if limit is None else min(limit, len(digits.images))
-    marker = root / f".complete-{n}"
-    if marker.exists():
-        return root
-    for i in range(n):
-        p = root / str(int(digits.target[i])) / f"digit-{i:04d}.png"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(digits.images[i] * (255.0 / 16.0)).astype(np.uint8), "L").save(p)
-    marker.touch()
-    return root
 
 
 def _say(msg: str) -> None:
@@ -55,23 +33,28 @@ def run_demo(*, weights: str | None = None, cache: str | os.PathLike | None = No
             (with a notice).
         limit: use only the first ``limit`` digits (tests); default all 1,797.
     """
-    from featx.extract import extract
+    from featx.extract import ExtractResult, extract
 
     root = cache_root(cache)
     data = write_digits(root / "demo" / ("digits" if limit is None else f"digits-{limit}"), limit=limit)
-    kw = dict(layers=["pool5"], split="test=0.15,val=0.1", seed=0, cache=root, device=device)
+
+    def features(w: str) -> ExtractResult:
+        res = extract(data, layers=["pool5"], weights=w, split="test=0.15,val=0.1", seed=0, cache=root, device=device)
+        assert isinstance(res, ExtractResult)  # (a StagePlan only when asked for one)
+        return res
+
     if weights is None:
         try:
-            res = extract(data, weights="imagenet", **kw)
+            res = features("imagenet")
             weights = "imagenet"
         except WeightsError as e:
             _say(f"featx demo: notice: ImageNet weights are not available here ({e}).")
             _say("featx demo: notice: using seeded RANDOM weights instead: the accuracies below show the pipeline "
                  "working, not what pretrained features reach.")
             weights = "random"
-            res = extract(data, weights="random", **kw)
+            res = features("random")
     else:
-        res = extract(data, weights=weights, **kw)
+        res = features(weights)
     m = res.manifest
     lines = [
         "",
@@ -97,12 +80,13 @@ def run_demo(*, weights: str | None = None, cache: str | os.PathLike | None = No
 
 
 def _fit_heads(features: Path, root: Path, device: str, lines: list[str]) -> dict[str, Path]:
-    from featx.fit import fit_head
+    from featx.fit import FitResult, fit_head
 
     out = {}
     for kind, params in (("svm", {"C": 0.01}), ("logreg", {"C": 1.0}), ("mlp", {"hidden": 256, "epochs": 30})):
         interrupt.check("demo.stage")
         r = fit_head(features, kind, params=params, cache=root, device=device)
+        assert isinstance(r, FitResult)
         out[kind] = r.path
         m = r.metrics
         lines.append(f"  fit {kind:<6} test accuracy {m['test_accuracy']:.3f} (train {m['train_accuracy']:.3f}, "
@@ -122,10 +106,11 @@ def _search(features: Path, root: Path, device: str, lines: list[str]) -> Path:
 
 
 def _finetune_and_predict(head: Path, root: Path, device: str, lines: list[str], data: Path) -> Path:
-    from featx.finetune import finetune
+    from featx.finetune import FinetuneResult, finetune
     from featx.predict import predict
 
     r = finetune(head, epochs=1, unfreeze="all", lr=1e-3, cache=root, device=device)
+    assert isinstance(r, FinetuneResult)
     m = r.metrics
     lines.append(f"  finetune  1 epoch from the best searched head, all layers: test accuracy "
                  f"{m['initial_test_accuracy']:.3f} before, {m['test_accuracy']:.3f} after")

@@ -17,6 +17,7 @@ import fnmatch
 import itertools
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,9 @@ class Case:
     """One row of the results: a head fitted, a search run, or a fine-tune, with everything that defines it.
 
     ``stage`` is ``fit``, ``search`` or ``finetune``.  Fit and search cases have a ``variant`` and a ``layer``;
-    a fine-tune case has ``candidates``, the cases whose best (by validation accuracy) it starts from, all on one
-    backbone and weights.  ``labels`` are the values that name the case (and differ between cases).
+    a fine-tune case has ``candidates``, the cases it may start from (in the file's order, all on one backbone and
+    weights), of which :func:`featx.run.start.choose_start` picks one.  ``labels`` are the values that name the case
+    (and differ between cases).
     """
 
     name: str
@@ -184,7 +186,8 @@ def read(path: str | os.PathLike) -> dict:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise PipelineError(f"pipeline {str(path)!r} does not exist: give a .toml file such as pipelines/digits.toml") from None
+        raise PipelineError(f"pipeline {str(path)!r} does not exist: give a .toml file such as "
+                            f"pipelines/digits.toml") from None
     except (OSError, UnicodeDecodeError) as e:
         raise PipelineError(f"cannot read pipeline {str(path)!r}: {e}") from None
     try:
@@ -290,20 +293,35 @@ def _typename(types: tuple[type, ...]) -> str:
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
+TOP_KEYS = ("name", "description", "data", "features", "heads", "search", "finetune", "reference")
+
+
 def expand(raw: dict, *, name: str = "pipeline", file: Path | None = None, original: dict | None = None) -> Pipeline:
     """Check a pipeline's mapping and expand its grid into cases (see the module's docstring for the rule).
 
     ``original``: the mapping before command-line replacements; a value that varies in either one names cases,
     so that ``--weights random`` on a file that compares two weights keeps the names its ``from`` patterns use.
+
+    Raises:
+        PipelineError: the first key that is wrong, in the file's order of tables.
     """
     ck = _Checker(file.name if file is not None else name)
     ck.table(raw, "(top level)")
-    ck.known(raw, ("name", "description", "data", "features", "heads", "search", "finetune", "reference"), "")
+    ck.known(raw, TOP_KEYS, "")
     title = ck.scalar(raw.get("name", name), "name", (str,))
     ck.scalar(raw.get("description", ""), "description", (str,))
+    data = _data(ck, raw.get("data", {}))
+    grid = _features(ck, raw.get("features", {}), original)
+    cases = _head_cases(ck, raw.get("heads", {}), grid) + _search_cases(ck, raw.get("search", {}), grid)
+    cases += _finetune_cases(ck, raw.get("finetune", {}), grid, cases)
+    _check_names(ck, cases)
+    refs = _references(ck, raw.get("reference", []))
+    return Pipeline(title, file, data, grid.variants, tuple(grid.layers), grid.extract, tuple(cases), refs, raw)
 
-    # [data]
-    data = ck.table(raw.get("data", {}), "data")
+
+def _data(ck: _Checker, value: Any) -> dict[str, Any]:
+    """``[data]``: path, layout, split, seed."""
+    data = ck.table(value, "data")
     ck.known(data, ("path", "layout", "split", "seed"), "data.")
     if "path" not in data:
         raise ck.fail("data.path", "missing: give the data's folder or CSV file here or with --data PATH")
@@ -313,17 +331,30 @@ def expand(raw: dict, *, name: str = "pipeline", file: Path | None = None, origi
          "seed": ck.scalar(data.get("seed", 0), "data.seed", (int,))}
     if d["path"].startswith("sklearn:") and d["path"] not in BUILTIN_DATA:
         raise ck.fail("data.path", f"{d['path']!r}: the built-in data sets are {', '.join(BUILTIN_DATA)}")
+    return d
 
-    # [features]
-    feats = ck.table(raw.get("features", {}), "features")
+
+@dataclass(frozen=True)
+class _Grid:
+    """``[features]`` read: the feature sets, the layers extracted into each, the extraction's options, and the
+    feature values that name cases (those that vary in the file or after the command line's replacements)."""
+
+    variants: tuple[Variant, ...]
+    layers: list[str]
+    extract: dict[str, Any]
+    named: list[str]
+
+    def label(self, v: Variant) -> dict[str, Any]:
+        return {k: v.values()[k] for k in self.named}
+
+
+def _features(ck: _Checker, value: Any, original: dict | None) -> _Grid:
+    feats = ck.table(value, "features")
     ck.known(feats, (*FEATURE_GRID, "layers", "batch_size", "amp"), "features.")
-    grid = {
-        "backbone": ck.one_or_list(feats.get("backbone", FEATURE_DEFAULTS["backbone"]), "features.backbone", (str,)),
-        "weights": ck.one_or_list(feats.get("weights", FEATURE_DEFAULTS["weights"]), "features.weights", (str,)),
-        "views": ck.one_or_list(feats.get("views", FEATURE_DEFAULTS["views"]), "features.views", (int,), choices=VIEWS),
-        "normalize": ck.one_or_list(feats.get("normalize", FEATURE_DEFAULTS["normalize"]), "features.normalize",
-                                    (str,), choices=NORMALIZE),
-    }
+    types: dict[str, tuple[type, ...]] = {"backbone": (str,), "weights": (str,), "views": (int,), "normalize": (str,)}
+    choices: dict[str, tuple | None] = {"backbone": None, "weights": None, "views": VIEWS, "normalize": NORMALIZE}
+    grid = {k: ck.one_or_list(feats.get(k, FEATURE_DEFAULTS[k]), f"features.{k}", types[k], choices=choices[k])
+            for k in FEATURE_GRID}
     layers = ck.one_or_list(feats.get("layers", "pool5"), "features.layers", (str,))
     _check_backbones(ck, grid["backbone"], layers)
     extract_opts = {"batch_size": ck.scalar(feats.get("batch_size", 64), "features.batch_size", (int,)),
@@ -331,24 +362,34 @@ def expand(raw: dict, *, name: str = "pipeline", file: Path | None = None, origi
     if extract_opts["batch_size"] < 1:
         raise ck.fail("features.batch_size", f"{extract_opts['batch_size']} is not a positive number of images")
     variants = tuple(Variant(*combo) for combo in itertools.product(*(grid[k] for k in FEATURE_GRID)))
-    orig_feats = (original or {}).get("features", {}) if isinstance((original or {}).get("features"), dict) else {}
-    named_dims = [k for k in FEATURE_GRID if len(grid[k]) > 1 or _n_values(orig_feats.get(k)) > 1]
+    orig = (original or {}).get("features")
+    orig_feats = orig if isinstance(orig, dict) else {}
+    named = [k for k in FEATURE_GRID if len(grid[k]) > 1 or _n_values(orig_feats.get(k)) > 1]
+    return _Grid(variants, layers, extract_opts, named)
 
-    def variant_label(v: Variant) -> dict[str, Any]:
-        return {k: v.values()[k] for k in named_dims}
 
-    cases: list[Case] = []
-    # [heads.NAME]
-    heads = ck.table(raw.get("heads", {}), "heads")
-    for group, table in heads.items():
-        prefix = f"heads.{group}."
-        table = ck.table(table, f"heads.{group}")
-        kind = ck.scalar(table.get("kind", group), f"{prefix}kind", (str,))
-        if kind not in HEAD_KINDS:
-            raise ck.fail(f"{prefix}kind" if "kind" in table else f"heads.{group}",
-                          f"{kind!r} is not a head: name the table after one of {', '.join(HEAD_KINDS)} or set "
-                          f"kind = \"svm\" (or logreg, mlp)")
-        g_layers = _sub_layers(ck, table, layers, prefix)
+def _tables(ck: _Checker, value: Any, where: str) -> Iterator[tuple[str, str, dict]]:
+    """The ``[WHERE.NAME]`` tables, in the file's order: NAME, the prefix of their keys, the table."""
+    for group, table in ck.table(value, where).items():
+        yield group, f"{where}.{group}.", ck.table(table, f"{where}.{group}")
+
+
+def _head_kind(ck: _Checker, table: dict, where: str, group: str) -> str:
+    """A ``[heads.NAME]`` or ``[search.NAME]`` table's head: its ``kind``, else its name."""
+    kind = ck.scalar(table.get("kind", group), f"{where}.{group}.kind", (str,))
+    if kind not in HEAD_KINDS:
+        hint = "kind = \"svm\" (or logreg, mlp)" if where == "heads" else "kind"
+        raise ck.fail(f"{where}.{group}.kind" if "kind" in table else f"{where}.{group}",
+                      f"{kind!r} is not a head: name the table after one of {', '.join(HEAD_KINDS)} or set {hint}")
+    return kind
+
+
+def _head_cases(ck: _Checker, value: Any, grid: _Grid) -> list[Case]:
+    """``[heads.NAME]``: a case per feature set, layer and combination of the table's lists."""
+    cases = []
+    for group, prefix, table in _tables(ck, value, "heads"):
+        kind = _head_kind(ck, table, "heads", group)
+        g_layers = _sub_layers(ck, table, grid.layers, prefix)
         scales = ck.one_or_list(table.get("scale", "standard"), f"{prefix}scale", (str,),
                                 choices=("standard", "l2", "none"))
         params = {k: ck.one_or_list(v, f"{prefix}{k}", (str, int, float, bool))
@@ -356,76 +397,88 @@ def expand(raw: dict, *, name: str = "pipeline", file: Path | None = None, origi
         _check_head_params(ck, kind, params, prefix)
         axes = {"scale": scales, **params}
         varying = [k for k, vs in axes.items() if len(vs) > 1]
-        for v in variants:
+        for v in grid.variants:
             for layer in g_layers:
                 for combo in itertools.product(*axes.values()):
                     vals = dict(zip(axes, combo))
                     scale = vals.pop("scale")
-                    label = {**variant_label(v), "layer": layer, "group": group,
+                    label = {**grid.label(v), "layer": layer, "group": group,
                              **{k: (scale if k == "scale" else vals[k]) for k in varying}}
                     cases.append(Case(_name(label), "fit", group, v, layer, kind, vals, scale, labels=label))
+    return cases
 
-    # [search.NAME]
-    searches = ck.table(raw.get("search", {}), "search")
-    for group, table in searches.items():
-        prefix = f"search.{group}."
-        table = ck.table(table, f"search.{group}")
+
+def _search_cases(ck: _Checker, value: Any, grid: _Grid) -> list[Case]:
+    """``[search.NAME]``: a case per feature set and layer."""
+    cases = []
+    for group, prefix, table in _tables(ck, value, "search"):
         ck.known(table, SEARCH_KEYS, prefix)
-        kind = ck.scalar(table.get("kind", group), f"{prefix}kind", (str,))
-        if kind not in HEAD_KINDS:
-            raise ck.fail(f"{prefix}kind" if "kind" in table else f"search.{group}",
-                          f"{kind!r} is not a head: name the table after one of {', '.join(HEAD_KINDS)} or set kind")
+        kind = _head_kind(ck, table, "search", group)
         opts = {"trials": ck.scalar(table.get("trials", 20), f"{prefix}trials", (int,)),
-                "sampler": ck.scalar(table.get("sampler", "tpe"), f"{prefix}sampler", (str,), choices=("tpe", "random")),
+                "sampler": ck.scalar(table.get("sampler", "tpe"), f"{prefix}sampler", (str,),
+                                     choices=("tpe", "random")),
                 "cv": ck.scalar(table.get("cv", 3), f"{prefix}cv", (int,))}
         if opts["trials"] < 1:
             raise ck.fail(f"{prefix}trials", f"{opts['trials']}: a search needs at least 1 trial")
         if opts["cv"] < 2:
             raise ck.fail(f"{prefix}cv", f"{opts['cv']}: cross-validation needs at least 2 folds")
-        for v in variants:
-            for layer in _sub_layers(ck, table, layers, prefix):
-                label = {**variant_label(v), "layer": layer, "group": f"search-{group}"}
+        for v in grid.variants:
+            for layer in _sub_layers(ck, table, grid.layers, prefix):
+                label = {**grid.label(v), "layer": layer, "group": f"search-{group}"}
                 cases.append(Case(_name(label), "search", f"search.{group}", v, layer, kind, opts, labels=label))
+    return cases
 
-    # [finetune.NAME]
-    fts = ck.table(raw.get("finetune", {}), "finetune")
-    sources = list(cases)
-    for group, table in fts.items():
-        prefix = f"finetune.{group}."
-        table = ck.table(table, f"finetune.{group}")
+
+def _finetune_cases(ck: _Checker, value: Any, grid: _Grid, sources: list[Case]) -> list[Case]:
+    """``[finetune.NAME]``: per backbone and weights among the cases ``from`` names (its candidates), a case per
+    combination of the table's lists."""
+    cases = []
+    for group, prefix, table in _tables(ck, value, "finetune"):
         ck.known(table, ("from", *FINETUNE_OPTIONS), prefix)
-        pats = ck.one_or_list(table.get("from", "*"), f"{prefix}from", (str,))
-        matched = [c for c in sources if any(fnmatch.fnmatchcase(c.name, p) or c.group in (p, f"search.{p}")
-                                             or p == f"heads.{c.group}" for p in pats)]
-        if not matched:
-            raise ck.fail(f"{prefix}from", f"{', '.join(map(repr, pats))} matches no head or search case; the cases "
-                                           f"are: {', '.join(c.name for c in sources) or '(none)'}")
+        nets = _candidates(ck, table, prefix, sources)
         opts = {k: ck.one_or_list(v, f"{prefix}{k}", (str, int, float, bool)) for k, v in table.items() if k != "from"}
         varying = [k for k, vs in opts.items() if len(vs) > 1]
-        nets: dict[tuple[str, str], list[Case]] = {}
-        for c in matched:
-            nets.setdefault((c.variant.backbone, c.variant.weights), []).append(c)
         for (bb, w), cands in nets.items():
             for combo in itertools.product(*opts.values()):
                 vals = dict(zip(opts, combo))
-                label = {**{k: {"backbone": bb, "weights": w}[k] for k in named_dims if k in ("backbone", "weights")},
+                label = {**{k: {"backbone": bb, "weights": w}[k] for k in grid.named if k in ("backbone", "weights")},
                          "group": f"finetune-{group}", **{k: vals[k] for k in varying}}
                 cases.append(Case(_name(label), "finetune", f"finetune.{group}", None, None, None, vals,
                                   candidates=tuple(c.name for c in cands),
                                   labels={**label, "backbone": bb, "weights": w}))
+    return cases
+
+
+def _candidates(ck: _Checker, table: dict, prefix: str, sources: list[Case]) -> dict[tuple[str, str], list[Case]]:
+    """The head and search cases a fine-tune's ``from`` names (globs of case names, or group names), in the file's
+    order, by backbone and weights."""
+    pats = ck.one_or_list(table.get("from", "*"), f"{prefix}from", (str,))
+    matched = [c for c in sources if any(fnmatch.fnmatchcase(c.name, p) or c.group in (p, f"search.{p}")
+                                         or p == f"heads.{c.group}" for p in pats)]
+    if not matched:
+        raise ck.fail(f"{prefix}from", f"{', '.join(map(repr, pats))} matches no head or search case; the cases "
+                                       f"are: {', '.join(c.name for c in sources) or '(none)'}")
+    nets: dict[tuple[str, str], list[Case]] = {}
+    for c in matched:
+        assert c.variant is not None  # head and search cases have a feature set
+        nets.setdefault((c.variant.backbone, c.variant.weights), []).append(c)
+    return nets
+
+
+def _check_names(ck: _Checker, cases: list[Case]) -> None:
     if not cases:
         raise ck.fail("heads", "the pipeline has no case: add a [heads.svm] (or logreg, mlp) table, a [search.NAME] "
                                "or a [finetune.NAME]")
-    seen: dict[str, Case] = {}
+    seen: set[str] = set()
     for c in cases:
         if c.name in seen:
             raise ck.fail(c.group, f"two cases are both named {c.name!r}: give the groups different names")
-        seen[c.name] = c
+        seen.add(c.name)
 
-    # [[reference]]
-    refs_raw = raw.get("reference", [])
-    if isinstance(refs_raw, dict):
-        refs_raw = [refs_raw]
+
+def _references(ck: _Checker, value: Any) -> tuple[Reference, ...]:
+    """``[[reference]]``: each with its case globs, accuracy (a fraction), source and note."""
+    refs_raw = [value] if isinstance(value, dict) else value
     if not isinstance(refs_raw, list):
         raise ck.fail("reference", "must be [[reference]] tables, each with accuracy and source")
     refs = []
@@ -442,7 +495,7 @@ def expand(raw: dict, *, name: str = "pipeline", file: Path | None = None, origi
         refs.append(Reference(tuple(ck.one_or_list(r.get("cases", "*"), f"{key}.cases", (str,))), float(acc),
                               ck.scalar(r["source"], f"{key}.source", (str,)),
                               ck.scalar(r.get("note", ""), f"{key}.note", (str,))))
-    return Pipeline(title, file, d, variants, tuple(layers), extract_opts, tuple(cases), tuple(refs), raw)
+    return tuple(refs)
 
 
 def _n_values(v: Any) -> int:
@@ -479,7 +532,8 @@ def _check_backbones(ck: _Checker, backbones: list[str], layers: list[str]) -> N
             raise ck.fail("features.backbone", f"{b!r} is not a backbone: use one of {', '.join(sorted(BACKBONES))}")
         bad = [l for l in layers if l not in spec.dims]
         if bad:
-            raise ck.fail("features.layers", f"{bad[0]!r} is not a layer of {b}: its layers are {', '.join(spec.layers)}")
+            raise ck.fail("features.layers",
+                          f"{bad[0]!r} is not a layer of {b}: its layers are {', '.join(spec.layers)}")
 
 
 def _fmt(v: Any) -> str:

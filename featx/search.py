@@ -505,3 +505,42 @@ def _search_plots(study, out: Path) -> None:
             plt.close(fig)
         except Exception as e:  # e.g. importances need two finished trials with varying parameters
             logger.info("no %s: %s", name, str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+
+
+# ------------------------------------------------------------------------------------------------ studies by name
+
+def finished_trials(storage: str, study: str) -> tuple[int, int] | None:
+    """How far the study named ``study`` in ``storage`` got: ``(finished, total)`` trials, or None when there is no
+    such study.
+
+    A finished trial is complete, pruned, or failed for a reason of its own; a trial failed by an interruption
+    (``fail_reason`` ``interrupted``) is not finished: a rerun would evaluate it again.
+
+    Example:
+        >>> finished_trials(default_storage("cache"), "featx-logreg-pool5-0123456789ab")  # doctest: +SKIP
+        (8, 8)
+    """
+    import optuna
+
+    try:
+        st = optuna.load_study(study_name=study, storage=open_storage(storage))
+    except KeyError:  # no study of that name
+        return None
+    S = optuna.trial.TrialState
+    done = sum(t.state in (S.COMPLETE, S.PRUNED)
+               or (t.state == S.FAIL and t.user_attrs.get("fail_reason") != "interrupted") for t in st.trials)
+    return done, len(st.trials)
+
+
+def delete_study(storage: str, study: str) -> None:
+    """Delete the study named ``study`` and its trials from ``storage``, so that a search of that name starts
+    afresh; nothing when there is no such study."""
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=study, storage=open_storage(storage))
+    except KeyError:  # no study of that name
+        pass
+
+
+__all__ += ["finished_trials", "delete_study"]

@@ -27,7 +27,7 @@ def _seeds_fixed(monkeypatch, tmp_path):
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """60 real handwritten digits (10 classes), as an image folder."""
-    from featx.demo import write_digits
+    from featx.datasets.digits import write_digits
 
     return write_digits(tmp_path_factory.mktemp("digits") / "digits", limit=60)
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featx.demo import run_demo, write_digits
+from featx.datasets.digits import write_digits
+from featx.demo import run_demo
 
 
 def test_write_digits_is_real_and_idempotent(tmp_path):

@@ -110,7 +110,7 @@ def _same_rows(a: Path, b: Path, layers=("pool5",)) -> None:
 @pytest.fixture(scope="module")
 def data20(tmp_path_factory):
     """20 real digits (10 classes): 4 shards of 5 images."""
-    from featx.demo import write_digits
+    from featx.datasets.digits import write_digits
 
     return write_digits(tmp_path_factory.mktemp("d20") / "digits", limit=20)
 

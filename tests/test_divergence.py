@@ -31,7 +31,7 @@ DEMO_C = 75.0
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """30 digits of 3 classes (18 train, 6 val, 6 test), random weights, pool5 and fc7."""
-    from featx.demo import write_digits
+    from featx.datasets.digits import write_digits
 
     root = tmp_path_factory.mktemp("div")
     full = write_digits(root / "all", limit=150)

@@ -60,7 +60,8 @@ def test_feature_grid_names_only_what_varies_and_finetune_per_network(tmp_path):
 
 
 def test_names_are_stable_when_an_override_collapses_a_compared_value(tmp_path):
-    f = write(tmp_path, BASE.replace('layers = ["pool5", "fc7"]', 'layers = ["pool5"]\nweights = ["imagenet", "random"]'))
+    f = write(tmp_path, BASE.replace('layers = ["pool5", "fc7"]',
+                                     'layers = ["pool5"]\nweights = ["imagenet", "random"]'))
     assert "random-pool5-mlp" in [c.name for c in load(f).cases]
     # --weights replaces every backbone's weights: the cases keep their names (what `from` patterns rely on)
     assert [c.name for c in load(f, weights="random").cases if c.kind == "mlp"] == ["random-pool5-mlp"]

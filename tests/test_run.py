@@ -36,6 +36,7 @@ def first_run(tmp_path_factory, digits_dir) -> tuple[RunResult, Path]:
     cache = tmp_path_factory.mktemp("run-cache")
     res = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=TINY, cache=cache, device="cpu",
                        progress=False)
+    assert isinstance(res, RunResult)
     return res, cache
 
 
@@ -52,7 +53,7 @@ def check_results(res: RunResult, cases: list[str]) -> None:
     assert Path(ft["model_dir"], "model.pt").exists()
     # the fine-tune started from the case with the best validation accuracy (the first of equals)
     vals = {c: float(r["val_accuracy"]) for c, r in rows.items() if c != "finetune-all"}
-    assert ft["from_case"] == max(vals, key=vals.get)
+    assert ft["from_case"] == max(vals, key=vals.__getitem__)
     assert ft["head_dir"] == rows[ft["from_case"]]["head_dir"]
     data = json.loads((res.path / "results.json").read_text())
     assert [r["case"] for r in data["rows"]] == list(rows)
@@ -221,3 +222,104 @@ def test_missing_data_is_one_error_before_any_case(tmp_path):
     with pytest.raises(DataError, match="data.path .* does not exist.*--data"):
         run_pipeline(DIGITS, data=tmp_path / "nowhere", weights="random", cache=tmp_path)
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------ the start of a fine-tune
+
+def test_choose_start_rule():
+    """The best validation score; the first of equals; a lone case needs none; several without one: one error."""
+    from featx.run import NoStart, choose_start, start_score
+
+    assert choose_start([("a", 0.5), ("b", 0.7), ("c", 0.6)]) == "b"
+    assert choose_start([("a", 0.7), ("b", 0.7)]) == "a" and choose_start([("b", 0.7), ("a", 0.7)]) == "b"
+    assert choose_start([("a", None), ("b", 0.1)]) == "b"  # among several, a case without a score is never chosen
+    assert choose_start([("a", None)]) == "a"  # nothing to choose between
+    with pytest.raises(NoStart, match=r"^cannot choose among a, b: none has a validation accuracy .*data.split"):
+        choose_start([("a", None), ("b", None)])
+    with pytest.raises(NoStart, match=r"^no head to start from: a, b all failed$"):
+        choose_start([], failed=["a", "b"])
+    assert start_score({"val_accuracy": 0.8, "search": {"best_value": 0.9}}) == 0.8  # the val split first
+    assert start_score({"search": {"best_value": 0.9}}) == 0.9  # a search without one: its CV accuracy
+    assert start_score({"test_accuracy": 0.99}) is None  # the test rows never choose
+    assert start_score({"val_accuracy": float("nan")}) is None
+
+
+START_PIPELINE = """
+name = "start"
+[data]
+path = "{data}"
+split = "{split}"
+[features]
+weights = "random"
+layers = ["pool5"]
+[heads.a]
+kind = "logreg"
+C = 1.0
+[heads.b]                 # the same head as a: equal validation accuracies
+kind = "logreg"
+C = 1.0
+[heads.svm]
+C = 0.01
+[search.logreg]
+trials = 2
+cv = 2
+[finetune.tie]
+from = ["b", "a"]
+epochs = 1
+unfreeze = "head"
+[finetune.any]
+epochs = 1
+unfreeze = "head"
+[finetune.fits]
+from = ["a", "svm"]
+epochs = 1
+unfreeze = "head"
+"""
+
+
+@pytest.mark.parametrize("split", ["test=0.15,val=0.1", "test=0.2"])
+def test_dry_run_and_real_run_choose_the_same_start(first_run, digits_dir, tmp_path, split):
+    """With a val split and without one (only the search has a score then: its cross-validation accuracy), the
+    dry run names the start the real run took, or fails it with the same line."""
+    file = tmp_path / "start.toml"
+    file.write_text(START_PIPELINE.format(data=digits_dir, split=split))
+    cache = first_run[1] if "val" in split else tmp_path / "cache"  # (with a val split: the features are there)
+    res = run_pipeline(file, cache=cache, device="cpu", progress=False)
+    rows = {r["case"]: r for r in res.rows}
+    plan = run_pipeline(file, cache=cache, device="cpu", dry_run=True)
+    failing = set() if "val" in split else {"finetune-tie", "finetune-fits"}  # no case with a score to choose
+    for case, st in plan.cases.items():  # the run made everything: the dry run finds it all in the cache
+        assert all(st[s].startswith("error: " if case in failing else "cached") for s in STAGES if s in st), st
+    assert set(res.failed) == failing
+    for case in failing:
+        assert rows[case]["error"].startswith(f"cannot choose among {plan.cases[case]['heads']}: none has a val")
+        assert plan.cases[case]["finetune"] == f"error: {rows[case]['error']}"  # the same line
+    if "val" in split:
+        assert rows["finetune-tie"]["from_case"] == "pool5-a"  # equal scores: the first in the file's order
+        scored = {c: float(r["val_accuracy"]) for c, r in rows.items() if not c.startswith("finetune")}
+        assert rows["finetune-any"]["from_case"] == max(scored, key=scored.__getitem__)
+    else:  # the search alone has a score: its cross-validation accuracy
+        assert rows["finetune-any"]["from_case"] == "pool5-search-logreg"
+    for case, r in rows.items():
+        if case.startswith("finetune") and case not in failing:
+            assert plan.cases[case]["from"] == r["from_case"], case
+
+
+def test_search_restarts_an_unfinished_study_through_search_api(tmp_path):
+    """What run needs from featx.search: how far a named study got, and starting it afresh."""
+    import optuna
+
+    from featx.search import delete_study, finished_trials, open_storage
+
+    storage = str(tmp_path / "studies.journal")
+    assert finished_trials(storage, "s") is None
+    study = optuna.create_study(study_name="s", storage=open_storage(storage))
+    study.add_trial(optuna.trial.create_trial(value=0.5, params={}, distributions={}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={}, distributions={}))
+    for reason in ("interrupted", "diverged"):
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={}, distributions={},
+                                                  user_attrs={"fail_reason": reason}))
+    assert finished_trials(storage, "s") == (3, 4)  # the interrupted one is not finished
+    delete_study(storage, "s")
+    assert finished_trials(storage, "s") is None
+    delete_study(storage, "s")  # no such study: nothing to do

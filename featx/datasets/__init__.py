@@ -5,7 +5,8 @@ split folders, or a CSV file) and returns an :class:`ImageDataset`.  The modules
 fingerprints), :mod:`.folder` (the generic layouts), :mod:`.splits` (``--split``), :mod:`.images` (safe
 decoding), :mod:`.layouts` (detection, ``--layout`` and the registry of readers), and one reader per published
 dataset: :mod:`.oxford_pets`, :mod:`.caltech` (101 and 256), :mod:`.tiny_imagenet`, :mod:`.stanford_dogs`,
-:mod:`.dogs_vs_cats`, :mod:`.flowers102` (docs/datasets.md).
+:mod:`.dogs_vs_cats`, :mod:`.flowers102` (docs/datasets.md); and :mod:`.digits`, which writes scikit-learn's
+digits as a class folder.
 """
 from __future__ import annotations
 
