@@ -16,6 +16,7 @@ def backbone_rows(names: list[str] | None = None) -> list[dict]:
         t = w.transforms()
         metrics = w.meta.get("_metrics", {}).get("ImageNet-1K", {})
         rows.append({"name": name, "default_layer": spec.default_layer, "dim": int(spec.dims[spec.default_layer]),
+                     "penultimate": int(spec.dims["penultimate"]),
                      "named_layers": list(spec.named), "weights": spec.weights,
                      "acc1": metrics.get("acc@1"), "acc5": metrics.get("acc@5"),
                      "params": w.meta.get("num_params"), "resize": int(t.resize_size[0]), "crop": int(t.crop_size[0]),
@@ -25,9 +26,10 @@ def backbone_rows(names: list[str] | None = None) -> list[dict]:
 
 def format_rows(rows: list[dict], *, markdown: bool = False) -> str:
     """The rows as an aligned text table, or as a Markdown table (``markdown``)."""
-    head = ["backbone", "default layer", "width", "named layers", "weights", "ImageNet top-1", "top-5", "params",
-            "input"]
-    body = [[r["name"], r["default_layer"], str(r["dim"]), ", ".join(r["named_layers"]) or "-", r["weights"],
+    head = ["backbone", "default layer", "width", "penultimate", "named layers", "weights", "ImageNet top-1", "top-5",
+            "params", "input"]
+    body = [[r["name"], r["default_layer"], str(r["dim"]), str(r["penultimate"]), ", ".join(r["named_layers"]) or "-",
+             r["weights"],
              f"{r['acc1']:.3f}" if r["acc1"] is not None else "-", f"{r['acc5']:.3f}" if r["acc5"] is not None else "-",
              f"{r['params'] / 1e6:.1f}M" if r["params"] else "-",
              f"{r['resize']}/{r['crop']} {r['interpolation']}"] for r in rows]
