@@ -48,12 +48,11 @@ from featx.cache import (
     atomic_write_json,
     cache_root,
     hash_key,
-    read_json,
-    seal_ok,
+    read_sealed_json,
     write_command,
 )
 from featx.devices import resolve_device_type
-from featx.errors import UsageError
+from featx.errors import IntegrityError, UsageError
 from featx.fit import Rows, Scaler, confusion, make_head, open_rows, source_identity
 
 logger = logging.getLogger(__name__)
@@ -273,10 +272,9 @@ def _draw(out: Path, problem: _Problem, k: int, r: int, pos: np.ndarray | None, 
     """One draw (``k = 0``: every train row), read back when a previous run finished it, else fitted and written."""
     path = out / "draws" / (f"k{k:04d}-d{r:04d}.json" if k else "full.json")
     rows = [] if pos is None else problem.train_rows[pos].tolist()
-    saved = read_json(path)
-    if isinstance(saved, dict) and seal_ok(saved) and saved.get("k") == k and saved.get("draw") == r \
-            and saved.get("train_rows") == rows:
-        return {**_unsealed(saved), "_fitted": 0}
+    saved = _read_sealed(path)
+    if saved is not None and saved.get("k") == k and saved.get("draw") == r and saved.get("train_rows") == rows:
+        return {**saved, "_fitted": 0}
     interrupt.check("fewshot.draw")  # between draws: a stop keeps every finished one
     state = int(np.random.SeedSequence([seed, k, r]).generate_state(1)[0])
     rec = {"k": k, "draw": r, **problem.score(pos, state), "train_rows": rows}
@@ -318,13 +316,18 @@ def _write_outputs(out: Path, summary: dict, records: list[dict]) -> None:
 
 def _finished(out: Path) -> dict | None:
     """The summary of a complete directory (sealed summary, CSV and plot present), else None."""
-    s = read_json(out / "summary.json")
-    if isinstance(s, dict) and seal_ok(s) and (out / "fewshot.csv").is_file() and (out / "fewshot.png").is_file():
-        return _unsealed(s)
-    return None
+    s = _read_sealed(out / "summary.json")
+    return s if s is not None and (out / "fewshot.csv").is_file() and (out / "fewshot.png").is_file() else None
 
 
-def _unsealed(obj: dict) -> dict:
+def _read_sealed(path: Path) -> dict | None:
+    """A sealed record without its digest; None when missing, damaged, edited or unsealed (then made again)."""
+    try:
+        obj = read_sealed_json(path)
+    except IntegrityError:
+        return None
+    if obj is None or DIGEST_FIELD not in obj:
+        return None
     return {k: v for k, v in obj.items() if k != DIGEST_FIELD}
 
 
@@ -332,9 +335,9 @@ def _read_draws(out: Path, summary: dict) -> list[dict]:
     recs = []
     for k in summary["shots"]:
         for r in range(summary["draws"]):
-            rec = read_json(out / "draws" / f"k{k:04d}-d{r:04d}.json")
-            if isinstance(rec, dict):
-                recs.append(_unsealed(rec))
+            rec = _read_sealed(out / "draws" / f"k{k:04d}-d{r:04d}.json")
+            if rec is not None:
+                recs.append(rec)
     return recs
 
 

@@ -109,6 +109,18 @@ def test_a_stopped_run_keeps_its_draws_and_ends_equal(digits_features, tmp_path)
     assert whole.summary["full"] == summary["full"]
 
 
+def test_an_edited_draw_is_fitted_again(digits_features, tmp_path):
+    kw = dict(shots="1,2", draws=2, layer=LAYER, cache=tmp_path)
+    first = fewshot(digits_features, **kw)
+    draw = first.path / "draws" / "k0002-d0001.json"
+    rec = json.loads(draw.read_text())
+    draw.write_text(json.dumps({**rec, "accuracy": 1.0}))  # its digest no longer matches
+    (first.path / "summary.json").unlink()
+    again = fewshot(digits_features, **kw)
+    assert again.computed and again.summary["timings"]["fits_now"] == 1
+    assert again.summary["per_k"] == first.summary["per_k"]
+
+
 def test_never_opens_an_image(digits_features, tmp_path, monkeypatch):
     import PIL.Image
 
