@@ -398,6 +398,35 @@ def test_featx_backbones_lists_layers_and_widths():
 
 
 @pytest.mark.slow
+def test_a_head_on_a_graph_layer_becomes_a_network(digits_dir, tmp_path):
+    """The network a head on a graph node becomes (fine-tuning, predict) gives the feature set's rows and the
+    head's predictions, and a saved model of it loads back."""
+    from featx.extract import extract
+    from featx.finetune import finetune
+    from featx.fit import fit_head, load_fitted
+    from featx.model import build_from_head, load_model
+    from featx.store import FeatureSet
+
+    layer = "layer4.0.relu_1"
+    feats = extract(digits_dir, layers=[layer], backbone="resnet18", weights="random", seed=0, split="test=0.3",
+                    cache=tmp_path, workers=0)
+    head = fit_head(feats.path, "logreg", layer=layer, cache=tmp_path)
+    hm = build_from_head(head.path)
+    fs = FeatureSet(feats.path)
+    paths, X = fs.column("path", "test")[:4], fs.load(layer, "test")[:4]
+    x = torch.stack([hm.preprocess.transform(open_rgb(digits_dir / p)) for p in paths])
+    with torch.inference_mode():
+        got, logits = hm.net.backbone(x), hm.net(x)
+    assert _rel_err(got, torch.from_numpy(X)) <= 1e-4
+    fh = load_fitted(head.path)
+    expected = fh.estimator.predict(fh.scaler.transform_(X.copy()))
+    assert np.array_equal(np.asarray(fh.estimator.classes_)[logits.argmax(1).numpy()], expected)
+    tuned = finetune(head.path, epochs=1, unfreeze="all", batch_size=16, cache=tmp_path, device="cpu")
+    net, meta = load_model(tuned.path)
+    assert meta["layer"] == layer and meta["dim"] == fs.dim(layer) == 512
+
+
+@pytest.mark.slow
 def test_docs_table_is_the_listing():
     """docs/backbones.md's table is `featx backbones --markdown`, not numbers typed by hand."""
     from pathlib import Path
