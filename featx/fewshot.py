@@ -52,7 +52,7 @@ from featx.cache import (
     write_command,
 )
 from featx.devices import resolve_device_type
-from featx.errors import IntegrityError, UsageError
+from featx.errors import DataError, IntegrityError, UsageError
 from featx.fit import Rows, Scaler, confusion, make_head, open_rows, source_identity
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def train_images(rows: Rows) -> list[list[np.ndarray]]:
     labels = rows.labels[train]
     try:
         paths = rows.fs.column("path")[train]
-    except Exception:  # noqa: BLE001 - a plain HDF5 file without a path column: each row is an image
+    except DataError:  # a plain HDF5 file without a path column: each row is an image
         paths = np.arange(len(train)).astype(str)
     _, first, inverse = np.unique(paths, return_index=True, return_inverse=True)
     out: list[list[np.ndarray]] = [[] for _ in rows.classes]
@@ -204,6 +204,7 @@ def fewshot(features: str | os.PathLike, *, shots: str | Sequence[int] = DEFAULT
         raise UsageError(f"--draws {draws}: give at least 1")
     if int(seed) < 0:
         raise UsageError(f"--seed {seed}: give a number of at least 0")
+    Scaler(scale)  # an unknown scaling is refused before anything is read
     rows = open_rows(features, layer, split=split, seed=seed)
     run_params, resolved = _head_params(head, params, device)
     images = train_images(rows)
