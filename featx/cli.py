@@ -101,8 +101,12 @@ def main() -> None:
 
 @main.command()
 @click.argument("data", type=click.Path())
-@click.option("--layer", "layers", multiple=True, help="Layer to extract (repeatable), e.g. pool5, fc6, fc7.")
-@click.option("--backbone", default="alexnet", show_default=True, help="alexnet, vgg16, resnet18, resnet50.")
+@click.option("--layer", "layers", multiple=True,
+              help="Layer to extract (repeatable): pool5, fc6, fc7 (AlexNet, VGG16), pool (ResNet), penultimate, "
+                   "logits, or a node of the network's graph (featx backbones NAME --nodes).")
+@click.option("--backbone", default="alexnet", show_default=True,
+              help="Any torchvision classification model: alexnet, vgg16, resnet50, vit_b_16, convnext_tiny, ... "
+                   "(featx backbones lists them).")
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet, random, or a state-dict file.")
 @click.option("--split", default=None, help="Stratified split when DATA has none: test=0.15[,val=0.1].")
 @click.option("--layout", default=None,
@@ -276,6 +280,40 @@ def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sam
 
 
 @main.command()
+@click.argument("features", type=click.Path())
+@click.option("--shots", default="1,2,4,8,16", show_default=True, help="Train images per class, comma-separated.")
+@click.option("--draws", default=10, show_default=True, type=int, help="Seeded draws of the train images per k.")
+@click.option("--head", "kind", default="logreg", show_default=True, type=click.Choice(["logreg", "svm", "mlp"]))
+@click.option("--C", "C", default=None, type=float, help="The logreg or svm head's C (default: the head's, 1.0).")
+@click.option("--layer", default=None, help="Feature layer (default: the feature set's first).")
+@click.option("--scale", default="standard", show_default=True, type=click.Choice(["standard", "l2", "none"]),
+              help="standard: mean/std of all the train rows (labels unused), shared by every draw.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the draws.")
+@click.option("--split", default=None, help="Split to make when FEATURES records none (test=0.15).")
+@device_option
+@cache_option
+@quiet_option
+@command
+def fewshot(features, shots, draws, kind, C, layer, scale, seed, split, device, cache, quiet):
+    """Few-shot learning curve: a head fitted on k train images per class, R seeded draws per k (docs/fewshot.md)."""
+    from featx.errors import UsageError
+    from featx.fewshot import fewshot as run
+
+    if C is not None and kind == "mlp":
+        raise UsageError("--C is a parameter of the logreg and svm heads, not of mlp")
+    res = run(features, shots=shots, draws=draws, head=kind, params={"C": C} if C is not None else None, layer=layer,
+              scale=scale, seed=seed, split=split, device=device, cache=cache)
+    s = res.summary
+    if not res.computed:
+        for p in s["per_k"]:
+            logger.info("k=%d: accuracy %.4f +- %.4f over %d draws", p["k"], p["accuracy_mean"], p["accuracy_std"],
+                        p["n_draws"])
+    logger.info("%s few-shot curve of %s on %s: all %d train rows give %.4f", "computed" if res.computed else "cached",
+                s["head"], s["layer"], s["full"]["n_train_rows"], s["full"]["accuracy"])
+    _emit_path(res.path)
+
+
+@main.command()
 @click.argument("head", type=click.Path())
 @click.option("--epochs", default=10, show_default=True, type=int)
 @click.option("--unfreeze", default="all", show_default=True,
@@ -361,6 +399,22 @@ def demo(weights, cache, device, quiet):
 
     out = run_demo(weights=weights, cache=cache, device=device)
     _emit_path(out)
+
+
+@main.command("backbones")
+@click.argument("name", required=False)
+@click.option("--nodes", is_flag=True, help="With NAME: every node of its graph too, with shape, reduction and width.")
+@click.option("--markdown", is_flag=True, help="A Markdown table (docs/backbones.md is made with it).")
+@quiet_option
+@command
+def backbones_(name, nodes, markdown, quiet):
+    """List the backbones (default layer, width, weights and their ImageNet accuracy), or NAME's layers."""
+    from featx.backbones.listing import backbone_rows, format_layers, format_rows, layer_rows
+
+    if name is None:
+        click.echo(format_rows(backbone_rows(), markdown=markdown).rstrip("\n"))
+    else:
+        click.echo(format_layers(layer_rows(name, nodes=nodes), markdown=markdown).rstrip("\n"))
 
 
 @main.command("ls")

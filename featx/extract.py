@@ -35,12 +35,13 @@ from featx.backbones import (
     VIEW_SETS,
     Backbone,
     Preprocess,
-    Tapped,
     check_layers,
     dataset_stats_to_preprocess,
     get_spec,
     load_backbone,
     start_layer,
+    tapped,
+    taps_config,
     weights_identity,
 )
 from featx.cache import StagePlan, atomic_write_json, cache_root, hash_key, read_json, seal_ok, write_command
@@ -232,6 +233,7 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
         "data": str(ds.root), "source": ds.source, "layout": ds.layout, "backbone": spec.name,
         "weights": weights_id, "layers": layer_list, "preprocess": pre.to_json(), "normalize": normalize,
         "split": ds.split, "seed": seed, "amp": bool(amp), "max_pixels": max_pixels,
+        **({"taps": t} if (t := taps_config(spec, layer_list)) else {}),  # graph nodes: where read, how reduced
     }
     if ctx.active:  # ranks that resolved different runs stop here, together, before anything is written
         ctx.agree({**{k: v for k, v in config.items() if k not in ("data", "source")}, "classes": ds.classes,
@@ -438,7 +440,7 @@ def _run(ds: ImageDataset, bb: Backbone, pre: Preprocess, config: dict, key: str
 def _compute(ds: ImageDataset, bb: Backbone, pre: Preprocess, root: Path, layers: list[str], dev: torch.device,
              todo: list[int], per: int, *, batch_size: int, workers: int, amp: bool, max_pixels: int | None,
              progress: bool | None, threads: int | None, decode: str, timings: dict) -> None:
-    model = Tapped(bb.stages(), layers).to(dev)
+    model = tapped(bb, layers).to(dev)
     model = model.to(memory_format=torch.channels_last)
     V = pre.views
     # Batches never cross a shard boundary, so a shard is complete exactly when its last batch is done.
@@ -581,7 +583,7 @@ def _compute_from(src: _Source, ds: ImageDataset, bb: Backbone, root: Path, laye
     direct pass's ``--batch-size``.  The values equal a direct extraction's up to float rounding (products over
     other numbers of rows may sum in another order; tests/test_extract.py bounds the difference at 1e-6
     relative), the same latitude two direct extractions with different ``--batch-size`` or ``--workers`` have."""
-    model = Tapped(bb.stages(), layers, start=src.layer).to(dev)
+    model = tapped(bb, layers, start=src.layer).to(dev)
     where, reason = _source_rows(src, V)
     autocast = torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16, enabled=amp)
     img_chunk = max(1, REUSE_ROWS // V)

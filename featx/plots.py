@@ -169,3 +169,27 @@ def plot_results(cases: Sequence[tuple[str, float | None]], references: Sequence
         ax.legend(fontsize=6, loc="lower right")
     ax.set_title(title, fontsize=9)
     _save(fig, path)
+
+
+def plot_fewshot(means: Sequence[tuple[int, float, float]], draws: Sequence[tuple[int, float]], full: float | None,
+                 path: str | os.PathLike, *, title: str = "") -> None:
+    """A few-shot learning curve: test accuracy against images per class (log scale), the mean of the draws with
+    their standard deviation as error bars, each draw as a faint dot, and the head fitted on every train row as a
+    dashed horizontal line."""
+    fig = _figure(figsize=(6, 4))
+    ax = fig.subplots()
+    if draws:
+        ax.scatter([k for k, _ in draws], [a for _, a in draws], s=8, color="#4c72b0", alpha=0.25, label="draws")
+    ks = [k for k, _, _ in means]
+    ax.errorbar(ks, [m for _, m, _ in means], yerr=[s for _, _, s in means], marker="o", capsize=3,
+                color="#4c72b0", label="mean +- std over the draws")
+    if full is not None:
+        ax.axhline(full, color="C1", linestyle="--", linewidth=1, label=f"all train rows: {100 * full:.1f}%")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("train images per class (k)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)

@@ -6,8 +6,21 @@ import pytest
 import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from featx.backbones import BACKBONES, Preprocess, Tapped, check_layers, get_spec, load_backbone, truncated
-from featx.data import open_rgb
+from featx.backbones import (
+    BACKBONES,
+    Preprocess,
+    Tapped,
+    check_layers,
+    get_spec,
+    graph_info,
+    load_backbone,
+    reduce,
+    reduction_for,
+    start_layer,
+    taps_config,
+    truncated,
+)
+from featx.datasets import open_rgb
 from featx.errors import UsageError, WeightsError
 
 
@@ -169,3 +182,256 @@ def test_tapped_runs_from_a_cached_tap_to_deeper_ones():
     assert start_layer(spec, ["pool5", "fc6"], ["fc7", "logits"]) == "fc6"
     assert start_layer(spec, ["fc7"], ["fc6"]) is None  # nothing computes backwards
     assert start_layer(spec, ["pool5", "fc7"], ["pool5"]) == "pool5"
+
+
+# ------------------------------------------------------------------------------ every torchvision backbone
+
+# backbone, the module of its final classifier layer (torchvision's own attribute path: where `penultimate` is
+# read is checked against the input this module receives), an inner node and the reduction it must get
+FAMILIES = [
+    pytest.param("resnet18", "fc", "layer3.1.relu_1", "mean-hw", id="resnet18"),
+    pytest.param("efficientnet_b0", "classifier.1", "features.4.2.add", "mean-hw", id="efficientnet_b0"),
+    pytest.param("resnet50", "fc", "layer3.5.relu_2", "mean-hw", id="resnet50", marks=pytest.mark.slow),
+    pytest.param("vit_b_16", "heads.head", "encoder.layers.encoder_layer_5.add_1", "class-token", id="vit_b_16",
+                 marks=pytest.mark.slow),
+    pytest.param("convnext_tiny", "classifier.2", "features.5.8.add", "mean-hw", id="convnext_tiny",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(scope="module")
+def two_photos(photos_dir, tmp_path_factory):
+    """One photo of each class: the fewest rows that still make a feature set."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("two") / "two"
+    for cls in ("china", "flower"):
+        (root / cls).mkdir(parents=True)
+        shutil.copy(sorted((photos_dir / cls).glob("*.jpg"))[0], root / cls / "0.jpg")
+    return root
+
+
+@pytest.mark.parametrize("name, classifier, node, rule", FAMILIES)
+def test_extract_rows_equal_create_feature_extractor(name, classifier, node, rule, two_photos, tmp_path):
+    from featx.extract import extract
+    from featx.store import FeatureSet
+
+    res = extract(two_photos, layers=[node, "penultimate"], backbone=name, weights="random", seed=1, cache=tmp_path,
+                  workers=0)
+    taps = res.manifest["config"]["taps"]
+    assert taps[node]["reduce"] == rule and taps[node]["node"] == node
+    assert res.manifest["config"]["layers"] == [node, "penultimate"]  # forward order
+    fs = FeatureSet(res.path)
+    bb = load_backbone(name, "random", seed=1)
+    tf = bb.spec.weights_enum().transforms()  # the published transform, on the same images
+    x = torch.stack([tf(open_rgb(two_photos / p)) for p in fs.column("path")])
+    seen = []
+    module = dict(bb.model.named_modules())[classifier]
+    hook = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    ref = create_feature_extractor(bb.model, return_nodes=[node]).eval()
+    with torch.inference_mode():
+        want_node = reduce(ref(x)[node], rule)
+        bb.model(x)
+    hook.remove()
+    want_pen = seen[-1]
+    for layer, want in ((node, want_node), ("penultimate", want_pen)):
+        got = torch.from_numpy(fs.load(layer))
+        assert got.shape == want.shape == (2, res.manifest["dims"][layer]), layer
+        assert _rel_err(got, want) <= 1e-4, layer
+    assert want_pen.shape[1] == module.in_features
+
+
+def test_named_layers_keep_their_config_and_rows(digits_dir, tmp_path):
+    """AlexNet's named taps are made as before: no taps in the config (so the same key), the stages' rows."""
+    from featx.extract import extract
+
+    res = extract(digits_dir, layers=["pool5", "fc7"], weights="random", seed=0, cache=tmp_path, workers=0)
+    assert set(res.manifest["config"]) == {"data", "source", "layout", "backbone", "weights", "layers", "preprocess",
+                                           "normalize", "split", "seed", "amp", "max_pixels"}
+    assert taps_config(get_spec("alexnet"), ["pool5", "fc7"]) is None
+    mixed = extract(digits_dir, layers=["fc7", "penultimate"], weights="random", seed=0, cache=tmp_path, workers=0)
+    assert mixed.path != res.path and mixed.manifest["config"]["taps"]["penultimate"]["node"] == "classifier.5"
+    from featx.store import FeatureSet
+
+    a, b = FeatureSet(res.path), FeatureSet(mixed.path)
+    assert _rel_err(torch.from_numpy(b.load("fc7")), torch.from_numpy(a.load("fc7"))) <= 1e-6
+    assert np.array_equal(b.load("fc7"), b.load("penultimate"))  # the input of AlexNet's classifier is fc7
+
+
+def test_every_torchvision_classification_model_is_registered():
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    assert set(names) <= set(BACKBONES) and len(names) >= 80
+    spec = get_spec("vit_h_14")  # built for its weights' input size
+    assert spec.build_kwargs == {"image_size": 518} and spec.weights_enum().transforms().crop_size == [518]
+    assert get_spec("resnet50").weights == "ResNet50_Weights.IMAGENET1K_V2"  # unchanged
+    assert get_spec("convnext_tiny").dims["penultimate"] == 768
+    assert "penultimate" in get_spec("swin_t").dims and "layer9" not in get_spec("resnet18").dims
+
+
+def test_unknown_names_give_the_closest():
+    with pytest.raises(UsageError) as e:
+        get_spec("resnet05")
+    assert "closest: resnet50" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UsageError) as e:
+        check_layers(get_spec("resnet18"), ["layer4.1.relu_9"])
+    msg = str(e.value)
+    assert "unknown layer 'layer4.1.relu_9' for resnet18" in msg and "layer4.1.relu" in msg and "\n" not in msg
+    with pytest.raises(UsageError, match="not a tensor"):
+        check_layers(get_spec("vit_b_16"), ["getattr"])  # x.shape: no rows to extract
+    with pytest.raises(UsageError, match="penultimate"):
+        check_layers(get_spec("vit_b_16"), ["penultimat"])
+
+
+def test_reduction_rules():
+    assert reduction_for("resnet", (512,)) == "none"
+    assert reduction_for("resnet", (256, 14, 14)) == "mean-hw"
+    assert reduction_for("vision_transformer", (197, 768)) == "class-token"
+    assert reduction_for("maxvit", (49, 64)) == "mean-tokens"
+    assert reduction_for("swin_transformer", (14, 14, 384)) == "mean-hw-channels-last"
+    assert reduction_for("swin_transformer", (768, 7, 7)) == "mean-hw"
+    assert reduction_for("maxvit", (2, 3, 4, 5)) == "flatten"
+    swin = taps_config(get_spec("swin_t"), ["features.5.5.add_1", "permute", "penultimate"])
+    assert swin["features.5.5.add_1"] == {"node": "features.5.5.add_1", "shape": [14, 14, 384],
+                                          "reduce": "mean-hw-channels-last"}
+    assert swin["permute"]["reduce"] == "mean-hw" and swin["penultimate"]["node"] == "flatten"
+    vit = taps_config(get_spec("vit_b_16"), ["encoder.ln"])
+    assert vit["encoder.ln"] == {"node": "encoder.ln", "shape": [197, 768], "reduce": "class-token"}
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    assert torch.equal(reduce(x, "mean-hw"), x.mean(dim=(2, 3)))
+    assert torch.equal(reduce(x, "mean-hw-channels-last"), x.mean(dim=(1, 2)))
+    assert torch.equal(reduce(x[:, 0], "class-token"), x[:, 0, 0])
+    assert reduce(x, "flatten").shape == (2, 60)
+
+
+def test_graph_backbones_are_not_reused_from_a_tap():
+    spec = get_spec("convnext_tiny")
+    assert spec.layers == () and start_layer(spec, ["penultimate"], ["logits"]) is None
+    assert start_layer(get_spec("alexnet"), ["pool5"], ["penultimate"]) is None  # a graph layer: from the images
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b3", "vit_b_16", "inception_v3"])
+def test_preprocess_is_the_published_transform(name, photos_dir):
+    img = open_rgb(sorted(photos_dir.rglob("*.jpg"))[1])
+    w = get_spec(name).weights_enum()
+    pre = Preprocess.from_weights(w)
+    assert torch.equal(pre.transform(img), w.transforms()(img))
+
+
+def test_graph_layer_truncated_and_state_dict_file(tmp_path):
+    bb = load_backbone("mobilenet_v3_small", "random", seed=2)
+    x = torch.randn(2, 3, 224, 224)
+    trunk = truncated(bb, "features.6.add")
+    ref = create_feature_extractor(bb.model, return_nodes=["features.6.add"]).eval()
+    with torch.inference_mode():
+        assert torch.allclose(trunk(x), ref(x)["features.6.add"].mean(dim=(2, 3)))
+    path = tmp_path / "m.pt"
+    torch.save(bb.model.state_dict(), path)
+    again = load_backbone("mobilenet_v3_small", str(path))
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), bb.model.state_dict().values()))
+    with pytest.raises(WeightsError, match="do not fit resnet18"):
+        load_backbone("resnet18", str(path))
+
+
+def test_published_checkpoints_load_as_torchvision_loads_them(monkeypatch):
+    """GoogLeNet's file carries the auxiliary classifiers torchvision drops after loading; DenseNet's still names
+    its layers norm.1, conv.2: both load, into the network torchvision's builder makes for those weights."""
+    import re
+
+    import torchvision
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        g = torchvision.models.GoogLeNet(aux_logits=True, transform_input=True, init_weights=False).state_dict()
+        d = torchvision.models.densenet121().state_dict()
+    old = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v for k, v in d.items()
+           if not k.endswith("num_batches_tracked")}  # a checkpoint older than that counter
+    assert any(".norm.1." in k for k in old)
+    states = {"googlenet": g, "densenet121": old}
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda url, **kw: states["googlenet" if "googlenet" in url else "densenet121"])
+    gb = load_backbone("googlenet", "imagenet")
+    assert gb.model.transform_input and gb.model.aux1 is None
+    assert torch.equal(gb.model.conv1.conv.weight, g["conv1.conv.weight"])
+    db = load_backbone("densenet121", "imagenet")
+    assert torch.equal(db.model.features.denseblock1.denselayer1.norm1.weight,
+                       d["features.denseblock1.denselayer1.norm1.weight"])
+
+
+@pytest.mark.parametrize("name", ["vit_b_16", "convnext_tiny", "regnet_y_400mf"])
+def test_imagenet_offline_names_the_file_for_every_backbone(name, monkeypatch, tmp_path):
+    import urllib.error
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsError) as e:
+        load_backbone(name, "imagenet")
+    file = get_spec(name).weights_enum().url.rsplit("/", 1)[-1]
+    assert file in str(e.value) and str(tmp_path / "torch-home") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_graph_shapes_come_from_the_meta_device():
+    info = graph_info(get_spec("regnet_y_400mf"))  # RegNet computes its widths with torch as it is built
+    assert next(info.model.parameters()).device.type == "meta"
+    assert info.classifier == "fc" and info.tap("penultimate").dim == 440
+    with torch.device("meta"):  # how a saved model is rebuilt before its state dict is loaded
+        assert next(get_spec("regnet_y_400mf").build().parameters()).device.type == "meta"
+
+
+def test_featx_backbones_lists_layers_and_widths():
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    r = CliRunner().invoke(main, ["backbones", "resnet18"])
+    assert r.exit_code == 0, r.output
+    lines = [l.split() for l in r.stdout.splitlines()]
+    assert ["penultimate", "flatten", "512", "none", "512"] in lines
+    assert ["pool", "flatten", "512", "none", "512"] in lines
+    r = CliRunner().invoke(main, ["backbones", "alexnet", "--nodes"])
+    assert ["features.3", "features.3", "192x27x27", "mean-hw", "192"] in [l.split() for l in r.stdout.splitlines()]
+    r = CliRunner().invoke(main, ["backbones", "lenet"])
+    assert r.exit_code == 2 and r.stderr.startswith("featx: error: unknown backbone 'lenet'")
+
+
+@pytest.mark.slow
+def test_a_head_on_a_graph_layer_becomes_a_network(digits_dir, tmp_path):
+    """The network a head on a graph node becomes (fine-tuning, predict) gives the feature set's rows and the
+    head's predictions, and a saved model of it loads back."""
+    from featx.extract import extract
+    from featx.finetune import finetune
+    from featx.fit import fit_head, load_fitted
+    from featx.model import build_from_head, load_model
+    from featx.store import FeatureSet
+
+    layer = "layer4.0.relu_1"
+    feats = extract(digits_dir, layers=[layer], backbone="resnet18", weights="random", seed=0, split="test=0.3",
+                    cache=tmp_path, workers=0)
+    head = fit_head(feats.path, "logreg", layer=layer, cache=tmp_path)
+    hm = build_from_head(head.path)
+    fs = FeatureSet(feats.path)
+    paths, X = fs.column("path", "test")[:4], fs.load(layer, "test")[:4]
+    x = torch.stack([hm.preprocess.transform(open_rgb(digits_dir / p)) for p in paths])
+    with torch.inference_mode():
+        got, logits = hm.net.backbone(x), hm.net(x)
+    assert _rel_err(got, torch.from_numpy(X)) <= 1e-4
+    fh = load_fitted(head.path)
+    expected = fh.estimator.predict(fh.scaler.transform_(X.copy()))
+    assert np.array_equal(np.asarray(fh.estimator.classes_)[logits.argmax(1).numpy()], expected)
+    tuned = finetune(head.path, epochs=1, unfreeze="all", batch_size=16, cache=tmp_path, device="cpu")
+    net, meta = load_model(tuned.path)
+    assert meta["layer"] == layer and meta["dim"] == fs.dim(layer) == 512
+
+
+@pytest.mark.slow
+def test_docs_table_is_the_listing():
+    """docs/backbones.md's table is `featx backbones --markdown`, not numbers typed by hand."""
+    from pathlib import Path
+
+    from featx.backbones.listing import backbone_rows, format_rows
+
+    doc = (Path(__file__).parents[1] / "docs" / "backbones.md").read_text()
+    assert format_rows(backbone_rows(), markdown=True) in doc
