@@ -90,7 +90,7 @@ def _emit_path(path) -> None:
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
 cache_option = click.option("--cache", type=click.Path(file_okay=False), default=None,
                             help="Cache root (default: $FEATX_CACHE, else ./cache).")
-device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
