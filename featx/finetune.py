@@ -52,7 +52,7 @@ from featx.cache import (
     write_command,
 )
 from featx.curves import EventLog
-from featx.data import DEFAULT_MAX_PIXELS, BadImage, open_rgb
+from featx.datasets import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from featx.errors import DataError, DivergenceError, IntegrityError, UsageError
 from featx.fit import load_fitted, metrics_for
 from featx.model import (
@@ -134,7 +134,7 @@ def feature_set_images(fdir: Path, manifest: dict) -> ImageRows:
 def _check_unchanged(fdir: Path, root: Path, paths: list[str], key) -> None:
     """Compare each image's size and sha256 with what extraction recorded (``images.json``)."""
     from featx.cache import read_json
-    from featx.data import fingerprints_of
+    from featx.datasets import fingerprints_of
 
     rec = read_json(fdir / "images.json")
     if not isinstance(rec, dict):

@@ -7,7 +7,7 @@ import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from featx.backbones import BACKBONES, Preprocess, Tapped, check_layers, get_spec, load_backbone, truncated
-from featx.data import open_rgb
+from featx.datasets import open_rgb
 from featx.errors import UsageError, WeightsError
 
 

@@ -114,7 +114,7 @@ def test_backbone_output_is_the_feature_set_and_logits_the_heads(base):
     fs = FeatureSet(base.features)
     test = fs.mask("test")
     paths, X = fs.column("path")[test][:4], fs.load("fc7", "test")[:4]
-    from featx.data import open_rgb
+    from featx.datasets import open_rgb
 
     x = torch.stack([hm.preprocess.transform(open_rgb(base.data / p)) for p in paths])
     with torch.inference_mode():
