@@ -312,11 +312,13 @@ def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sam
 @cache_option
 @quiet_option
 @command
-def finetune(head, quiet, **kw):
+def finetune(head, resume, workers, device, cache, quiet, **options):
     """Put a fitted HEAD back on its backbone and train end to end."""
+    from featx.finetune import FinetuneOptions
     from featx.finetune import finetune as run
 
-    res = run(head, progress=False if quiet else None, **kw)
+    res = run(head, FinetuneOptions(**options), device=device, workers=workers, resume=resume, cache=cache,
+              progress=False if quiet else None)
     m = res.metrics
     logger.info("test accuracy %.4f before fine-tuning, %.4f after (best epoch %s)",
                 m["initial_test_accuracy"], m["test_accuracy"], m.get("best_epoch"))

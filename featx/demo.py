@@ -122,10 +122,10 @@ def _search(features: Path, root: Path, device: str, lines: list[str]) -> Path:
 
 
 def _finetune_and_predict(head: Path, root: Path, device: str, lines: list[str], data: Path) -> Path:
-    from featx.finetune import finetune
+    from featx.finetune import FinetuneOptions, finetune
     from featx.predict import predict
 
-    r = finetune(head, epochs=1, unfreeze="all", lr=1e-3, cache=root, device=device)
+    r = finetune(head, FinetuneOptions(epochs=1, unfreeze="all", lr=1e-3), cache=root, device=device)
     m = r.metrics
     lines.append(f"  finetune  1 epoch from the best searched head, all layers: test accuracy "
                  f"{m['initial_test_accuracy']:.3f} before, {m['test_accuracy']:.3f} after")

@@ -256,12 +256,12 @@ class _Runner:
         return rec
 
     def _finetune(self, c: Case) -> dict:
-        from featx.finetune import finetune
+        from featx.finetune import FinetuneOptions, finetune
 
         best = self._best(c)
         head = Path(best["head_dir"])
-        res = self._stage(c.name, "finetune", lambda: _pair(finetune(
-            head, **c.params, seed=self.p.data["seed"], device=self.device, cache=self.root, progress=self.progress)),
+        res = self._stage(c.name, "finetune", lambda: _pair(finetune(head, FinetuneOptions(
+            **c.params, seed=self.p.data["seed"]), device=self.device, cache=self.root, progress=self.progress)),
             lambda r: f"test accuracy {r.metrics['test_accuracy']:.4f}")
         m = res.metrics
         row = _row_metrics(m, seconds=m.get("seconds"), features=None, head=head, model=res.path)
@@ -441,7 +441,7 @@ class _Runner:
 
     def _plan_finetune(self, c: Case, heads: dict[str, Path | None]) -> tuple[str, str | None]:
         """(status, the case it would start from): known only when every candidate head is in the cache."""
-        from featx.finetune import finetune
+        from featx.finetune import FinetuneOptions, finetune
 
         paths = [heads.get(n) for n in c.candidates]
         if not paths or any(p is None for p in paths):
@@ -453,7 +453,8 @@ class _Runner:
             if best is None or (val is not None and (best_val is None or val > best_val)):
                 best, best_val, best_case = h, val, n
         try:
-            sp = finetune(best, **c.params, seed=self.p.data["seed"], device=self.device, cache=self.root, plan=True)
+            sp = finetune(best, FinetuneOptions(**c.params, seed=self.p.data["seed"]), device=self.device,
+                          cache=self.root, plan=True)
         except FeatxError as e:
             return f"error: {e}", best_case
         return ("cached" if sp.cached else "to compute"), best_case
