@@ -91,10 +91,9 @@ class Trainer:
             rec, results = self.guard.run(epoch, functools.partial(self._epoch, epoch, top, p), self.learner, p)
             p.partial = None
             self._end_epoch(p, epoch, top, rec, results)
-            events.write(epoch, rec, world_size=self.reducer.world_size)  # before the checkpoint: a resume
-            if self.reducer.is_main:                                       # rewrites this epoch's points
-                save_checkpoint(self.out / CHECKPOINT, self._checkpoint(p))
-                write_history(self.out / HISTORY, p.history)
+            # the curves' points before the checkpoint: a resume rewrites this epoch's, never duplicates them
+            events.write(epoch, rec, world_size=self.reducer.world_size)
+            self._save(p)
             if self.on_epoch is not None:
                 self.on_epoch(epoch, self.learner.net, rec)
         events.close()
@@ -102,7 +101,7 @@ class Trainer:
 
     def _epoch(self, epoch: int, top: set[int], p: Progress) -> tuple[dict, dict[str, dict]]:
         """One attempt at ``epoch``: its steps, then its evaluation, checked by the guard."""
-        rec = self.train_epoch(epoch, top, p.partial, lambda partial: self._save_partial(p, partial))
+        rec = self.train_epoch(epoch, top, p.partial, lambda partial: self._save(p, partial))
         results = self.evaluate(self.learner.net)
         before = p.history[-1]["val_loss"] if p.history else p.initial["val_loss"]  # where this epoch began
         self.guard.check_evaluation(results, before, epoch)
@@ -165,20 +164,20 @@ class Trainer:
                         p.bad_epochs, p.best["epoch"])
         rec["world_size"] = self.reducer.world_size
 
-    def _checkpoint(self, p: Progress, partial: dict | None = None) -> Checkpoint:
-        """The checkpoint of the run as it stands, after an epoch or (``partial``) stopped within one: the one
-        place a checkpoint is made."""
-        progress = p if partial is None else replace(p, partial=partial)
-        return Checkpoint(self.key, progress, self.learner.state(), self.opts.to_json(), self.opts.seed)
-
-    def _save_partial(self, p: Progress, partial: dict) -> None:
-        """Stopped before step ``partial["step"]`` of epoch ``partial["epoch"]``: the model, optimizer, scheduler
-        and random state as they are now, so that the next run takes that step exactly as this one would have."""
+    def _save(self, p: Progress, partial: dict | None = None) -> None:
+        """The checkpoint of the run as it stands (the one place one is made): after an epoch, with the history;
+        or stopped before step ``partial["step"]`` of epoch ``partial["epoch"]``, with the model, optimizer,
+        scheduler and random state as they are now, so that the next run takes that step as this one would have."""
         if not self.reducer.is_main:  # every rank holds the same state (DDP); rank 0 writes it
             return
-        save_checkpoint(self.out / CHECKPOINT, self._checkpoint(p, partial))
-        logger.info("stopped before step %d of epoch %d: checkpoint %s; the same command continues from there",
-                    int(partial["step"]) + 1, int(partial["epoch"]), self.out / CHECKPOINT)
+        progress = p if partial is None else replace(p, partial=partial)
+        save_checkpoint(self.out / CHECKPOINT,
+                        Checkpoint(self.key, progress, self.learner.state(), self.opts.to_json(), self.opts.seed))
+        if partial is None:
+            write_history(self.out / HISTORY, p.history)
+        else:
+            logger.info("stopped before step %d of epoch %d: checkpoint %s; the same command continues from there",
+                        int(partial["step"]) + 1, int(partial["epoch"]), self.out / CHECKPOINT)
 
     def _finish(self, p: Progress, t_start: float) -> dict:
         """The kept epoch's weights into the network, then the model written (rank 0); its metrics."""
