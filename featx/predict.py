@@ -31,6 +31,7 @@ from featx import interrupt
 from featx.backbones import Preprocess
 from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
 from featx.datasets import DEFAULT_MAX_PIXELS, fingerprint_file, walk_images
+from featx.datasets.loading import DecodeSet, collate
 from featx.devices import default_workers, resolve_device
 from featx.errors import DataError, UsageError
 from featx.model import MODEL_META, FinetuneNet, build_from_head, load_model, preprocess_from_json
@@ -111,7 +112,7 @@ def predict(model_or_head: str | os.PathLike | Predictor, inputs: Sequence[str |
         inputs: image files and/or folders (searched recursively for images).
         top_k: classes listed per image (at most the number of classes).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. batch_size: images per forward pass.
-        workers: decode processes (default: none for a few images, else one per core).
+        workers: decode processes (default: none for a few images, else one per core, up to 8).
 
     Returns:
         One dict per image, in input order: ``path``, ``class`` (the top class), ``probability`` (its softmax
@@ -146,7 +147,6 @@ def _inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 def _predict(pr: Predictor, paths: list[Path], *, top_k: int, dev: torch.device, batch_size: int,
              workers: int | None, max_pixels: int | None) -> list[dict]:
-    from featx.datasets.loading import DecodeSet, collate
     net = pr.net.to(dev).to(memory_format=torch.channels_last).eval()
     k = min(int(top_k), len(pr.classes))
     if workers is None:

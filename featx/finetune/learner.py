@@ -12,11 +12,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from featx.finetune.options import FinetuneOptions
 from featx.model import FinetuneNet
-
-Scheduler = Any  # a torch.optim.lr_scheduler instance (their common base differs between schedulers)
 
 
 def backbone_lr_scale(spread: float | None) -> float:
@@ -85,7 +84,7 @@ class Learner:
         """The schedule's step after an epoch (plateau: on the validation loss, else the training loss)."""
         if self.sched is None:
             return
-        if self.opts.schedule == "plateau":
+        if isinstance(self.sched, ReduceLROnPlateau):
             self.sched.step(val_loss if val_loss is not None else train_loss)
         else:
             self.sched.step()
@@ -111,7 +110,7 @@ def _make_optimizer(net: FinetuneNet, opts: FinetuneOptions, backbone_lr: float)
     return torch.optim.Adam(groups, lr=opts.lr, weight_decay=opts.weight_decay)
 
 
-def _make_scheduler(opt: torch.optim.Optimizer, opts: FinetuneOptions) -> Scheduler | None:
+def _make_scheduler(opt: torch.optim.Optimizer, opts: FinetuneOptions) -> LRScheduler | None:
     if opts.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=opts.step_size, gamma=0.1)
     if opts.schedule == "plateau":
