@@ -140,7 +140,7 @@ def ideal(data: Path, n: int) -> dict:
     import torch
 
     from featx.backbones import Preprocess, Tapped, load_backbone
-    from featx.data import open_rgb
+    from featx.datasets import open_rgb
 
     files = sorted(data.rglob("*.jpg"))[:256]
     pre = Preprocess()

@@ -90,7 +90,7 @@ def _emit_path(path) -> None:
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
 cache_option = click.option("--cache", type=click.Path(file_okay=False), default=None,
                             help="Cache root (default: $FEATX_CACHE, else ./cache).")
-device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -350,11 +350,13 @@ def fewshot(features, shots, draws, kind, C, layer, scale, seed, split, device, 
 @cache_option
 @quiet_option
 @command
-def finetune(head, quiet, **kw):
+def finetune(head, resume, workers, device, cache, quiet, **options):
     """Put a fitted HEAD back on its backbone and train end to end."""
+    from featx.finetune import FinetuneOptions
     from featx.finetune import finetune as run
 
-    res = run(head, progress=False if quiet else None, **kw)
+    res = run(head, FinetuneOptions(**options), device=device, workers=workers, resume=resume, cache=cache,
+              progress=False if quiet else None)
     m = res.metrics
     logger.info("test accuracy %.4f before fine-tuning, %.4f after (best epoch %s)",
                 m["initial_test_accuracy"], m["test_accuracy"], m.get("best_epoch"))

@@ -106,10 +106,10 @@ def _search(features: Path, root: Path, device: str, lines: list[str]) -> Path:
 
 
 def _finetune_and_predict(head: Path, root: Path, device: str, lines: list[str], data: Path) -> Path:
-    from featx.finetune import FinetuneResult, finetune
+    from featx.finetune import FinetuneOptions, FinetuneResult, finetune
     from featx.predict import predict
 
-    r = finetune(head, epochs=1, unfreeze="all", lr=1e-3, cache=root, device=device)
+    r = finetune(head, FinetuneOptions(epochs=1, unfreeze="all", lr=1e-3), cache=root, device=device)
     assert isinstance(r, FinetuneResult)
     m = r.metrics
     lines.append(f"  finetune  1 epoch from the best searched head, all layers: test accuracy "

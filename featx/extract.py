@@ -45,9 +45,10 @@ from featx.backbones import (
     weights_identity,
 )
 from featx.cache import StagePlan, atomic_write_json, cache_root, hash_key, read_json, seal_ok, write_command
-from featx.data import DEFAULT_MAX_PIXELS, ImageDataset, discover, fingerprints, fingerprints_of
+from featx.datasets import DEFAULT_MAX_PIXELS, ImageDataset, discover, fingerprints, fingerprints_of
 from featx.datasets.loading import CollateReady, DecodeSet, collate, decode, decode_loader
-from featx.devices import resolve_device
+from featx.devices import cores as _cores
+from featx.devices import default_workers, resolve_device
 from featx.errors import DataError, IntegrityError, StrictError, UsageError
 from featx.store import FORMAT_VERSION, ShardWriter, read_manifest, shard_is_valid, shard_name, shard_problem
 
@@ -133,18 +134,6 @@ def _decode_processes(files: Sequence[Path], batches: list[list[int]], pre: Prep
 
 
 # --------------------------------------------------------------------------------------------- resolution
-
-def _cores() -> int:
-    # under torchrun, the node's cores are shared out between its ranks
-    return distributed.cores_per_process()
-
-
-def default_workers(device: str = "cpu") -> int:
-    """CPU: lanes (threads that each decode a batch and run the network on it), one per core up to 4, each with
-    ``cores // lanes`` intra-op threads (measured on 2 cores: 2 lanes of one thread beat one forward pass on
-    two threads fed by 2 decode processes, benchmarks/bench_extract.py).  CUDA: decode processes, one per core."""
-    return max(1, min(4 if device == "cpu" else 8, _cores()))
-
 
 @dataclass
 class ExtractResult:

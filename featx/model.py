@@ -43,6 +43,9 @@ _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 class Affine(nn.Module):
     """``x * weight + bias`` per feature: a head's ``standard`` scaling as fixed buffers (never trained)."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, d: int):
         super().__init__()
         self.register_buffer("weight", torch.ones(d))
@@ -63,8 +66,9 @@ def scale_module(kind: str, d: int, scaler: Scaler | None = None) -> nn.Module:
     """The torch form of a head's feature scaling (``standard`` -> :class:`Affine`, ``l2``, ``none``)."""
     if kind == "standard":
         m = Affine(d)
-        if scaler is not None:
-            w, b = scaler.affine(d)
+        wb = scaler.affine(d) if scaler is not None else None
+        if wb is not None:
+            w, b = wb
             m.weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
             m.bias.copy_(torch.from_numpy(np.asarray(b, dtype=np.float32)))
         return m
@@ -101,7 +105,8 @@ def backbone_groups(backbone: nn.Module, names: dict[int, str] | None = None) ->
             groups[-1].modules.extend(pending + [m])  # a norm layer belongs to the layer it normalizes
             pending = []
         elif own:
-            kind = "conv" if isinstance(m, nn.modules.conv._ConvNd) else "linear" if isinstance(m, nn.Linear) else "other"
+            kind = ("conv" if isinstance(m, nn.modules.conv._ConvNd) else
+                    "linear" if isinstance(m, nn.Linear) else "other")
             groups.append(Group(names.get(id(m), qual), kind, pending + [m]))
             pending = []
         else:
@@ -114,6 +119,9 @@ def backbone_groups(backbone: nn.Module, names: dict[int, str] | None = None) ->
 class Envelope(nn.Module):
     """Each feature clamped to ``[lo, hi]``, the range it took over the rows the head was fit on (fixed buffers,
     saved with the model, never trained)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
 
     def __init__(self, lo: torch.Tensor, hi: torch.Tensor):
         super().__init__()
@@ -196,11 +204,11 @@ def describe_module(m: nn.Module) -> dict | None:
     kind = _LEAVES.get(type(m))
     if kind is None or list(m.buffers()):
         return None
-    if kind == "linear":
+    if isinstance(m, nn.Linear):
         return {"type": kind, "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
-    if kind == "dropout":
+    if isinstance(m, nn.Dropout):
         return {"type": kind, "p": float(m.p)}
-    if kind == "flatten":
+    if isinstance(m, nn.Flatten):
         return {"type": kind, "start": m.start_dim, "end": m.end_dim}
     return {"type": kind}
 
@@ -247,10 +255,11 @@ class HeadModel:
 def preprocess_from_json(d: dict) -> Preprocess:
     """The single-view :class:`Preprocess` recorded in a manifest (dataset normalization included)."""
     try:
+        mean, std = (float(x) for x in d["mean"]), (float(x) for x in d["std"])
         return Preprocess(resize=int(d["resize"]), crop=int(d["crop"]), interpolation=str(d["interpolation"]),
-                          antialias=bool(d["antialias"]), mean=tuple(float(x) for x in d["mean"]),
-                          std=tuple(float(x) for x in d["std"]), views=1)
-    except (KeyError, TypeError, ValueError) as e:
+                          antialias=bool(d["antialias"]), mean=(next(mean), next(mean), next(mean)),
+                          std=(next(std), next(std), next(std)), views=1)
+    except (KeyError, TypeError, ValueError, StopIteration) as e:
         raise DataError(f"the recorded preprocessing is incomplete ({type(e).__name__}: {e})") from None
 
 
@@ -306,7 +315,8 @@ def _backbone_for(config: dict) -> Backbone:
     if kind == "file":
         path = Path(ident["file"])
         if not path.is_file():
-            raise WeightsError(f"the weights file the features were extracted with, {str(path)!r}, is gone: put it back")
+            raise WeightsError(f"the weights file the features were extracted with, {str(path)!r}, is gone: "
+                               f"put it back")
         if sha256_file(path) != ident.get("sha256"):
             raise IntegrityError(f"the weights file {str(path)!r} changed since the features were extracted "
                                  f"(sha256 differs): the head no longer matches it; restore it or re-extract")
@@ -360,27 +370,25 @@ def feature_stats(fh: FittedHead) -> FeatureStats:
     from featx.store import FeatureSet
 
     fs = FeatureSet(fh.meta["source"]["features"])
-    lo = hi = s = ss = None
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    s: np.ndarray | None = None
+    ss: np.ndarray | None = None
     n = 0
     for X, _ in fs.iter_chunks(fh.layer, "train"):
         a, b = X.min(0), X.max(0)
-        lo, hi = (a, b) if lo is None else (np.minimum(lo, a), np.maximum(hi, b))
+        lo, hi = (a, b) if lo is None or hi is None else (np.minimum(lo, a), np.maximum(hi, b))
         for i in range(0, len(X), 512):  # bounded float64 temporaries
             X64 = X[i:i + 512].astype(np.float64)
             s = X64.sum(0) if s is None else s + X64.sum(0)
             ss = np.einsum("ij,ij->j", X64, X64) if ss is None else ss + np.einsum("ij,ij->j", X64, X64)
         n += len(X)
-    if lo is None or not n:
+    if lo is None or hi is None or s is None or ss is None or not n:
         raise DataError(f"head {fh.path.name}: its feature set has no train rows of layer {fh.layer!r}")
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
     std[(hi - lo) <= 0] = 0.0  # constant over the train rows: no rounding residue counts as spread
     return FeatureStats(lo, hi, std)
-
-
-def feature_envelope(fh: FittedHead) -> Envelope:
-    """The per-feature range (min, max) of the train rows of the head's layer in its source feature set."""
-    return feature_stats(fh).envelope()
 
 
 def build_from_head(head: str | os.PathLike | FittedHead, *, envelope: bool = False) -> HeadModel:
@@ -544,6 +552,7 @@ def load_model(path: str | os.PathLike) -> tuple[FinetuneNet, dict]:
         net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         first = [l.strip() for l in str(e).splitlines() if l.strip()][1:2]
-        raise IntegrityError(f"model {path.name}: {MODEL_FILE} does not fit model.json ({' '.join(first)[:200]})") from None
+        raise IntegrityError(f"model {path.name}: {MODEL_FILE} does not fit model.json "
+                             f"({' '.join(first)[:200]})") from None
     net.eval()
     return net, meta

@@ -34,7 +34,7 @@ FEATURE_GRID = ("backbone", "weights", "views", "normalize")
 FEATURE_DEFAULTS: dict[str, Any] = {"backbone": "alexnet", "weights": "imagenet", "views": 1, "normalize": "weights"}
 VIEWS = (1, 2, 5, 10)
 NORMALIZE = ("weights", "dataset")
-# what a [finetune.NAME] table may set besides `from` (the keyword arguments of featx.finetune.finetune)
+# what a [finetune.NAME] table may set besides `from` (fields of featx.finetune.FinetuneOptions; the seed is the file's)
 FINETUNE_OPTIONS = ("epochs", "unfreeze", "lr", "backbone_lr_factor", "optimizer", "momentum", "weight_decay",
                     "schedule", "augment", "batch_size", "early_stop", "gradual_every", "step_size",
                     "plateau_patience", "amp", "clip_grad", "recover", "scale_backbone_lr", "backbone_dropout")

@@ -31,6 +31,8 @@ from featx import interrupt
 from featx.backbones import Preprocess
 from featx.cache import atomic_write_bytes, atomic_write_json, cache_root, hash_key, read_json, sha256_file
 from featx.datasets import DEFAULT_MAX_PIXELS, fingerprint_file, walk_images
+from featx.datasets.loading import DecodeSet, collate
+from featx.devices import default_workers, resolve_device
 from featx.errors import DataError, UsageError
 from featx.model import MODEL_META, FinetuneNet, build_from_head, load_model, preprocess_from_json
 
@@ -109,8 +111,8 @@ def predict(model_or_head: str | os.PathLike | Predictor, inputs: Sequence[str |
             :class:`Predictor`.
         inputs: image files and/or folders (searched recursively for images).
         top_k: classes listed per image (at most the number of classes).
-        device: ``auto``, ``cpu`` or ``cuda``. batch_size: images per forward pass.
-        workers: decode processes (default: none for a few images, else one per core).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. batch_size: images per forward pass.
+        workers: decode processes (default: none for a few images, else one per core, up to 8).
 
     Returns:
         One dict per image, in input order: ``path``, ``class`` (the top class), ``probability`` (its softmax
@@ -124,8 +126,6 @@ def predict(model_or_head: str | os.PathLike | Predictor, inputs: Sequence[str |
         >>> rows = predict("cache/models/0123abcd", ["photos/"], top_k=3)  # doctest: +SKIP
         >>> print(format_predictions(rows, "csv"))  # doctest: +SKIP
     """
-    from featx.extract import resolve_device
-
     _check_sizes(top_k, batch_size)
     paths = _inputs(inputs)
     dev = resolve_device(device)
@@ -147,9 +147,6 @@ def _inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 def _predict(pr: Predictor, paths: list[Path], *, top_k: int, dev: torch.device, batch_size: int,
              workers: int | None, max_pixels: int | None) -> list[dict]:
-    from featx.datasets.loading import DecodeSet, collate
-    from featx.extract import default_workers
-
     net = pr.net.to(dev).to(memory_format=torch.channels_last).eval()
     k = min(int(top_k), len(pr.classes))
     if workers is None:
@@ -194,8 +191,6 @@ def predict_to_cache(model_or_head: str | os.PathLike, inputs: Sequence[str | os
     Raises:
         as :func:`predict`.
     """
-    from featx.extract import resolve_device
-
     _check_sizes(top_k, batch_size)
     from featx.fit import META as HEAD_META
 

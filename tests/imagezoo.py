@@ -6,7 +6,7 @@ format and mode the data contract names, next to files that must be skipped (emp
 truncated, corrupt, a decompression bomb, a dangling link) and files that are not images at all (text, hidden
 files, an image directly in the root).  The returned :class:`Zoo` says, for each relative path, what a correct
 decoder must produce (the expected RGB pixels, and how close a lossy format may come) or why it must be
-skipped, so that tests of :func:`featx.data.open_rgb` and of whole extractions can check every file, not
+skipped, so that tests of :func:`featx.datasets.open_rgb` and of whole extractions can check every file, not
 just count them.
 
 Only Pillow and numpy write the files; scikit-learn's bundled images are read from its package folder

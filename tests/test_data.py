@@ -1,4 +1,4 @@
-"""featx.data: finding images in the three layouts, --split, the stratified split, CSV errors, fingerprints,
+"""featx.datasets: finding images in the three layouts, --split, the stratified split, CSV errors, fingerprints,
 and decoding every awkward or broken file of the image zoo (tests/imagezoo.py)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from imagezoo import make_zoo
 from PIL import Image
 
-from featx.data import (
+from featx.datasets import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     SPLITS,

@@ -213,11 +213,13 @@ def test_cli_says_which_layout_records_it_and_layout_forces_one(tmp_path):
     assert last.startswith("featx: error: ") and "imagelabels.mat is missing" in last
 
 
-def test_featx_data_shim_still_exports_the_old_names():
-    import featx.data as old
-    import featx.datasets as new
+def test_stratified_split_is_seeded_and_per_class():
+    from featx.datasets import parse_split, stratified
 
-    assert old.discover is new.discover and old.open_rgb is new.open_rgb and old.BadImage is new.BadImage
     labels = [0] * 10 + [1] * 10
-    assert old._stratified(labels, {"test": 0.2}, 0) == new.stratified(labels, {"test": 0.2}, 0)
-    assert np.array_equal(old.parse_split("test=0.1")["test"], 0.1)
+    assign = stratified(labels, {"test": 0.2}, 0)
+    assert assign == stratified(labels, {"test": 0.2}, 0)  # the same seed, the same split
+    assert [a for a, y in zip(assign, labels) if y == 0].count("test") == 2
+    assert [a for a, y in zip(assign, labels) if y == 1].count("test") == 2
+    assert set(assign) == {"train", "test"}
+    assert np.array_equal(parse_split("test=0.1")["test"], 0.1)

@@ -205,19 +205,20 @@ def _scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
 def test_tensorboard_curves_continue_after_a_kill_without_duplicates(tiny_head, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     import featx.finetune as ft
+    import featx.finetune.loop as loop
 
     kw = dict(epochs=3, augment="none", batch_size=5, workers=0, schedule="cosine", progress=False, cache=tmp_path)
-    save = ft._save_checkpoint
+    save = loop.save_checkpoint
 
-    def killed_before_epoch_2s_checkpoint(path, state):
-        if state["epoch"] == 2:
+    def killed_before_epoch_2s_checkpoint(path, checkpoint):
+        if checkpoint.progress.epoch == 2:
             raise KeyboardInterrupt  # as a kill: epoch 2's points are on disk, its checkpoint is not
-        save(path, state)
+        save(path, checkpoint)
 
-    monkeypatch.setattr(ft, "_save_checkpoint", killed_before_epoch_2s_checkpoint)
+    monkeypatch.setattr(loop, "save_checkpoint", killed_before_epoch_2s_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         ft.finetune(tiny_head, **kw)
-    monkeypatch.setattr(ft, "_save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     res = ft.finetune(tiny_head, **kw)  # resumes after epoch 1
     curve = res.metrics["curve"]
     assert [r["epoch"] for r in curve] == [1, 2, 3]

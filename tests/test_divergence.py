@@ -13,6 +13,7 @@ import torch
 from conftest import run_cli
 
 import featx.finetune as ft
+import featx.finetune.guard as guard
 from featx.errors import DivergenceError
 from featx.extract import extract
 from featx.finetune import CHECKPOINT, backbone_lr_scale, finetune, load_checkpoint
@@ -124,7 +125,7 @@ def test_defaults_train_stably_from_every_head_and_strategy(small, kind, unfreez
 
 def test_forced_divergence_recovers_at_a_lower_learning_rate(small, tmp_path, monkeypatch, caplog):
     # lr 1e20 goes to NaN at the second step; the retries are narrowed to x1e-10 to keep the test short
-    monkeypatch.setattr(ft, "RECOVER_FACTOR", 1e-10)
+    monkeypatch.setattr(guard, "RECOVER_FACTOR", 1e-10)
     m = finetune(small.heads["logreg", "pool5"], lr=1e20, recover=3, cache=tmp_path,
                  **{**RUN, "epochs": 1, "augment": "none"}).metrics
     rec = m["recoveries"]
@@ -168,7 +169,7 @@ def test_no_retry_allowed_stops_at_the_first_divergence(small, tmp_path):
 def test_an_exploding_finite_loss_recovers_at_a_lower_learning_rate(small, tmp_path, caplog, monkeypatch):
     # the old way at lr 1: finite losses, but their mean reaches ~150 by step 2 (the first step's was 0.3): the
     # step is stopped before it is taken, the epoch restarts from its first weights at 1e-6 x the learning rate
-    monkeypatch.setattr(ft, "RECOVER_FACTOR", 1e-6)
+    monkeypatch.setattr(guard, "RECOVER_FACTOR", 1e-6)
     m = finetune(small.heads["demo", "fc7"], unfreeze="fc", lr=1.0, recover=2, cache=tmp_path,
                  **{**RUN, "epochs": 1}, **OLD_WAY).metrics
     rec = m["recoveries"]

@@ -16,7 +16,7 @@ import torch
 from conftest import run_cli
 
 from featx.backbones import load_backbone
-from featx.data import open_rgb
+from featx.datasets import open_rgb
 from featx.errors import DataError, StrictError
 from featx.extract import extract
 from featx.store import FeatureSet

@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import fields, replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,14 +20,22 @@ import torch
 from featx.cache import sealed
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.extract import extract
-from featx.finetune import CHECKPOINT, ImageRows, _split_rows, finetune, load_checkpoint, trainable_groups
+from featx.finetune import (
+    CHECKPOINT,
+    FinetuneOptions,
+    ImageRows,
+    finetune,
+    load_checkpoint,
+    split_rows,
+    trainable_groups,
+)
 from featx.fit import fit_head, load_fitted
 from featx.model import build_from_head, load_model
 from featx.store import FeatureSet
 
 EXTRACT = dict(weights="random", seed=0, workers=0, batch_size=20)
 # the cheapest training that still steps every part: two steps on the tiny set's 9 train images, no augmentation
-QUICK = dict(epochs=1, augment="none", batch_size=5, workers=0, schedule="none", progress=False)
+QUICK: dict[str, Any] = dict(epochs=1, augment="none", batch_size=5, workers=0, schedule="none", progress=False)
 CONVS = ["features.0", "features.3", "features.6", "features.8", "features.10"]
 
 
@@ -114,7 +124,7 @@ def test_backbone_output_is_the_feature_set_and_logits_the_heads(base):
     fs = FeatureSet(base.features)
     test = fs.mask("test")
     paths, X = fs.column("path")[test][:4], fs.load("fc7", "test")[:4]
-    from featx.data import open_rgb
+    from featx.datasets import open_rgb
 
     x = torch.stack([hm.preprocess.transform(open_rgb(base.data / p)) for p in paths])
     with torch.inference_mode():
@@ -309,12 +319,56 @@ def test_validation_is_held_out_of_train_never_test():
     labels = np.repeat(np.arange(3), 30)
     splits = np.where(rng.random(90) < 0.2, "test", "train")
     rows = ImageRows(Path("/data"), [f"{i:03d}.png" for i in range(90)], labels, splits)
-    parts, source = _split_rows(rows, seed=0)
+    parts, source = split_rows(rows, seed=0)
     assert "held out" in source
     train, val, test = (set(parts[s][0]) for s in ("train", "val", "test"))
     assert test == {Path("/data") / p for p, s in zip(rows.paths, splits) if s == "test"}
     assert val and not val & train and not val & test and len(train) + len(val) == int((splits == "train").sum())
     assert set(parts["val"][1].tolist()) == {0, 1, 2}  # stratified: every class is validated
+
+
+# --------------------------------------------------------------------------------- options and keys
+
+# a stand-in head's identity: its files' sha256 and its feature set's key (what a model's key hashes of the head)
+HEAD_META = {"files": {"featx-head.json": "0" * 64, "estimator.npz": "1" * 64},
+             "source": {"key": "feat0123456789abcdef"}}
+SOME = dict(epochs=3, unfreeze="Last:2", lr=0.01, optimizer="ADAM", schedule="plateau", plateau_patience=4,
+            augment=["crop", "flip", "flip"], batch_size=16, early_stop=2, clip_grad=1.0, recover=1, seed=7, amp=True,
+            scale_backbone_lr=False, backbone_dropout=True)
+
+
+def test_model_keys_are_those_of_existing_caches():
+    # the keys that the code which wrote the existing caches gives these options (computed with it): a model
+    # already in a cache is found again, not trained twice
+    assert FinetuneOptions().model_key(HEAD_META) == "7fa22fab16ec91ecb6b7"
+    assert FinetuneOptions(**SOME).model_key(HEAD_META) == "847cf5e1e336386b2253"
+
+
+def test_options_json_is_canonical_and_says_null_where_an_option_does_not_apply():
+    opts = FinetuneOptions(**SOME)
+    assert opts.to_json() == {
+        "epochs": 3, "unfreeze": "last:2", "lr": 0.01, "backbone_lr_factor": 0.1, "optimizer": "adam",
+        "momentum": None, "weight_decay": 0.0005, "schedule": "plateau", "step_size": None, "plateau_patience": 4,
+        "gradual_every": None, "augment": ["crop", "flip"], "batch_size": 16, "amp": True, "early_stop": 2,
+        "clip_grad": 1.0, "recover": 1, "scale_backbone_lr": False, "backbone_dropout": True}
+    assert list(opts.to_json()) == [f.name for f in fields(FinetuneOptions) if f.name != "seed"]  # the saved order
+    same = FinetuneOptions(**{**SOME, "unfreeze": "last:2", "optimizer": "adam", "augment": "flip,crop"})
+    assert same == opts and same.model_key(HEAD_META) == opts.model_key(HEAD_META)
+    assert replace(opts, seed=8).to_json() == opts.to_json() and replace(opts, seed=8).model_key(HEAD_META) != \
+        opts.model_key(HEAD_META)
+    assert opts.strategy == ("last", 2) and opts.augments == {"crop", "flip"}
+    with pytest.raises(UsageError, match="--batch-size 'many': give a whole number"):
+        FinetuneOptions(batch_size="many")
+
+
+def test_the_options_object_and_keywords_name_one_model(tiny, tmp_path):
+    a = finetune(tiny, FinetuneOptions(epochs=2, unfreeze="head"), cache=tmp_path, plan=True)
+    b = finetune(tiny, epochs=2, unfreeze="head", cache=tmp_path, plan=True)
+    c = finetune(tiny, FinetuneOptions(epochs=1, unfreeze="all"), epochs=2, unfreeze="head", cache=tmp_path, plan=True)
+    assert a.path == b.path == c.path and not a.cached
+    assert finetune(tiny, FinetuneOptions(epochs=3), cache=tmp_path, plan=True).path != a.path
+    with pytest.raises(TypeError, match="'epochz'"):
+        finetune(tiny, epochz=2, cache=tmp_path, plan=True)
 
 
 # --------------------------------------------------------------------------------- slow

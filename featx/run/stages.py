@@ -234,9 +234,10 @@ class Finetune(Stage[Case]):
     name = "finetune"
 
     def call(self, r: Runner, c: Case, head: Path, **extra: Any) -> Any:
-        from featx.finetune import finetune
+        from featx.finetune import FinetuneOptions, finetune
 
-        return finetune(head, **c.params, seed=r.p.data["seed"], device=r.device, cache=r.root, **extra)
+        options = FinetuneOptions(**c.params, seed=r.p.data["seed"])
+        return finetune(head, options, device=r.device, cache=r.root, **extra)
 
     def plan(self, r: Runner, of: Case) -> Planned:
         shown = {"heads": ", ".join(of.candidates)}
