@@ -12,7 +12,7 @@
 * ``--memory``: peak PSS (main process + workers) of featx at N and 10 N images.
 
 Both are timed as whole processes (python start, imports and all), alternating, in the same run; the figures
-printed are medians. Weights are random (same cost as ImageNet weights; none can be downloaded here).
+printed are medians. Weights are random (the same cost as ImageNet weights, and nothing to download).
 """
 from __future__ import annotations
 

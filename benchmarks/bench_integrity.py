@@ -11,10 +11,10 @@ within each repeat so that the machine's load hits them alike:
 * ``sha256``: contiguous, the file's sha256 computed after writing and checked before reading.
 
 Reads are from the page cache (the files were just written): the worst case for a check, whose cost is then not
-hidden behind the disk. ``--layer-only`` also times reading one layer (fc7) alone, where fletcher32 checks only
-what is read and sha256 must hash the whole file.
+hidden behind the disk. Reading one layer (fc7) alone is timed too, where fletcher32 checks only what is read and
+sha256 must hash the whole file.
 
-Usage: python benchmarks/bench_integrity.py [--rows 8192] [--repeats 3] [--dir /tmp/x]
+Usage: python benchmarks/bench_integrity.py [--rows 8192] [--repeats 3] [--chunk-mib 1] [--dir /tmp/x]
 """
 from __future__ import annotations
 

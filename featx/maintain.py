@@ -69,7 +69,11 @@ class Item:
 # ============================================================================================== listing
 
 def _tree(path: Path) -> tuple[int, float]:
-    """(bytes, newest mtime) of everything under ``path``."""
+    """(bytes, newest mtime) of everything under ``path``.
+
+    A ``*.lock`` file's date is left out: most filelock releases truncate the lock file on every attempt to take it,
+    so its date says when the lock was last tried (by :func:`in_use` too), not when the item was written.
+    """
     try:
         st = path.lstat()
     except OSError:
@@ -84,7 +88,8 @@ def _tree(path: Path) -> tuple[int, float]:
             except OSError:
                 continue
             size += s.st_size
-            newest = max(newest, s.st_mtime)
+            if not name.endswith(".lock"):
+                newest = max(newest, s.st_mtime)
     return size, newest
 
 

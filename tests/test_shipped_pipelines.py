@@ -1,8 +1,10 @@
 """``featx run --dry-run`` of every shipped pipeline on a small copy of its dataset's published layout: the layout
 is detected, every case is listed with its stages to compute, and the split counts are the publisher's (or, for a
-dataset published without a split, the pipeline's stratified one)."""
+dataset published without a split, the pipeline's stratified one).  And every reference figure a shipped pipeline
+draws names the public write-up it comes from."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,8 @@ from conftest import run_cli
 from featx.pipeline import load
 from featx.run import run_pipeline
 
-layouts = pytest.importorskip("layouts", reason="tests/layouts.py (the small published layouts, from the datasets "
-                                                "work of issue #9) is not importable")
+layouts = pytest.importorskip("layouts", reason="tests/layouts.py (small copies of the published dataset layouts) is "
+                                                "not importable")
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 # shipped pipeline -> the published layout it reads
@@ -63,3 +65,34 @@ def test_dry_run_from_the_command_line(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "layout oxford-pets" in p.stdout and "train 12, test 8" in p.stdout
     assert "views=1-normalize=weights-fc7-svm: extract to compute; fit to compute" in p.stdout
+
+
+# where a public write-up lives: a GitHub owner/repository, an arXiv number, or a web site
+PUBLIC_PLACE = re.compile(r"\b[\w.-]+/[\w.-]+\b|arXiv:\d{4}\.\d{4,5}|\b[\w-]+\.(com|org|edu|net|io)\b")
+# what a pipeline file must never say: the project's own history instead of the user's work; and a reference's
+# source and note speak of the write-up, never of featx
+INTERNAL = re.compile(r"issue|seed experiment|#\d|not checked|could not|this machine|session|workplace", re.IGNORECASE)
+NOT_THE_WRITE_UP = re.compile(INTERNAL.pattern + "|featx", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("file", sorted(PIPELINES.glob("*.toml")), ids=lambda f: f.stem)
+def test_every_reference_names_its_public_write_up(file):
+    pipeline = load(file)
+    for ref in pipeline.references:
+        assert PUBLIC_PLACE.search(ref.source), f"{file.name}: {ref.source!r} does not say where it was published"
+        for text in (ref.source, ref.note):
+            assert not NOT_THE_WRITE_UP.search(text), f"{file.name}: {text!r} speaks of featx's own history"
+        assert ref.note, f"{file.name}: the reference {ref.source!r} does not say what was measured"
+        assert any(ref.applies_to(c.name) for c in pipeline.cases), f"{file.name}: {ref.cases} match no case"
+    assert not INTERNAL.search(file.read_text()), f"{file.name} speaks of featx's own history"
+
+
+def test_the_reference_checks_catch_internal_wording(tmp_path):
+    file = tmp_path / "bad.toml"
+    file.write_text('[data]\npath = "x"\n[features]\nlayers = ["fc7"]\n[heads.logreg]\n'
+                    '[[reference]]\naccuracy = 0.5\nsource = "featx seed experiment (issue #10)"\nnote = "n"\n')
+    with pytest.raises(AssertionError, match="does not say where it was published"):
+        test_every_reference_names_its_public_write_up(file)
+    file.write_text(file.read_text().replace('"featx seed experiment (issue #10)"', '"github.com/x/y, issue #10"'))
+    with pytest.raises(AssertionError, match="own history"):
+        test_every_reference_names_its_public_write_up(file)

@@ -167,6 +167,8 @@ def read_mat(path: Path, keys: tuple[str, ...], *, layout: str) -> dict:
         mat = scipy.io.loadmat(str(path))
     except Exception as e:  # scipy raises ValueError, TypeError, MatReadError... on a damaged file
         raise DataError(f"{layout}: cannot read {str(path)!r} as a MATLAB file ({type(e).__name__}: {e})") from None
+    if "" in mat:  # a variable without a name: a damaged file that scipy before 1.16 reads instead of refusing
+        raise DataError(f"{layout}: cannot read {str(path)!r} as a MATLAB file (a variable without a name)")
     missing = [k for k in keys if k not in mat]
     if missing:
         have = sorted(k for k in mat if not k.startswith("__"))
