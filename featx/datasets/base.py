@@ -134,6 +134,18 @@ def unused_file(root: Path, path: Path, reason: str) -> dict:
     return {"path": rel(path, root), "reason": reason}
 
 
+def take_listed(root: Path, path: str, listed: set[str], missing: list[dict], **where) -> bool:
+    """Whether a file an official list names becomes a row: not when listed before, nor when it is not on disk
+    (then it is recorded in ``missing`` with ``where`` it was listed)."""
+    if path in listed:
+        return False
+    listed.add(path)
+    if not (root / path).exists():
+        missing.append({"path": path, **where})
+        return False
+    return True
+
+
 def visible_files(folder: Path) -> list[Path]:
     """The files directly in ``folder`` (hidden ones skipped), sorted."""
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())

@@ -11,16 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from featx.datasets.base import (
-    ImageDataset,
-    is_image_name,
-    rel,
-    sorted_items,
-    unused_file,
-    unused_folder,
-    visible_dirs,
-    visible_files,
-)
+from featx.datasets import base
 from featx.datasets.folder import check_classes
 from featx.datasets.splits import stratified
 
@@ -42,30 +33,30 @@ def _images_dir(folder: Path) -> Path | None:
 def detect(folder: Path) -> bool:
     """``cat.<n>.jpg``/``dog.<n>.jpg`` files, in ``train/`` or in DATA, and no class subfolders beside them."""
     d = _images_dir(folder)
-    return d is not None and not any(p.name.lower() in ("cat", "dog") for p in visible_dirs(d))
+    return d is not None and not any(p.name.lower() in ("cat", "dog") for p in base.visible_dirs(d))
 
 
-def read(root: Path, *, fractions: dict[str, float], seed: int, data: str) -> ImageDataset:
+def read(root: Path, *, fractions: dict[str, float], seed: int, data: str) -> base.ImageDataset:
     """The labelled images, labels from their names, with featx's stratified split (see the module docstring)."""
     images = _images_dir(root) or root / "train"
     rows: list[tuple[str, str]] = []
     unused: list[dict] = []
-    for p in visible_files(images) if images.is_dir() else []:
+    for p in base.visible_files(images) if images.is_dir() else []:
         m = _LABELLED.match(p.name)
-        if m and is_image_name(p.name):
-            rows.append((rel(p, root), m.group(1).lower()))
+        if m and base.is_image_name(p.name):
+            rows.append((base.rel(p, root), m.group(1).lower()))
         else:
-            unused.append(unused_file(root, p, "not named <cat|dog>.<n>.<ext>: no label"))
-    for d in visible_dirs(root) if images != root else []:
+            unused.append(base.unused_file(root, p, "not named <cat|dog>.<n>.<ext>: no label"))
+    for d in base.visible_dirs(root) if images != root else []:
         if d.name in UNLABELLED:
-            unused.append(unused_folder(root, d, "the competition's test images are unlabelled"))
+            unused.append(base.unused_folder(root, d, "the competition's test images are unlabelled"))
     classes = sorted({c for _, c in rows})
     check_classes(classes, data)
     index = {c: i for i, c in enumerate(classes)}
     rows.sort()
     splits = stratified([index[c] for _, c in rows], fractions, seed)
-    items = sorted_items([(p, index[c], s) for (p, c), s in zip(rows, splits)])
-    return ImageDataset(root, tuple(classes), items, NAME, fractions, seed, data, unused=tuple(unused),
-                        report={"dataset": TITLE, "official_split": None,
-                                "split": "no official split: featx's stratified --split",
-                                "labels": "from the file names <cat|dog>.<n>.jpg"})
+    items = base.sorted_items([(p, index[c], s) for (p, c), s in zip(rows, splits)])
+    return base.ImageDataset(root, tuple(classes), items, NAME, fractions, seed, data, unused=tuple(unused),
+                             report={"dataset": TITLE, "official_split": None,
+                                     "split": "no official split: featx's stratified --split",
+                                     "labels": "from the file names <cat|dog>.<n>.jpg"})

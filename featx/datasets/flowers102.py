@@ -20,6 +20,7 @@ from featx.datasets.base import (
     mat_ints,
     read_mat,
     sorted_items,
+    take_listed,
     unused_file,
     visible_files,
 )
@@ -65,13 +66,8 @@ def read(root: Path, *, fractions: dict[str, float], seed: int, data: str) -> Im
                 raise DataError(f"{TITLE}: setid.mat {key} names image {i}, but imagelabels.mat labels images "
                                 f"1..{len(labels)}")
             path = f"jpg/image_{i:05d}.jpg"
-            if path in listed:
-                continue
-            listed.add(path)
-            if not (root / path).exists():
-                missing.append({"path": path, "list": f"setid.mat {key}"})
-                continue
-            rows.append((path, labels[i - 1], split))
+            if take_listed(root, path, listed, missing, list=f"setid.mat {key}"):
+                rows.append((path, labels[i - 1], split))
     numbers = sorted({lab for _, lab, _ in rows})
     classes = [str(n) for n in numbers]
     check_classes(classes, data)

@@ -14,16 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from featx.datasets.base import (
-    ImageDataset,
-    mat_ints,
-    mat_strings,
-    read_mat,
-    rel,
-    sorted_items,
-    unused_file,
-    walk_images,
-)
+from featx.datasets import base
 from featx.datasets.folder import check_classes
 from featx.errors import DataError
 
@@ -50,7 +41,7 @@ def _list_dir(root: Path) -> Path:
     return root / "lists" if (root / "lists" / "train_list.mat").is_file() else root
 
 
-def read(root: Path, *, fractions: dict[str, float], seed: int, data: str) -> ImageDataset:
+def read(root: Path, *, fractions: dict[str, float], seed: int, data: str) -> base.ImageDataset:
     """Read Stanford Dogs' official train/test lists (see the module docstring).
 
     Raises:
@@ -67,9 +58,9 @@ def read(root: Path, *, fractions: dict[str, float], seed: int, data: str) -> Im
     missing: list[dict] = []
     listed: set[str] = set()
     for name, split in LISTS:
-        mat = read_mat(lists / name, ("file_list", "labels"), layout=TITLE)
+        mat = base.read_mat(lists / name, ("file_list", "labels"), layout=TITLE)
         try:
-            files, labels = mat_strings(mat["file_list"]), mat_ints(mat["labels"])
+            files, labels = base.mat_strings(mat["file_list"]), base.mat_ints(mat["labels"])
         except (ValueError, TypeError, IndexError) as e:
             raise DataError(f"{TITLE}: cannot read the file_list/labels of {str(lists / name)!r}: {e}") from None
         if len(files) != len(labels):
@@ -81,28 +72,23 @@ def read(root: Path, *, fractions: dict[str, float], seed: int, data: str) -> Im
                 raise DataError(f"{TITLE}: {str(lists / name)!r} entry {k}: label {lab} is given to both "
                                 f"{folder_of[lab]!r} and {folder!r}")
             path = f"Images/{f}"
-            if path in listed:
-                continue
-            listed.add(path)
-            if not (root / path).exists():
-                missing.append({"path": path, "list": name, "entry": k})
-                continue
-            rows.append((path, folder, split))
+            if base.take_listed(root, path, listed, missing, list=name, entry=k):
+                rows.append((path, folder, split))
     labs = sorted(folder_of)
     classes = [folder_of[lab] for lab in labs]
     if len(set(classes)) != len(classes):
         raise DataError(f"{TITLE}: the lists give one breed folder two labels ({classes})")
     check_classes(classes, data)
     index = {c: i for i, c in enumerate(classes)}
-    unused = [unused_file(root, p, "in neither train_list.mat nor test_list.mat")
-              for p in walk_images(root / "Images") if rel(p, root) not in listed]
+    unused = [base.unused_file(root, p, "in neither train_list.mat nor test_list.mat")
+              for p in base.walk_images(root / "Images") if base.rel(p, root) not in listed]
     if missing:
         logger.warning("%s: %d listed image(s) are not on disk (reported in the manifest), e.g. %s",
                        TITLE, len(missing), missing[0]["path"])
-    return ImageDataset(root, tuple(classes), sorted_items([(p, index[c], s) for p, c, s in rows]), NAME, None,
-                        seed, data, class_names=tuple(c.split("-", 1)[-1].replace("_", " ") for c in classes),
-                        unused=tuple(unused),
-                        report={"dataset": TITLE, "official_split": {"train_list.mat": "train",
-                                                                     "test_list.mat": "test"},
-                                "lists": rel(lists, root) or ".", "missing": missing,
-                                "not_used": "Annotation/ (bounding boxes) and file_list.mat (the union of the lists)"})
+    items = base.sorted_items([(p, index[c], s) for p, c, s in rows])
+    names = tuple(c.split("-", 1)[-1].replace("_", " ") for c in classes)
+    report = {"dataset": TITLE, "official_split": {"train_list.mat": "train", "test_list.mat": "test"},
+              "lists": base.rel(lists, root) or ".", "missing": missing,
+              "not_used": "Annotation/ (bounding boxes) and file_list.mat (the union of the lists)"}
+    return base.ImageDataset(root, tuple(classes), items, NAME, None, seed, data, class_names=names,
+                             unused=tuple(unused), report=report)

@@ -16,17 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from featx.datasets.base import (
-    ImageDataset,
-    is_image_name,
-    rel,
-    sorted_items,
-    unused_file,
-    unused_folder,
-    visible_dirs,
-    visible_files,
-    walk_images,
-)
+from featx.datasets import base
 from featx.datasets.folder import check_classes
 from featx.errors import DataError
 
@@ -52,7 +42,7 @@ def _lines(path: Path, what: str) -> list[str]:
         raise DataError(f"{TITLE}: cannot read {str(path)!r} ({what}): {e}") from None
 
 
-def read(root: Path, *, fractions: dict[str, float], seed: int, data: str) -> ImageDataset:
+def read(root: Path, *, fractions: dict[str, float], seed: int, data: str) -> base.ImageDataset:
     """Read Tiny ImageNet's train and labelled val images (see the module docstring).
 
     Raises:
@@ -79,12 +69,12 @@ def read(root: Path, *, fractions: dict[str, float], seed: int, data: str) -> Im
     if absent:
         raise DataError(f"{TITLE}: {len(absent)} wnid(s) of wnids.txt have no folder in train/ (first: "
                         f"train/{absent[0]}): the folder is incomplete; unpack tiny-imagenet-200.zip again")
-    for d in visible_dirs(train):
+    for d in base.visible_dirs(train):
         if d.name not in index:
-            unused.append(unused_folder(root, d, "a train folder whose wnid is not in wnids.txt"))
+            unused.append(base.unused_folder(root, d, "a train folder whose wnid is not in wnids.txt"))
             continue
         imgs = d / "images" if (d / "images").is_dir() else d
-        rows += [(rel(p, root), index[d.name], "train") for p in walk_images(imgs)]
+        rows += [(base.rel(p, root), index[d.name], "train") for p in base.walk_images(imgs)]
     val = root / "val"
     n_val = 0
     if val.is_dir():
@@ -107,19 +97,20 @@ def read(root: Path, *, fractions: dict[str, float], seed: int, data: str) -> Im
             rows.append((path, index[wnid], "test"))
             n_val += 1
         if (val / "images").is_dir():
-            unused += [unused_file(root, p, "not named in val/val_annotations.txt")
-                       for p in visible_files(val / "images") if p.name not in named and is_image_name(p.name)]
+            unused += [base.unused_file(root, p, "not named in val/val_annotations.txt")
+                       for p in base.visible_files(val / "images")
+                       if p.name not in named and base.is_image_name(p.name)]
     else:
         logger.warning("%s: no val/ folder: there are no held-out rows (use --layout split-folders or a CSV to "
                        "choose your own)", TITLE)
     if (root / "test").is_dir():
-        unused.append(unused_folder(root, root / "test", "the test images are unlabelled (labels never published)"))
+        why = "the test images are unlabelled (labels never published)"
+        unused.append(base.unused_folder(root, root / "test", why))
     check_classes(wnids, data)
     if missing:
         logger.warning("%s: %d annotated val image(s) are not on disk (reported in the manifest), e.g. %s",
                        TITLE, len(missing), missing[0]["path"])
-    return ImageDataset(root, tuple(wnids), sorted_items(rows), NAME, None, seed, data,
-                        class_names=tuple(words.get(w, w) for w in wnids), unused=tuple(unused),
-                        report={"dataset": TITLE, "official_split": {"train/": "train", "val/ (labelled)": "test"},
-                                "words": {w: words.get(w, "") for w in wnids}, "missing": missing,
-                                "held_out": n_val})
+    report = {"dataset": TITLE, "official_split": {"train/": "train", "val/ (labelled)": "test"},
+              "words": {w: words.get(w, "") for w in wnids}, "missing": missing, "held_out": n_val}
+    return base.ImageDataset(root, tuple(wnids), base.sorted_items(rows), NAME, None, seed, data,
+                             class_names=tuple(words.get(w, w) for w in wnids), unused=tuple(unused), report=report)
