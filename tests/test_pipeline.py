@@ -313,3 +313,29 @@ def test_a_curve_with_more_shots_than_a_class_has_fails_alone(curves_run):
     row = next(r for r in res.rows if r["case"] == CURVE)
     assert row["error"].startswith("fewshot: --shots 50 is more than the") and "\n" not in row["error"]
     assert "## Cases that did not finish" in (res.path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_stopped_inside_a_curve_continues_it_to_the_same_numbers(curves_run, tmp_path):
+    """SIGINT at the curve's third draw (FEATX_STOP_AT): the case is recorded interrupted, its two finished draws
+    are kept, and the same command continues the curve to the numbers of an uninterrupted run."""
+    import json
+
+    from conftest import run_cli
+
+    file, _, _, res = curves_run
+    args = ("run", str(file), "--weights", "random", "--device", "cpu", "--cache", str(tmp_path))
+    stopped = run_cli(*args, env={"FEATX_STOP_AT": "fewshot.draw:3"})
+    assert stopped.returncode == 130 and "interrupted (SIGINT)" in stopped.stderr, stopped.stderr[-2000:]
+    rows = json.loads((tmp_path / "runs" / res.path.name / "results.json").read_text())["rows"]
+    assert [(r["case"], r["status"]) for r in rows] == [("pool5-logreg", "ok"), (CURVE, "interrupted")]
+    (curve,) = list((tmp_path / "fewshot").iterdir())
+    assert len(list((curve / "draws").glob("*.json"))) == 2
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.strip().splitlines()[-1] == str(tmp_path / "runs" / res.path.name)
+    summary = json.loads((curve / "summary.json").read_text())
+    assert summary["timings"]["fits_now"] == 3  # the two 2-shot draws and the head on every train row
+    rows = {r["case"]: r for r in json.loads((tmp_path / "runs" / res.path.name / "results.json").read_text())["rows"]}
+    first = next(r for r in res.rows if r["case"] == CURVE)
+    assert all(rows[CURVE][k] == first[k] for k in first if "accuracy" in k)
