@@ -139,7 +139,8 @@ def main() -> None:
         q = med[m]
         print(f"| {m} | {sizes[m]:.0f} | {q['write']:.2f} | {q['write'] / p['write']:.2f}x | {q['read']:.2f} | "
               f"{q['read'] / p['read']:.2f}x | {q['fc7']:.2f} | {q['fc7'] / p['fc7']:.2f}x |")
-    print("ranges (min-max):", {m: {k: (round(min(v), 2), round(max(v), 2)) for k, v in times[m].items()} for m in modes})
+    print("ranges (min-max):",
+          {m: {k: (round(min(v), 2), round(max(v), 2)) for k, v in times[m].items()} for m in modes})
     if not args.dir:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -18,8 +18,9 @@ when the parent's shared ``flag`` says so (see :func:`share_with_workers`).
 
 Named stop points make tests independent of timing: with ``FEATX_STOP_AT="POINT[:N[:SIGNAL[:TIMES]]]"`` (several
 comma-separated), the N-th (default 1st) ``check(POINT)`` of the process sends SIGNAL (SIGINT or SIGTERM, default
-SIGINT; SIGKILL stands for ``kill -9``) TIMES times (default 1; 2 exercises the immediate stop) to the process itself with :func:`os.kill`, so the
-real handler runs, exactly then.  ``POINT`` names are ``<stage>.<unit>``, listed in docs/interrupts.md.
+SIGINT; SIGKILL stands for ``kill -9``) TIMES times (default 1; 2 exercises the immediate stop) to the process
+itself with :func:`os.kill`, so the real handler runs, exactly then.  ``POINT`` names are ``<stage>.<unit>``,
+listed in docs/interrupts.md.
 
 Example (a library loop)::
 
@@ -68,6 +69,10 @@ class _State:
     """The process's stop request; only the main thread's signal handler and :func:`check` change it."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to a process that has received nothing (entering and leaving :func:`handling`)."""
         self.active = False  # inside handling()
         self.worker = False  # a worker process: SIGINT ignored, the parent's flag obeyed
         self.requested: str | None = None  # the first signal's name
@@ -205,7 +210,7 @@ def handling(*, parent=None) -> Iterator[None]:
         yield
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS.values()}
-    _state.__init__()
+    _state.reset()
     _state.active = True
     _state.parent_flag = parent
     _state.worker = parent is not None
@@ -218,7 +223,7 @@ def handling(*, parent=None) -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
-        _state.__init__()
+        _state.reset()
 
 
 def share_with_workers(ctx) -> object:

@@ -5,11 +5,14 @@ the published figures the results are compared with (the format is specified in 
 checks every key (backbones, layers and head parameters against featx's registries) and expands the lists into
 a grid of named :class:`Case` objects.  Nothing here computes: :mod:`featx.run` runs the cases.
 
+A ``[fewshot.NAME]`` table is a few-shot learning curve (:func:`featx.fewshot.fewshot`) of a head on every feature
+set and layer: its ``shots`` and ``draws`` are the curve's, not lists to expand.
+
 The grid rule: in ``[features]``, ``backbone``, ``weights``, ``views`` and ``normalize`` may be lists, and every
-combination is one feature set (``layers`` are all extracted into each); in a ``[heads.NAME]`` or
-``[finetune.NAME]`` table, every value that is a list expands, and every combination is one case.  A case's name
-joins the values that tell it apart from the others, in the file's order: ``pool5-svm-C=0.01``,
-``views=10-fc7-mlp``, ``finetune-last-unfreeze=all``.
+combination is one feature set (``layers`` are all extracted into each); in a ``[heads.NAME]``,
+``[fewshot.NAME]`` or ``[finetune.NAME]`` table, every value that is a list expands (except a curve's ``shots``),
+and every combination is one case.  A case's name joins the values that tell it apart from the others, in the
+file's order: ``pool5-svm-C=0.01``, ``views=10-fc7-mlp``, ``finetune-last-unfreeze=all``.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ FINETUNE_OPTIONS = ("epochs", "unfreeze", "lr", "backbone_lr_factor", "optimizer
                     "schedule", "augment", "batch_size", "early_stop", "gradual_every", "step_size",
                     "plateau_patience", "amp", "clip_grad", "recover", "scale_backbone_lr", "backbone_dropout")
 SEARCH_KEYS = ("kind", "trials", "sampler", "cv", "layers")
+FEWSHOT_KEYS = ("kind", "layers", "scale", "shots", "draws")  # and the head's parameters
+FEWSHOT_DEFAULTS: dict[str, Any] = {"shots": [1, 2, 4, 8, 16], "draws": 10}  # as `featx fewshot`'s
 BUILTIN_DATA = {"sklearn:digits": "scikit-learn's 1,797 handwritten digits, written once under <cache>/demo/digits"}
 
 
@@ -63,7 +68,8 @@ class Variant:
 class Case:
     """One row of the results: a head fitted, a search run, or a fine-tune, with everything that defines it.
 
-    ``stage`` is ``fit``, ``search`` or ``finetune``.  Fit and search cases have a ``variant`` and a ``layer``;
+    ``stage`` is ``fit``, ``search``, ``fewshot`` or ``finetune``.  Fit, search and few-shot cases have a
+    ``variant`` and a ``layer`` (a few-shot case's ``params`` hold its ``shots`` and ``draws``);
     a fine-tune case has ``candidates``, the cases it may start from (in the file's order, all on one backbone and
     weights), of which :func:`featx.run.start.choose_start` picks one.  ``labels`` are the values that name the case
     (and differ between cases).
@@ -89,9 +95,9 @@ class Case:
             out["layer"] = self.layer
         if self.kind is not None:
             out["head"] = self.kind
-        if self.stage == "fit":
+        if self.stage in ("fit", "fewshot"):
             out["scale"] = self.scale
-        out.update(dict(self.params.items()))
+        out.update({k: (",".join(map(str, v)) if k == "shots" else v) for k, v in self.params.items()})
         return out
 
 
@@ -293,7 +299,7 @@ def _typename(types: tuple[type, ...]) -> str:
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
-TOP_KEYS = ("name", "description", "data", "features", "heads", "search", "finetune", "reference")
+TOP_KEYS = ("name", "description", "data", "features", "heads", "search", "fewshot", "finetune", "reference")
 
 
 def expand(raw: dict, *, name: str = "pipeline", file: Path | None = None, original: dict | None = None) -> Pipeline:
@@ -313,7 +319,8 @@ def expand(raw: dict, *, name: str = "pipeline", file: Path | None = None, origi
     data = _data(ck, raw.get("data", {}))
     grid = _features(ck, raw.get("features", {}), original)
     cases = _head_cases(ck, raw.get("heads", {}), grid) + _search_cases(ck, raw.get("search", {}), grid)
-    cases += _finetune_cases(ck, raw.get("finetune", {}), grid, cases)
+    curves = _fewshot_cases(ck, raw.get("fewshot", {}), grid)
+    cases += curves + _finetune_cases(ck, raw.get("finetune", {}), grid, cases)  # fine-tunes start from heads
     _check_names(ck, cases)
     refs = _references(ck, raw.get("reference", []))
     return Pipeline(title, file, data, grid.variants, tuple(grid.layers), grid.extract, tuple(cases), refs, raw)
@@ -375,10 +382,10 @@ def _tables(ck: _Checker, value: Any, where: str) -> Iterator[tuple[str, str, di
 
 
 def _head_kind(ck: _Checker, table: dict, where: str, group: str) -> str:
-    """A ``[heads.NAME]`` or ``[search.NAME]`` table's head: its ``kind``, else its name."""
+    """A ``[heads.NAME]``, ``[search.NAME]`` or ``[fewshot.NAME]`` table's head: its ``kind``, else its name."""
     kind = ck.scalar(table.get("kind", group), f"{where}.{group}.kind", (str,))
     if kind not in HEAD_KINDS:
-        hint = "kind = \"svm\" (or logreg, mlp)" if where == "heads" else "kind"
+        hint = "kind = \"svm\" (or logreg, mlp)" if where in ("heads", "fewshot") else "kind"
         raise ck.fail(f"{where}.{group}.kind" if "kind" in table else f"{where}.{group}",
                       f"{kind!r} is not a head: name the table after one of {', '.join(HEAD_KINDS)} or set {hint}")
     return kind
@@ -429,6 +436,34 @@ def _search_cases(ck: _Checker, value: Any, grid: _Grid) -> list[Case]:
     return cases
 
 
+def _fewshot_cases(ck: _Checker, value: Any, grid: _Grid) -> list[Case]:
+    """``[fewshot.NAME]``: a few-shot curve per feature set, layer and combination of the head's parameters' lists
+    (``shots`` is the curve's list of k, not a list to expand)."""
+    cases = []
+    for group, prefix, table in _tables(ck, value, "fewshot"):
+        kind = _head_kind(ck, table, "fewshot", group)
+        scale = ck.scalar(table.get("scale", "standard"), f"{prefix}scale", (str,), choices=("standard", "l2", "none"))
+        shots = sorted(ck.one_or_list(table.get("shots", FEWSHOT_DEFAULTS["shots"]), f"{prefix}shots", (int,)))
+        if shots[0] < 1:
+            raise ck.fail(f"{prefix}shots", f"{shots[0]}: give numbers of train images per class, each at least 1")
+        draws = ck.scalar(table.get("draws", FEWSHOT_DEFAULTS["draws"]), f"{prefix}draws", (int,))
+        if draws < 1:
+            raise ck.fail(f"{prefix}draws", f"{draws}: a curve needs at least 1 draw per k")
+        params = {k: ck.one_or_list(v, f"{prefix}{k}", (str, int, float, bool))
+                  for k, v in table.items() if k not in FEWSHOT_KEYS}
+        _check_head_params(ck, kind, params, prefix, extra="kind, layers, scale, shots, draws")
+        varying = [k for k, vs in params.items() if len(vs) > 1]
+        for v in grid.variants:
+            for layer in _sub_layers(ck, table, grid.layers, prefix):
+                for combo in itertools.product(*params.values()):
+                    vals = dict(zip(params, combo))
+                    label = {**grid.label(v), "layer": layer, "group": f"fewshot-{group}",
+                             **{k: vals[k] for k in varying}}
+                    cases.append(Case(_name(label), "fewshot", f"fewshot.{group}", v, layer, kind,
+                                      {"shots": tuple(shots), "draws": draws, **vals}, scale, labels=label))
+    return cases
+
+
 def _finetune_cases(ck: _Checker, value: Any, grid: _Grid, sources: list[Case]) -> list[Case]:
     """``[finetune.NAME]``: per backbone and weights among the cases ``from`` names (its candidates), a case per
     combination of the table's lists."""
@@ -467,8 +502,8 @@ def _candidates(ck: _Checker, table: dict, prefix: str, sources: list[Case]) -> 
 
 def _check_names(ck: _Checker, cases: list[Case]) -> None:
     if not cases:
-        raise ck.fail("heads", "the pipeline has no case: add a [heads.svm] (or logreg, mlp) table, a [search.NAME] "
-                               "or a [finetune.NAME]")
+        raise ck.fail("heads", "the pipeline has no case: add a [heads.svm] (or logreg, mlp) table, a [search.NAME], "
+                               "a [fewshot.NAME] or a [finetune.NAME]")
     seen: set[str] = set()
     for c in cases:
         if c.name in seen:
@@ -512,7 +547,8 @@ def _sub_layers(ck: _Checker, table: dict, layers: list[str], prefix: str) -> li
     return sub
 
 
-def _check_head_params(ck: _Checker, kind: str, params: dict, prefix: str) -> None:
+def _check_head_params(ck: _Checker, kind: str, params: dict, prefix: str, *,
+                       extra: str = "kind, layers, scale") -> None:
     """A parameter the head does not have is a mistake in the file (a bad value is a failed case, at fit time)."""
     from featx.fit import make_head
 
@@ -520,7 +556,7 @@ def _check_head_params(ck: _Checker, kind: str, params: dict, prefix: str) -> No
     for k in params:
         if k not in valid:
             raise ck.fail(f"{prefix}{k}", f"{kind} has no parameter {k!r}: its parameters are {', '.join(valid)} "
-                                          f"(and kind, layers, scale)")
+                                          f"(and {extra})")
 
 
 def _check_backbones(ck: _Checker, backbones: list[str], layers: list[str]) -> None:

@@ -16,7 +16,8 @@ import signal
 
 
 def _arm() -> None:
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or os.environ.get("RANK") != os.environ.get("KILL_RANK"):
+    if (os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+            or os.environ.get("RANK") != os.environ.get("KILL_RANK")):
         return
     at = os.environ.get("KILL_AT", "")
     if at == "extract.shard":
@@ -28,7 +29,7 @@ def _arm() -> None:
             finish(self, *args, **kwargs)
             os.kill(os.getpid(), signal.SIGKILL)
 
-        store.ShardWriter.finish = finish_then_die
+        store.ShardWriter.finish = finish_then_die  # type: ignore[method-assign]
     elif at.startswith("finetune.step:"):
         import torch
 
@@ -42,7 +43,7 @@ def _arm() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
 
-        torch.optim.SGD.step = step_then_die
+        torch.optim.SGD.step = step_then_die  # type: ignore[method-assign]
     elif at:
         raise SystemExit(f"featx_killed_once: unknown KILL_AT {at!r}")
 

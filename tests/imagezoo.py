@@ -94,21 +94,31 @@ class Zoo:
 
     def of_kind(self, kind: str) -> str:
         """The path of the (first) valid or bad file of a kind, e.g. ``zoo.of_kind("exif-rotated")``."""
-        for rel, spec in sorted([*self.valid.items(), *self.bad.items()]):
-            if spec.kind == kind:
+        kinds = {**{rel: z.kind for rel, z in self.valid.items()}, **{rel: b.kind for rel, b in self.bad.items()}}
+        for rel in sorted(kinds):
+            if kinds[rel] == kind:
                 return rel
         raise KeyError(kind)
 
 
 # ---------------------------------------------------------------------------------------------- content
 
-@functools.lru_cache(maxsize=1)
-def _photos() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's two sample photos (china, flower), 427 x 640 x 3 uint8 each."""
+def _sklearn_folder() -> Path | None:
+    """Where scikit-learn is installed (None when it cannot say)."""
     spec = importlib.util.find_spec("sklearn")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "images" if spec else None
+    places = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(places[0]) if places else None
+
+
+@functools.lru_cache(maxsize=1)
+def _photos() -> tuple[np.ndarray, ...]:
+    """scikit-learn's two sample photos (china, flower), 427 x 640 x 3 uint8 each."""
+    folder = _sklearn_folder()
     try:
-        return tuple(np.asarray(Image.open(folder / f"{n}.jpg").convert("RGB")) for n in ("china", "flower"))
+        if folder is None:
+            raise OSError("scikit-learn's folder is unknown")
+        return tuple(np.asarray(Image.open(folder / "datasets" / "images" / f"{n}.jpg").convert("RGB"))
+                     for n in ("china", "flower"))
     except (OSError, TypeError):  # a layout we don't know: the public loader (slow import, same pictures)
         from sklearn.datasets import load_sample_images
 
@@ -118,9 +128,11 @@ def _photos() -> tuple[np.ndarray, np.ndarray]:
 @functools.lru_cache(maxsize=1)
 def _digits() -> np.ndarray:
     """scikit-learn's handwritten digits, 1797 x 8 x 8 uint8 in 0..255 (the originals are 0..16)."""
-    spec = importlib.util.find_spec("sklearn")
+    folder = _sklearn_folder()
     try:
-        path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+        if folder is None:
+            raise OSError("scikit-learn's folder is unknown")
+        path = folder / "datasets" / "data" / "digits.csv.gz"
         flat = np.loadtxt(path, delimiter=",")[:, :64]
         images = flat.reshape(-1, 8, 8)
     except (OSError, TypeError, ValueError):

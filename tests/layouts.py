@@ -74,7 +74,8 @@ def make_oxford_pets(root: Path) -> Path:
     top = Path(root) / "oxford-iiit-pet"
     ann = top / "annotations"
     ann.mkdir(parents=True, exist_ok=True)
-    rows_tv, rows_te = [], []
+    rows_tv: list[str] = []
+    rows_te: list[str] = []
     seed = 0
     for breed, cid, species, bid in PETS_BREEDS:
         for i in range(1, 6):

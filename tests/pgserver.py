@@ -34,8 +34,9 @@ def server_bindir() -> Path | None:
             candidates.append(Path(out.strip()))
         except (OSError, subprocess.SubprocessError):
             pass
-    if shutil.which("pg_ctl"):
-        candidates.append(Path(shutil.which("pg_ctl")).resolve().parent)
+    pg_ctl = shutil.which("pg_ctl")
+    if pg_ctl:
+        candidates.append(Path(pg_ctl).resolve().parent)
     candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
     for d in candidates:
         if all((d / p).exists() for p in SERVER_PROGRAMS):

@@ -40,7 +40,8 @@ def test_context_without_torchrun_is_a_world_of_one(monkeypatch):
 
 
 def test_context_reads_torchruns_variables(monkeypatch):
-    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RESTART_COUNT": "2"}
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "TORCHELASTIC_RESTART_COUNT": "2"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     ctx = distributed.from_env()
@@ -103,6 +104,7 @@ def _same_rows(a: Path, b: Path, layers=("pool5",)) -> None:
         assert list(fa.column(col)) == list(fb.column(col))
     np.testing.assert_array_equal(fa.labels(), fb.labels())
     ma, mb = fa.manifest, fb.manifest
+    assert ma is not None and mb is not None
     assert {k for k in ma if ma[k] != mb[k]} <= {"timings", "created", "digest"}  # all else the same
     assert sorted(p.name for p in a.glob("shard-*.h5")) == sorted(p.name for p in b.glob("shard-*.h5"))
 
@@ -139,7 +141,7 @@ def test_two_nodes_on_the_c10d_rendezvous_equal_one_process(data20, tmp_path):
     port = _free_port()
     nodes = [torchrun(*args, nnodes=2, nproc=1, port=port) for _ in range(2)]
     results = finish(*nodes)
-    for rc, out, err in results:
+    for rc, _, err in results:
         assert rc == 0, err[-3000:]
     single = extract(data20, layers=["pool5", "fc7"], normalize="dataset", split="test=0.3", cache=tmp_path / "one",
                      weights="random", workers=0, batch_size=4, shard_size=5)
@@ -153,7 +155,7 @@ def test_ranks_that_disagree_stop_with_one_error_and_write_nothing(data20, tmp_p
     cache = tmp_path / "c"
     a = torchrun("extract", str(data20), *TINY, "--layer", "pool5", "--cache", str(cache), nnodes=2, nproc=1, port=port)
     b = torchrun("extract", str(data20), *TINY, "--layer", "fc7", "--cache", str(cache), nnodes=2, nproc=1, port=port)
-    for rc, out, err in finish(a, b):
+    for rc, _, err in finish(a, b):
         assert rc != 0
         assert "featx: error: the 2 torchrun ranks disagree on layers: rank 0" in err, err[-3000:]
         assert "['pool5']" in err and "['fc7']" in err and "nothing was written" in err
@@ -165,9 +167,11 @@ def test_ranks_that_disagree_stop_with_one_error_and_write_nothing(data20, tmp_p
 def test_a_cache_that_is_not_shared_between_nodes_is_detected(data20, tmp_path):
     port = _free_port()
     env = {"FEATX_SHARED_WAIT": "1"}
-    a = torchrun("extract", str(data20), *TINY, "--cache", str(tmp_path / "node-a"), nnodes=2, nproc=1, port=port, env=env)
-    b = torchrun("extract", str(data20), *TINY, "--cache", str(tmp_path / "node-b"), nnodes=2, nproc=1, port=port, env=env)
-    for rc, out, err in finish(a, b):
+    a = torchrun("extract", str(data20), *TINY, "--cache", str(tmp_path / "node-a"), nnodes=2, nproc=1, port=port,
+                 env=env)
+    b = torchrun("extract", str(data20), *TINY, "--cache", str(tmp_path / "node-b"), nnodes=2, nproc=1, port=port,
+                 env=env)
+    for rc, _, err in finish(a, b):
         assert rc != 0
         assert "is not shared between the torchrun ranks: rank 1" in err, err[-3000:]
     assert not list((tmp_path / "node-a").rglob("*-*")) and not list((tmp_path / "node-b").rglob("*-*"))

@@ -154,6 +154,19 @@ def test_bad_input_is_one_line(digits_features, tmp_path):
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("featx: error: --shots")
     assert str(n_min) in r.stderr and repr(smallest) in r.stderr
     assert not (tmp_path / "fewshot").exists()
+    r = CliRunner().invoke(main, ["fewshot", str(digits_features), "--layer", "fc7", "--cache", str(tmp_path)])
+    assert r.exit_code != 0 and r.stderr.count("\n") == 1 and r.stderr.startswith("featx: "), r.stderr
+    assert "layers present are features.12" in r.stderr
+
+
+def test_a_pipeline_curve_on_an_unknown_backbone_or_layer_is_one_line(tmp_path):
+    file = tmp_path / "p.toml"
+    file.write_text('[data]\npath = "sklearn:digits"\n[features]\nlayers = ["penultimate"]\n[fewshot.logreg]\n')
+    for sets, said in (("features.backbone=\"lenet\"", "key features.backbone: 'lenet' is not a backbone"),
+                       ("features.layers=[\"pool9\"]", "key features.layers: 'pool9' is not a layer of alexnet")):
+        r = CliRunner().invoke(main, ["run", str(file), "--set", sets, "--dry-run", "--cache", str(tmp_path)])
+        assert r.exit_code != 0 and r.stderr.count("\n") == 1 and r.stderr.startswith("featx: "), r.stderr
+        assert said in r.stderr
 
 
 def test_features_without_a_test_split(tmp_path):

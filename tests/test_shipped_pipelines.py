@@ -25,6 +25,7 @@ SHIPPED = {
     "dog-breeds": "stanford-dogs",
     "caltech256": "caltech256",
     "linear-probe": "caltech101",
+    "backbones": "caltech101",   # the digits by default; any data of the user's (here, a Caltech-101 copy)
 }
 
 
@@ -42,7 +43,8 @@ def test_dry_run_on_a_small_copy_of_the_published_layout(name, tmp_path):
     pipeline = load(file, data=data)
     assert list(plan.cases) == [c.name for c in pipeline.cases]  # every case listed
     for case, stages in plan.cases.items():
-        assert all(v == "to compute" for k, v in stages.items() if k in ("extract", "fit", "search", "finetune")), \
+        assert all(v == "to compute" for k, v in stages.items()
+                   if k in ("extract", "fit", "search", "fewshot", "finetune")), \
             (case, stages)
     assert len(plan.features) == len(pipeline.variants)
     for info in plan.features.values():
@@ -65,6 +67,40 @@ def test_dry_run_from_the_command_line(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "layout oxford-pets" in p.stdout and "train 12, test 8" in p.stdout
     assert "views=1-normalize=weights-fc7-svm: extract to compute; fit to compute" in p.stdout
+
+
+def test_backbones_dry_run_on_the_digits(tmp_path):
+    """The four backbones' curves on the default data, the digits: every case a few-shot curve to compute."""
+    file = PIPELINES / "backbones.toml"
+    plan = run_pipeline(file, cache=tmp_path / "cache", dry_run=True)
+    assert list(plan.cases) == [f"{b}-penultimate-fewshot-logreg" for b in ("alexnet", "vgg16", "resnet50",
+                                                                              "vit_b_16")]
+    assert all(st == {"extract": "to compute", "fewshot": "to compute"} for st in plan.cases.values())
+    assert [v.backbone for v in plan.features] == ["alexnet", "vgg16", "resnet50", "vit_b_16"]
+    for info in plan.features.values():
+        assert info["layout"] == "class-folders" and info["classes"] == [str(d) for d in range(10)]
+        assert info["n_images"] == 1797 and min(info["counts"].values()) > 0
+    c = load(file).cases[0]
+    assert (c.kind, c.params) == ("logreg", {"shots": (1, 2, 4, 8, 16), "draws": 10, "C": 1.0})
+    assert not (tmp_path / "cache" / "features").exists()
+
+
+@pytest.mark.slow
+def test_backbones_end_to_end_with_random_weights(tmp_path):
+    """backbones.toml at reduced size: 60 digits, 2 draws of 1 and 2 images per class, every backbone for real."""
+    from featx.datasets.digits import write_digits
+
+    data = write_digits(tmp_path / "digits", limit=60)
+    res = run_pipeline(PIPELINES / "backbones.toml", data=data, weights="random", cache=tmp_path / "cache",
+                       sets=["fewshot.logreg.shots=[1,2]", "fewshot.logreg.draws=2", "features.batch_size=8"],
+                       device="cpu", progress=False)
+    assert not res.failed and res.computed == {"extract": 4, "fewshot": 4}
+    for r in res.rows:
+        assert r["status"] == "ok" and r["test_accuracy"] == r["accuracy_k2"] and 0 <= r["full_accuracy"] <= 1
+        assert (res.path / "fewshot" / f"{r['case']}.csv").is_file()
+    assert {r["backbone"] for r in res.rows} == {"alexnet", "vgg16", "resnet50", "vit_b_16"}
+    assert "## Few-shot curves" in (res.path / "report.md").read_text()
+    assert (res.path / "fewshot.png").is_file()
 
 
 # where a public write-up lives: a GitHub owner/repository, an arXiv number, or a web site

@@ -138,7 +138,7 @@ RUN = ["--weights", "random", "--device", "cpu", "--quiet",
 RUN_CASES = ["pool5-svm", "pool5-logreg", "pool5-mlp", "pool5-search-logreg", "finetune-all"]
 
 
-def command_args(command: str, small: dict, h5: Path, cache: Path) -> list:
+def command_args(command: str, small: dict, h5: Path | None, cache: Path) -> list:
     """``featx ...`` of each command the stress test stops."""
     if command == "extract":
         return ["extract", small["data"], *EXTRACT, "--cache", cache]

@@ -30,7 +30,8 @@ def check_classes(classes: list[str], data: str, *, csv_file: bool = False) -> N
         raise DataError(f"only one class ({classes[0]!r}) in {data!r}: a classifier needs at least two")
 
 
-def _from_class_folders(root: Path, subdirs: list[Path], fractions: dict[str, float], seed: int, data: str) -> ImageDataset:
+def _from_class_folders(root: Path, subdirs: list[Path], fractions: dict[str, float], seed: int,
+                        data: str) -> ImageDataset:
     per_class = {d.name: _walk_images(d) for d in subdirs}
     empty = [c for c, files in per_class.items() if not files]
     for c in empty:
@@ -46,7 +47,8 @@ def _from_class_folders(root: Path, subdirs: list[Path], fractions: dict[str, fl
     return ImageDataset(root, tuple(classes), items, "class-folders", fractions, seed, data, tuple(empty + loose))
 
 
-def _from_split_folders(root: Path, subdirs: list[Path], fractions: dict[str, float], seed: int, data: str) -> ImageDataset:
+def _from_split_folders(root: Path, subdirs: list[Path], fractions: dict[str, float], seed: int,
+                        data: str) -> ImageDataset:
     others = [d.name for d in subdirs if d.name not in SPLITS]
     if others:
         logger.warning("ignoring top-level folder(s) %s: DATA has split folders train/ and test/", others)

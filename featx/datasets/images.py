@@ -112,12 +112,12 @@ def open_rgb(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PI
         _check_file(p)
         _quiet_bomb_warnings()
         with _pixel_limit(max_pixels):
-            with Image.open(p) as im:
-                if max_pixels is not None and im.width * im.height > max_pixels:
-                    raise BadImage(f"decompression bomb: {im.width}x{im.height} pixels is over the limit of {max_pixels}")
-                im.load()
-                im = ImageOps.exif_transpose(im) or im
-                return _to_8bit_rgb(im)
+            with Image.open(p) as opened:
+                if max_pixels is not None and opened.width * opened.height > max_pixels:
+                    raise BadImage(f"decompression bomb: {opened.width}x{opened.height} pixels is over the limit "
+                                   f"of {max_pixels}")
+                opened.load()
+                return _to_8bit_rgb(ImageOps.exif_transpose(opened) or opened)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,7 +68,7 @@ def decode_loader(paths: Sequence[Path], batches: list[list[int]], pre: Preproce
                   max_pixels: int | None, ready: bool = False) -> torch.utils.data.DataLoader:
     """Decode in ``workers`` processes; ``ready``: batches arrive normalized (else uint8, e.g. for the GPU, where
     sending uint8 and normalizing there moves 4x fewer bytes)."""
-    kw = {}
+    kw: dict[str, Any] = {}
     if workers > 0:
         kw = {"prefetch_factor": 4, "persistent_workers": False}
     return torch.utils.data.DataLoader(DecodeSet(paths, pre, max_pixels), batch_sampler=batches,

@@ -1,5 +1,6 @@
 """The results of a pipeline run, from the rows of its cases: ``results.csv`` and ``results.json`` (rewritten after
-every case, so that a killed run leaves the finished rows), ``report.md`` and ``results.png`` (at the end)."""
+every case, so that a killed run leaves the finished rows; each finished few-shot curve's CSV and plot are copied
+under ``fewshot/`` then), ``report.md``, ``results.png`` and, with few-shot curves, ``fewshot.png`` (at the end)."""
 from __future__ import annotations
 
 import csv
@@ -55,7 +56,35 @@ def table(p: Pipeline, chosen: list[Case], outcomes: Mapping[str, Mapping[str, A
         for k in varying:
             r[k if k not in r else f"param_{k}"] = ps.get(k)
         rows.append(r)
-    return rows, [*LEAD, *[k if k not in METRICS else f"param_{k}" for k in varying], *METRICS]
+    return rows, [*LEAD, *[k if k not in METRICS else f"param_{k}" for k in varying], *METRICS, *_curve_columns(rows)]
+
+
+def _curve_shots(rows: list[dict]) -> list[int]:
+    """The k of every few-shot curve among the rows, in order."""
+    return sorted({int(k[len("accuracy_k"):]) for r in rows for k in r if k.startswith("accuracy_k")})
+
+
+def _curve_columns(rows: list[dict]) -> list[str]:
+    """results.csv's few-shot columns (when a row has a curve): the k its test accuracy is at, the mean and the
+    standard deviation over the draws at every k, the head on every train row, the curve's directory."""
+    ks = _curve_shots(rows)
+    if not ks:
+        return []
+    return ["fewshot_k", *[f"accuracy_k{k}" for k in ks], *[f"accuracy_std_k{k}" for k in ks], "full_accuracy",
+            "fewshot_dir"]
+
+
+def _copy_curves(out: Path, rows: list[dict]) -> None:
+    """Each finished curve's CSV and plot, as ``fewshot/<case>.csv`` and ``fewshot/<case>.png`` of the run."""
+    for r in rows:
+        src = Path(r["fewshot_dir"]) if r.get("status") == "ok" and r.get("fewshot_dir") else None
+        if src is None:
+            continue
+        for name, suffix in (("fewshot.csv", ".csv"), ("fewshot.png", ".png")):
+            dst = out / "fewshot" / f"{r['case']}{suffix}"
+            if (src / name).is_file() and not dst.is_file():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(dst, (src / name).read_bytes())
 
 
 def _cell(v: Any) -> Any:
@@ -68,8 +97,8 @@ def _cell(v: Any) -> Any:
 
 def write_results(out: Path, p: Pipeline, rows: list[dict], columns: list[str], *, computed: dict[str, int],
                   cached: dict[str, int]) -> None:
-    """results.csv (the columns, then any other key of a row, sorted) and results.json (the rows, the stage
-    counters and the references)."""
+    """results.csv (the columns, then any other key of a row, sorted), results.json (the rows, the stage
+    counters and the references) and each finished few-shot curve's CSV and plot under ``fewshot/``."""
     cols = columns + sorted({k for r in rows for k in r} - set(columns))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
@@ -77,6 +106,7 @@ def write_results(out: Path, p: Pipeline, rows: list[dict], columns: list[str], 
     for r in rows:
         w.writerow({k: _cell(r.get(k)) for k in cols})
     atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
+    _copy_curves(out, rows)
     atomic_write_json(out / "results.json", {
         "pipeline": p.name, "file": str(p.file or ""), "featx_version": featx.__version__,
         "rows": rows, "computed": computed, "cached": cached,
@@ -115,6 +145,7 @@ def _markdown(p: Pipeline, rows: list[dict], out: Path) -> list[str]:
         for png in ("confusion.png", "curve.png", "optimization_history.png"):
             if (d / png).exists():
                 lines.append(f"![{png}]({os.path.relpath(d / png, out)})")
+    lines += _curve_lines(rows, out)
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
         lines += ["", "## Cases that did not finish", ""] + [
@@ -125,11 +156,38 @@ def _markdown(p: Pipeline, rows: list[dict], out: Path) -> list[str]:
     return lines
 
 
+def _curve_lines(rows: list[dict], out: Path) -> list[str]:
+    """report.md's few-shot section: per curve, the mean test accuracy (and standard deviation) over the draws at
+    every k, and the head on every train row."""
+    curves = [r for r in rows if r["status"] == "ok" and r.get("fewshot_dir")]
+    ks = _curve_shots(curves)
+    if not curves:
+        return []
+    lines = ["", "## Few-shot curves", "",
+             "Test accuracy of a head fitted on k train images per class: the mean over the draws, +- their "
+             "standard deviation; the case's test accuracy above is the mean at its largest k.", "",
+             "| case | " + " | ".join(f"k={k}" for k in ks) + " | all train rows |",
+             "|---|" + "---|" * (len(ks) + 1)]
+    for r in sorted(curves, key=lambda r: -_accuracy(r)):
+        cells = [f"{_pct(r[f'accuracy_k{k}'])} +- {100 * r[f'accuracy_std_k{k}']:.2f}"
+                 if isinstance(r.get(f"accuracy_k{k}"), (int, float)) else "-" for k in ks]
+        lines.append(f"| {r['case']} | " + " | ".join(cells) + f" | {_pct(r.get('full_accuracy'))} |")
+    if (out / "fewshot.png").exists():
+        lines += ["", "![fewshot.png](fewshot.png)"]
+    return lines
+
+
 def write_report(p: Pipeline, rows: list[dict], out: Path) -> None:
-    """report.md (the table sorted by test accuracy, the best case's plots linked, the cases that did not finish,
-    the references) and results.png (test accuracy per case, each reference a dashed line)."""
+    """report.md (the table sorted by test accuracy, the best case's plots linked, the few-shot curves, the cases
+    that did not finish, the references), results.png (test accuracy per case, each reference a dashed line) and,
+    when the run has few-shot curves, fewshot.png (every curve in one plot)."""
+    from featx.curves import plot_curves
     from featx.plots import plot_results
 
+    curves = [(r["case"], [(k, r[f"accuracy_k{k}"], r[f"accuracy_std_k{k}"]) for k in _curve_shots([r])],
+               r.get("full_accuracy")) for r in rows if r["status"] == "ok" and r.get("fewshot_dir")]
+    if curves:
+        plot_curves(curves, out / "fewshot.png", title=f"{p.name}: few-shot test accuracy per case")
     atomic_write_bytes(out / "report.md", ("\n".join(_markdown(p, rows, out)) + "\n").encode())
     plot_results([(r["case"], r.get("test_accuracy") if r["status"] == "ok" else None) for r in rows],
                  [(r.accuracy, r.source.split(";")[0][:60], r.cases) for r in p.references], out / "results.png",

@@ -113,8 +113,9 @@ class Runner:
     def __init__(self, p: Pipeline, root: Path, *, device: str, progress: bool | None,
                  on_stage: Callable[[str, str, str], None] | None):
         self.p, self.root, self.device, self.progress, self.on_stage = p, root, device, progress, on_stage
-        self.computed = dict.fromkeys(STAGES, 0)
-        self.cached = dict.fromkeys(STAGES, 0)
+        stages = [s for s in STAGES if s == "extract" or any(c.stage == s for c in p.cases)]  # the file's stages
+        self.computed = dict.fromkeys(stages, 0)
+        self.cached = dict.fromkeys(stages, 0)
         self.outcomes: dict[str, dict[str, Any]] = {}   # case name -> its row
         self._features: dict[Variant, ExtractResult | StageFailed] = {}
         self._plans: dict[str | Variant, Planned] = {}  # case name or feature set -> its plan

@@ -2,7 +2,7 @@
 whether it is already in the cache, computing nothing) and run it.  :data:`EXECUTORS` maps each stage's name to its
 executor; the real run and the dry run both dispatch through it, and each executor calls its stage's public
 function (:func:`featx.extract.extract`, :func:`featx.fit.fit_head`, :func:`featx.search.search`,
-:func:`featx.finetune.finetune`) from one place, with ``plan=True`` for the dry run.
+:func:`featx.fewshot.fewshot`, :func:`featx.finetune.finetune`) from one place, with ``plan=True`` for the dry run.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from featx.extract import ExtractResult
     from featx.run.runner import Runner
 
-__all__ = ["STAGES", "EXECUTORS", "Stage", "Planned", "StageFailed", "row_metrics"]
+__all__ = ["STAGES", "EXECUTORS", "Stage", "Planned", "StageFailed", "row_metrics", "fewshot_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Stage(ABC, Generic[T]):
 
 
 def _head(c: Case) -> tuple[Variant, str, str]:
-    """The feature set, head kind and layer of a fit or search case (which always has all three)."""
+    """The feature set, head kind and layer of a fit, search or few-shot case (which always has all three)."""
     assert c.variant is not None and c.kind is not None and c.layer is not None, c
     return c.variant, c.kind, c.layer
 
@@ -225,6 +225,68 @@ class Search(Stage[Case]):
         return rec
 
 
+# ============================================================================================== fewshot
+
+def fewshot_metrics(summary: dict, *, features: ExtractResult, path: Path) -> dict[str, Any]:
+    """A few-shot curve's results row: ``test_accuracy`` is the mean over the draws at the largest k,
+    ``fewshot_k`` (the curve's end, what the case is ranked by), ``accuracy_kN`` and ``accuracy_std_kN`` every
+    point of the curve, and ``full_accuracy`` the same head on every train row."""
+    per_k = summary["per_k"]
+    last = per_k[-1]
+    row: dict[str, Any] = {"test_accuracy": last["accuracy_mean"], "macro_f1": None, "top5_accuracy": None,
+                           "val_accuracy": None, "seconds": (summary.get("timings") or {}).get("total_s"),
+                           "features": str(features.path), "layer": summary.get("layer"), "head": summary.get("head"),
+                           "images_per_s": (features.manifest.get("timings") or {}).get("images_per_s"),
+                           "fewshot_k": last["k"], "full_accuracy": summary["full"]["accuracy"],
+                           "fewshot_dir": str(path)}
+    for s in per_k:
+        row[f"accuracy_k{s['k']}"] = s["accuracy_mean"]
+        row[f"accuracy_std_k{s['k']}"] = s["accuracy_std"]
+    return row
+
+
+class Fewshot(Stage[Case]):
+    """A few-shot learning curve of a head on one layer: for each k, the case's draws of k train images per class,
+    each fitted and tested on the whole test split.  Its draws are cached one by one, so a stopped run continues
+    the curve where it stopped and ends with the same numbers."""
+
+    name = "fewshot"
+
+    def call(self, r: Runner, c: Case, features: Path, **extra: Any) -> Any:
+        from featx.fewshot import fewshot
+
+        _, kind, layer = _head(c)
+        params = dict(c.params)
+        shots, draws = list(params.pop("shots")), int(params.pop("draws"))
+        return fewshot(features, shots=shots, draws=draws, head=kind, params=params, layer=layer, scale=c.scale,
+                       seed=r.p.data["seed"], device=r.device, cache=r.root, **extra)
+
+    def plan(self, r: Runner, of: Case) -> Planned:
+        fi = r.planned_features(_head(of)[0])
+        got = Planned("to compute")
+        if fi.cached and fi.path is not None:
+            try:
+                got = Planned.of(self.call(r, of, fi.path, plan=True))
+            except FeatxError as e:
+                got = Planned(f"error: {e}")
+        got.shown = {"extract": fi.status, "fewshot": got.status}
+        return got
+
+    def run(self, r: Runner, of: Case) -> dict[str, Any]:
+        from featx.fewshot import FewshotResult
+
+        feats = r.features(_head(of)[0])
+
+        def go() -> tuple[FewshotResult, bool]:
+            res = self.call(r, of, feats.path)
+            assert isinstance(res, FewshotResult)
+            return res, bool(res.computed)
+
+        res = r.timed("fewshot", go, lambda res: ", ".join(f"k={s['k']} {s['accuracy_mean']:.4f}"
+                                                            for s in res.summary["per_k"]))
+        return fewshot_metrics(res.summary, features=feats, path=res.path)
+
+
 # ============================================================================================== finetune
 
 class Finetune(Stage[Case]):
@@ -290,5 +352,5 @@ class Finetune(Stage[Case]):
         return next(row for row in ok if row["case"] == chosen)
 
 
-EXECUTORS: dict[str, Stage[Any]] = {s.name: s for s in (Extract(), Fit(), Search(), Finetune())}
+EXECUTORS: dict[str, Stage[Any]] = {s.name: s for s in (Extract(), Fit(), Search(), Fewshot(), Finetune())}
 STAGES = tuple(EXECUTORS)
