@@ -93,7 +93,27 @@ cache_option = click.option("--cache", type=click.Path(file_okay=False), default
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """click's usage errors (an unknown option, a bad choice) as featx's one line on stderr, exit 2."""
+
+    def main(self, *args, **kwargs):  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            rc = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # `featx` alone: the help, as click prints it
+            click.echo(e.ctx.get_help(), err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            where = f" (see {e.ctx.command_path} --help)" if isinstance(e, click.UsageError) and e.ctx else ""
+            click.echo(f"featx: error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("featx: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rc if isinstance(rc, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="featx")
 def main() -> None:
     """featx: pretrained-CNN features off the shelf. extract -> fit -> search -> finetune -> predict."""
