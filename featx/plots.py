@@ -66,12 +66,17 @@ def _figure(**kw):
 
 
 def _save(fig, path: str | os.PathLike, bbox_inches: Any = "tight") -> None:
-    from featx.cache import temp_path
+    from featx.cache import temp_path, writing
 
     path = Path(path)
     tmp = temp_path(path)
-    fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches=bbox_inches)
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches=bbox_inches)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class _ConfusionFigure:
