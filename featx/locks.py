@@ -24,7 +24,7 @@ from pathlib import Path
 
 from featx import interrupt
 
-__all__ = ["LOCK_NAME", "hold", "holder", "lock_file"]
+__all__ = ["LOCK_NAME", "hold", "holder", "is_held", "lock_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,31 @@ def holder(path: str | os.PathLike) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def is_held(path: str | os.PathLike) -> bool:
+    """Whether another process holds the lock of ``path`` now (a lock file that cannot be opened counts as held:
+    whoever asks should leave the entry alone).  Writes nothing."""
+    lf = lock_file(path)
+    if str(lf.absolute()) in _held:
+        return True
+    try:
+        fd = os.open(lf, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 @contextmanager

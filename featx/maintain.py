@@ -3,7 +3,7 @@
 The cache holds one folder per kind of output (``features/``, ``heads/``, ``models/``, ``studies/``, ``runs/``,
 ``predictions/``, ``evaluations/``), one item per key in each.  An item is *finished* when the file its stage
 writes last is there (a feature set's ``manifest.json``, a head's or model's ``metrics.json``, ...), *in use*
-while a stage holds one of its locks (the ``.lock`` files :mod:`filelock` takes in extract and finetune), and
+while a stage holds one of its locks (the ``.lock`` files of :mod:`featx.locks`, in the item or beside it), and
 *unfinished* otherwise.  ``.tmp-*`` entries are what a killed write left behind.
 
 Verification reads every byte that carries a check: every shard past its fletcher32 checksums, every sealed JSON
@@ -94,22 +94,13 @@ def _tree(path: Path) -> tuple[int, float]:
 
 
 def in_use(path: Path) -> bool:
-    """True while a featx process holds one of the item's locks (``*.lock`` directly in it, or beside a file)."""
-    from filelock import FileLock, Timeout
+    """True while a featx process holds one of the item's locks (``*.lock`` directly in it, or beside it: see
+    :mod:`featx.locks`)."""
+    from featx.locks import is_held
 
     if not path.is_dir():  # a study journal: Optuna's open() lock is a file that exists while held
         return path.with_name(path.name + ".lock").exists()
-    for lock_path in path.glob("*.lock"):
-        lock = FileLock(str(lock_path), timeout=0)
-        try:
-            lock.acquire()
-        except Timeout:
-            return True
-        except OSError:  # a lock we cannot even open: do not touch the item
-            return True
-        else:
-            lock.release()
-    return False
+    return any(is_held(lock) for lock in [*path.glob("*.lock"), path.with_name(path.name + ".lock")])
 
 
 def _finished_marker(kind: str, path: Path, marker: str | None) -> Path | None:

@@ -97,10 +97,13 @@ class ShardWriter:
         try:
             with writing(self.path, needs=self.needs):
                 for name, arr in layers.items():
-                    self.f[name][start:start + len(arr)] = arr
+                    self._put(name, start, arr)
         except BaseException:
             self.abort()
             raise
+
+    def _put(self, name: str, start: int, arr: np.ndarray) -> None:
+        self.f[name][start:start + len(arr)] = arr
 
     def finish(self, keep: np.ndarray, *, label: np.ndarray, paths: Sequence[str], split: Sequence[str],
                view: Sequence[str], classes: Sequence[str], attrs: dict | None = None) -> None:
