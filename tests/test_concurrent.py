@@ -52,7 +52,8 @@ def test_a_second_holder_waits_says_for_whom_and_then_holds(tmp_path, caplog):
         with hold(entry, what="a test entry") as waited:
             assert waited and p.wait(timeout=60) == 0  # it released the lock at the end of its work
             assert holder(entry) == os.getpid()
-    assert [r.getMessage() for r in caplog.records] == [f"waiting for another featx (pid {p.pid}) building a test entry"]
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"waiting for another featx (pid {p.pid}) building a test entry"]
     assert not is_held(entry) and lock_file(entry) == entry / ".lock"
 
 
