@@ -142,10 +142,10 @@ def test_a_finetune_checkpoint_that_meets_a_full_disk_keeps_the_last_one(tmp_pat
             return {"w": torch.full((3,), float(self.v))}
 
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, _Ckpt(1))  # type: ignore[arg-type]
+    save_checkpoint(path, _Ckpt(1))
     fail_at(monkeypatch, featx.cache, "write_out", 1)
     with pytest.raises(DiskFullError):
-        save_checkpoint(path, _Ckpt(2))  # type: ignore[arg-type]
+        save_checkpoint(path, _Ckpt(2))
     assert float(load_checkpoint(path)["w"][0]) == 1.0 and not leftovers(tmp_path)
 
 
