@@ -156,8 +156,14 @@ def writing(path: str | os.PathLike, *, needs: int | None = None, action: str | 
 
 
 def write_out(f, data: bytes) -> None:
-    """The one place where :func:`atomic_write_bytes` writes bytes to a file (flushed, then synced to disk)."""
-    f.write(data)
+    """The one place where featx writes bytes to a file it keeps (:func:`atomic_write_bytes`, a study's journal):
+    all of ``data`` (an unbuffered file may take it in parts), flushed, then synced to disk."""
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if not n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[n:]
     f.flush()
     os.fsync(f.fileno())
 

@@ -129,6 +129,35 @@ def test_a_full_study_database_reads_as_disk_full():
     assert is_disk_full(e) and not is_disk_full(ValueError("bad value"))
 
 
+@pytest.mark.parametrize("half", [False, True])
+def test_a_study_journal_keeps_its_finished_trials_and_reads_back(tmp_path, monkeypatch, half):
+    import optuna
+
+    from featx.studies import open_storage
+
+    journal = tmp_path / "studies" / "featx.journal"
+    study = optuna.create_study(study_name="s", storage=open_storage(str(journal)), direction="maximize")
+    for v in (0.5, 0.7):
+        study.add_trial(optuna.trial.create_trial(value=v, params={}, distributions={}))
+    before = journal.read_bytes()
+
+    def full(f, data):  # nothing, or half the record, reaches the disk; then the disk is full
+        if half:
+            f.write(data[:len(data) // 2])
+        raise enospc()
+
+    monkeypatch.setattr(featx.cache, "write_out", full)
+    with pytest.raises(DiskFullError, match="free space and run the same command"):
+        study.add_trial(optuna.trial.create_trial(value=0.9, params={}, distributions={}))
+    assert journal.read_bytes() == before  # no torn line
+    monkeypatch.undo()
+    again = optuna.load_study(study_name="s", storage=open_storage(str(journal)))
+    assert [t.value for t in again.trials] == [0.5, 0.7]
+    again.add_trial(optuna.trial.create_trial(value=0.9, params={}, distributions={}))
+    values = [t.value for t in optuna.load_study(study_name="s", storage=open_storage(str(journal))).trials]
+    assert values == [0.5, 0.7, 0.9]
+
+
 def test_a_finetune_checkpoint_that_meets_a_full_disk_keeps_the_last_one(tmp_path, monkeypatch):
     import torch
 
