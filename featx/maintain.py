@@ -163,9 +163,11 @@ def _run_headline(path: Path) -> tuple[str, dict]:
     if not isinstance(res, dict):
         n = sum(1 for _ in path.iterdir()) if path.is_dir() else 1
         return f"{n} file(s), no results.json", {}
-    rows = res.get("rows") if isinstance(res.get("rows"), list) else []
-    accs = [r.get("test_accuracy") for r in rows if isinstance(r, dict) and isinstance(r.get("test_accuracy"), (int, float))]
-    failed = sum(1 for r in rows if isinstance(r, dict) and r.get("status") == "failed")
+    got = res.get("rows")
+    rows: list = got if isinstance(got, list) else []
+    accs: list[float] = [r["test_accuracy"] for r in rows
+            if isinstance(r, dict) and isinstance(r.get("test_accuracy"), (int, float))]
+    failed = len([r for r in rows if isinstance(r, dict) and r.get("status") == "failed"])
     head = f"{res.get('pipeline') or 'run'}: {len(rows)} case(s)"
     if accs:
         head += f", best test accuracy {max(accs):.4f}"
@@ -223,7 +225,7 @@ def ls(cache: str | os.PathLike | None = None) -> list[Item]:
     return [it for it in items(cache) if not (it.kind == "temporary" and it.path.parent.parent != cache_root(cache))]
 
 
-def human_size(n: int) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -274,7 +276,8 @@ def _check_features(path: Path) -> list[str]:
     fix = repair_hint(path, verb="recompute it")
     layers = list(m.get("config", {}).get("layers", []))
     return [f"{path / s['file']} is {'missing' if why == 'missing' else 'damaged (' + why + ')'}: {fix}"
-            for s in m.get("shards", []) if (why := shard_problem(path / s["file"], layers, int(s["rows"]))) is not None]
+            for s in m.get("shards", [])
+            if (why := shard_problem(path / s["file"], layers, int(s["rows"]))) is not None]
 
 
 def _check_json_files(path: Path, names: Iterable[str]) -> list[str]:

@@ -279,7 +279,8 @@ class FeatureSet:
                                         f"label [n] beside the feature dataset(s)")
                     n = int(h["label"].shape[0])
                     if start == 0:
-                        self._first_keys = {k: (h[k].shape, h[k].dtype) for k in h.keys() if isinstance(h[k], h5py.Dataset)}
+                        self._first_keys = {k: (h[k].shape, h[k].dtype) for k in h.keys()
+                                            if isinstance(h[k], h5py.Dataset)}
                         self._classes_attr = h.attrs.get("classes")
                 self._parts.append(_Part(f, n, start))
                 start += n
@@ -346,7 +347,8 @@ class FeatureSet:
 
     def check_layer(self, layer: str) -> None:
         if layer not in self._first_keys or layer not in self.layers:
-            raise DataError(f"layer {layer!r} is not in {self.path.name}: layers present are {', '.join(self.layers) or 'none'}")
+            raise DataError(f"layer {layer!r} is not in {self.path.name}: layers present are "
+                            f"{', '.join(self.layers) or 'none'}")
 
     def _column(self, name: str) -> np.ndarray | None:
         if name not in self._first_keys:
@@ -400,7 +402,8 @@ class FeatureSet:
         return np.isin(s, names)
 
     # ------------------------------------------------------------------ features
-    def load(self, layer: str, split: str | Sequence[str] | None = None, *, mask: np.ndarray | None = None) -> np.ndarray:
+    def load(self, layer: str, split: str | Sequence[str] | None = None, *,
+             mask: np.ndarray | None = None) -> np.ndarray:
         """The rows of ``split`` (or of a boolean ``mask``) for ``layer`` as one float32 array.
 
         The array is allocated once and filled part by part; no second copy of the matrix is ever held (a
@@ -413,7 +416,7 @@ class FeatureSet:
             pos = self._read_into(out, layer, m)
         else:
             pos = 0
-            for X, sel in self._blocks(layer, m):
+            for X, _ in self._blocks(layer, m):
                 out[pos:pos + len(X)] = X
                 pos += len(X)
         assert pos == len(out)
