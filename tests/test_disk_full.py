@@ -228,3 +228,16 @@ def test_real_small_disk_extract_then_fit(digits_dir, tmp_path, small_disk):
     filler.unlink()
     done = fit_head(again.path, "logreg", params={"C": 1.0}, cache=small_disk / "c")
     assert done.metrics["test_accuracy"] == head.metrics["test_accuracy"]
+
+
+def test_real_small_disk_cli_says_so_in_one_line_and_exits_75(digits_dir, small_disk):
+    from conftest import run_cli
+
+    filler = _fill(small_disk, 50_000)
+    p = run_cli("extract", str(digits_dir), "--weights", "random", "--layer", "pool5", "--workers", "0",
+                "--cache", str(small_disk / "c"))
+    errors = [line for line in p.stderr.splitlines() if line.startswith("featx: error")]
+    assert p.returncode == 75 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "no space left on" in errors[0] and "more); free space and run the same command" in errors[0]
+    assert not leftovers(small_disk) and p.stdout == ""
+    filler.unlink()
