@@ -14,7 +14,7 @@ import sys
 import click
 
 from featx import interrupt
-from featx.errors import FeatxError
+from featx.errors import DiskFullError, FeatxError
 
 logger = logging.getLogger("featx")
 
@@ -66,6 +66,10 @@ def command(fn):
             except KeyboardInterrupt:
                 _interrupted(interrupt.forced() or interrupt.stop_requested() or "SIGINT")
             except Exception as e:  # a bug, not a user error: still one line unless asked for the traceback
+                failed = _write_failure(e)
+                if failed is not None:  # a full disk or a read-only cache met where no stage said it: its exit code
+                    click.echo(f"featx: error: {failed}", err=True)
+                    sys.exit(failed.exit_code)
                 if os.environ.get("FEATX_DEBUG"):
                     raise
                 if interrupt.stop_requested():
@@ -75,6 +79,18 @@ def command(fn):
                 sys.exit(1)
 
     return wrapper
+
+
+def _write_failure(e: BaseException) -> FeatxError | None:
+    """The DiskFullError (exit 75) or ReadOnlyCacheError (exit 73) that ``e`` amounts to, if any."""
+    from featx.cache import disk_full_error, is_disk_full, is_read_only, read_only_error
+
+    where = getattr(e, "filename", None) or "the cache"
+    if is_disk_full(e):
+        return disk_full_error(where)
+    if isinstance(e, OSError) and e.filename and is_read_only(e):
+        return read_only_error(e.filename)
+    return None
 
 
 def _interrupted(signame: str) -> None:
@@ -526,6 +542,8 @@ def run_cmd(pipeline, data, weights, sets, only, dry_run, device, cache, quiet):
     if res.failed:
         click.echo(f"featx: error: {len(res.failed)} case(s) failed: {', '.join(res.failed)} "
                    f"(reasons in {res.path / 'results.csv'})", err=True)
+        if res.no_space:  # exit code 75: free space and run the same command, finished work is kept
+            sys.exit(DiskFullError.exit_code)
         sys.exit(1)
 
 

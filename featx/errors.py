@@ -37,3 +37,17 @@ class StrictError(FeatxError):
 
 class DivergenceError(FeatxError, FloatingPointError):
     """Training diverged (a non-finite loss or gradient) and did not recover; the last good checkpoint is kept."""
+
+
+class DiskFullError(FeatxError, RuntimeError):
+    """No space left (or the disk quota reached) while writing: what was being written is removed, everything
+    finished before is kept, and the same command completes the work once space is freed (exit code 75)."""
+
+    exit_code = 75
+
+
+class ReadOnlyCacheError(FeatxError, PermissionError):
+    """A command that must write met a read-only cache (or output folder); reading never needs to write
+    (exit code 73)."""
+
+    exit_code = 73

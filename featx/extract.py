@@ -50,6 +50,7 @@ from featx.datasets.loading import CollateReady, DecodeSet, collate, decode, dec
 from featx.devices import cores as _cores
 from featx.devices import default_workers, resolve_device
 from featx.errors import DataError, IntegrityError, StrictError, UsageError
+from featx.locks import hold
 from featx.store import FORMAT_VERSION, ShardWriter, read_manifest, shard_is_valid, shard_name, shard_problem
 
 logger = logging.getLogger(__name__)
@@ -252,11 +253,7 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
                                               seed=seed, views=views, normalize=normalize, amp=amp,
                                               cache=cache_root(cache)))
     elif res is None:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(root / ".lock"))
-        if lock.is_locked:
-            logger.info("another featx process is extracting %s; waiting for it", key)
-        with lock:
+        with hold(root, what=f"feature set {key}"):
             res = _complete(root, key, quiet=True)  # it may have finished while we waited
             if res is None:
                 atomic_write_json(root / "images.json", {"fields": ["path", "size", "sha256"], "images": fps})

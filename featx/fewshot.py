@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
 
 import featx
 from featx import interrupt
@@ -54,6 +53,7 @@ from featx.cache import (
 from featx.devices import resolve_device_type
 from featx.errors import DataError, IntegrityError, UsageError
 from featx.fit import Rows, Scaler, confusion, make_head, open_rows, source_identity
+from featx.locks import hold
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +220,7 @@ def fewshot(features: str | os.PathLike, *, shots: str | Sequence[int] = DEFAULT
     if done is not None:
         logger.info("few-shot curve %s is already complete", key)
         return FewshotResult(out, False, done, _read_draws(out, done))
-    out.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out / ".lock")):
+    with hold(out, what=f"few-shot curve {key}"):
         done = _finished(out)  # another process may have finished it while we waited
         if done is not None:
             return FewshotResult(out, False, done, _read_draws(out, done))

@@ -473,8 +473,9 @@ def save_fitted(out: Path, est, scaler: Scaler, *, kind: str, layer: str, source
 
     ``featx-head.json`` is sealed (a digest of its content) and lists the sha256 of every file written before it;
     ``command``: the command line that makes the head again, kept in ``command.json`` for repair hints."""
-    from featx.cache import write_command
+    from featx.cache import write_command, writing
     from featx.heads import save_head
+    from featx.locks import hold
     from featx.plots import plot_confusion, plot_curve
 
     tmp = temp_path(out.with_name(out.name + ".partial"))
@@ -482,7 +483,8 @@ def save_fitted(out: Path, est, scaler: Scaler, *, kind: str, layer: str, source
     tmp.mkdir()
     try:
         save_head(est, tmp)
-        np.savez(tmp / "scaler.npz", **scaler.arrays())
+        with writing(tmp / "scaler.npz"):
+            np.savez(tmp / "scaler.npz", **scaler.arrays())
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {"featx_version": featx.__version__, "kind": kind, "layer": layer, "scale": scaler.kind,
                 "params": _jsonable(params), "classes": list(classes), "source": source, "files": files,
@@ -497,9 +499,13 @@ def save_fitted(out: Path, est, scaler: Scaler, *, kind: str, layer: str, source
             plot_curve(metrics["curve"], tmp / "curve.png", title=f"{kind} on {layer}")
         if extra_files is not None:
             extra_files(tmp)
-        if out.exists():  # an unfinished earlier attempt (no metrics.json): replace it
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with hold(out.with_name(out.name + ".lock"), what=f"head {out.name}"):  # the lock outlives the rename
+            if out.exists() and (out / "metrics.json").is_file() and head_problem(out) is None:
+                shutil.rmtree(tmp)  # another process saved the same head meanwhile: keep it
+            else:
+                if out.exists():  # an unfinished earlier attempt (no metrics.json): replace it
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

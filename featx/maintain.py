@@ -3,7 +3,7 @@
 The cache holds one folder per kind of output (``features/``, ``heads/``, ``models/``, ``studies/``, ``runs/``,
 ``predictions/``, ``evaluations/``), one item per key in each.  An item is *finished* when the file its stage
 writes last is there (a feature set's ``manifest.json``, a head's or model's ``metrics.json``, ...), *in use*
-while a stage holds one of its locks (the ``.lock`` files :mod:`filelock` takes in extract and finetune), and
+while a stage holds one of its locks (the ``.lock`` files of :mod:`featx.locks`, in the item or beside it), and
 *unfinished* otherwise.  ``.tmp-*`` entries are what a killed write left behind.
 
 Verification reads every byte that carries a check: every shard past its fletcher32 checksums, every sealed JSON
@@ -94,22 +94,13 @@ def _tree(path: Path) -> tuple[int, float]:
 
 
 def in_use(path: Path) -> bool:
-    """True while a featx process holds one of the item's locks (``*.lock`` directly in it, or beside a file)."""
-    from filelock import FileLock, Timeout
+    """True while a featx process holds one of the item's locks (``*.lock`` directly in it, or beside it: see
+    :mod:`featx.locks`)."""
+    from featx.locks import is_held
 
     if not path.is_dir():  # a study journal: Optuna's open() lock is a file that exists while held
         return path.with_name(path.name + ".lock").exists()
-    for lock_path in path.glob("*.lock"):
-        lock = FileLock(str(lock_path), timeout=0)
-        try:
-            lock.acquire()
-        except Timeout:
-            return True
-        except OSError:  # a lock we cannot even open: do not touch the item
-            return True
-        else:
-            lock.release()
-    return False
+    return any(is_held(lock) for lock in [*path.glob("*.lock"), path.with_name(path.name + ".lock")])
 
 
 def _finished_marker(kind: str, path: Path, marker: str | None) -> Path | None:
@@ -172,9 +163,11 @@ def _run_headline(path: Path) -> tuple[str, dict]:
     if not isinstance(res, dict):
         n = sum(1 for _ in path.iterdir()) if path.is_dir() else 1
         return f"{n} file(s), no results.json", {}
-    rows = res.get("rows") if isinstance(res.get("rows"), list) else []
-    accs = [r.get("test_accuracy") for r in rows if isinstance(r, dict) and isinstance(r.get("test_accuracy"), (int, float))]
-    failed = sum(1 for r in rows if isinstance(r, dict) and r.get("status") == "failed")
+    got = res.get("rows")
+    rows: list = got if isinstance(got, list) else []
+    accs: list[float] = [r["test_accuracy"] for r in rows
+            if isinstance(r, dict) and isinstance(r.get("test_accuracy"), (int, float))]
+    failed = len([r for r in rows if isinstance(r, dict) and r.get("status") == "failed"])
     head = f"{res.get('pipeline') or 'run'}: {len(rows)} case(s)"
     if accs:
         head += f", best test accuracy {max(accs):.4f}"
@@ -232,7 +225,7 @@ def ls(cache: str | os.PathLike | None = None) -> list[Item]:
     return [it for it in items(cache) if not (it.kind == "temporary" and it.path.parent.parent != cache_root(cache))]
 
 
-def human_size(n: int) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -283,7 +276,8 @@ def _check_features(path: Path) -> list[str]:
     fix = repair_hint(path, verb="recompute it")
     layers = list(m.get("config", {}).get("layers", []))
     return [f"{path / s['file']} is {'missing' if why == 'missing' else 'damaged (' + why + ')'}: {fix}"
-            for s in m.get("shards", []) if (why := shard_problem(path / s["file"], layers, int(s["rows"]))) is not None]
+            for s in m.get("shards", [])
+            if (why := shard_problem(path / s["file"], layers, int(s["rows"]))) is not None]
 
 
 def _check_json_files(path: Path, names: Iterable[str]) -> list[str]:

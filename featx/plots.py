@@ -66,12 +66,17 @@ def _figure(**kw):
 
 
 def _save(fig, path: str | os.PathLike, bbox_inches: Any = "tight") -> None:
-    from featx.cache import temp_path
+    from featx.cache import temp_path, writing
 
     path = Path(path)
     tmp = temp_path(path)
-    fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches=bbox_inches)
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches=bbox_inches)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class _ConfusionFigure:
@@ -99,7 +104,7 @@ class _ConfusionFigure:
             ax.set_yticks(range(k), list(self.key), fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        self.fig.get_tightbbox(self.fig.canvas.get_renderer())  # lays out the ticks and labels on that renderer
+        self.fig.get_tightbbox(_renderer(self.fig))  # lays out the ticks and labels on that renderer
 
     def save(self, cm: np.ndarray, path: str | os.PathLike, title: str) -> None:
         import matplotlib
@@ -114,10 +119,10 @@ class _ConfusionFigure:
             for i in range(k):
                 for j in range(k):
                     if cm[i, j]:
-                        ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
                                 color="white" if norm[i, j] > 0.5 else "black")
         ax.set_title(title, fontsize=9)
-        bbox = self.fig.get_tightbbox(self.fig.canvas.get_renderer())
+        bbox = self.fig.get_tightbbox(_renderer(self.fig))
         _save(self.fig, path, bbox_inches=bbox.padded(matplotlib.rcParams["savefig.pad_inches"]))
 
 
@@ -141,8 +146,10 @@ def plot_curve(history: Sequence[dict], path: str | os.PathLike, *, title: str =
         ax = a1 if "loss" in key else a2 if "acc" in key else None
         if ax is not None:
             ax.plot(epochs, vals, label=key, marker=".")
-    a1.set_xlabel("epoch"); a1.set_ylabel("loss"); a1.legend(fontsize=7)
-    a2.set_xlabel("epoch"); a2.set_ylabel("accuracy"); a2.legend(fontsize=7)
+    for side, what in ((a1, "loss"), (a2, "accuracy")):
+        side.set_xlabel("epoch")
+        side.set_ylabel(what)
+        side.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
 
@@ -193,3 +200,9 @@ def plot_fewshot(means: Sequence[tuple[int, float, float]], draws: Sequence[tupl
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(title, fontsize=9)
     _save(fig, path)
+
+
+def _renderer(fig) -> Any:
+    """The renderer of ``fig``'s canvas (an Agg canvas: ``get_renderer`` is not on the base class's type)."""
+    canvas: Any = fig.canvas
+    return canvas.get_renderer()

@@ -26,7 +26,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featx.cache import read_sealed_json, repair_hint, temp_path
+from featx.cache import ensure_space, read_sealed_json, repair_hint, temp_path, writing
 from featx.errors import DataError, FeatxError, IntegrityError
 
 logger = logging.getLogger(__name__)
@@ -77,57 +77,91 @@ class ShardWriter:
     def __init__(self, path: Path, n_rows: int, dims: dict[str, int]):
         self.path = path
         self.n_rows = n_rows
+        self.extra: Path | None = None  # the second temporary file when rows are dropped
+        self.needs = shard_bytes(n_rows, dims)
+        # HDF5 that meets a full disk half-way through a file may fail later in worse ways than an error: the space
+        # a whole shard takes is checked first, and any failure removes the temporary file
+        ensure_space(path.parent, self.needs)
         self.tmp = temp_path(path)
-        self.f = h5py.File(self.tmp, "w", libver=LIBVER)
-        for name, d in dims.items():
-            self.f.create_dataset(name, shape=(n_rows, int(d)), dtype=np.float32, **_checked((n_rows, int(d)), 4))
+        try:
+            with writing(path, needs=self.needs):
+                self.f = h5py.File(self.tmp, "w", libver=LIBVER)
+                for name, d in dims.items():
+                    shape = (n_rows, int(d))
+                    self.f.create_dataset(name, shape=shape, dtype=np.float32, **_checked(shape, 4))
+        except BaseException:
+            self.abort()
+            raise
 
     def write_rows(self, start: int, layers: dict[str, np.ndarray]) -> None:
-        for name, arr in layers.items():
-            self.f[name][start:start + len(arr)] = arr
+        try:
+            with writing(self.path, needs=self.needs):
+                for name, arr in layers.items():
+                    self._put(name, start, arr)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _put(self, name: str, start: int, arr: np.ndarray) -> None:
+        self.f[name][start:start + len(arr)] = arr
 
     def finish(self, keep: np.ndarray, *, label: np.ndarray, paths: Sequence[str], split: Sequence[str],
                view: Sequence[str], classes: Sequence[str], attrs: dict | None = None) -> None:
         """Keep the rows where ``keep`` is true; the columns given are those of the kept rows."""
         try:
-            keep = np.asarray(keep, dtype=bool)
-            f, extra = self.f, None
-            if not keep.all():
-                extra = temp_path(self.path)
-                g = h5py.File(extra, "w", libver=LIBVER)
-                idx = np.nonzero(keep)[0]
-                for name in list(f):
-                    shape = (len(idx), f[name].shape[1])
-                    out = g.create_dataset(name, shape=shape, dtype=np.float32, **_checked(shape, 4))
-                    for a in range(0, len(idx), self.COPY_ROWS):
-                        sel = idx[a:a + self.COPY_ROWS]
-                        out[a:a + len(sel)] = f[name][sel[0]:sel[-1] + 1][sel - sel[0]]
-                f.close()
-                Path(self.tmp).unlink(missing_ok=True)
-                self.f, self.tmp, f = g, extra, g
-            lab = np.asarray(label, dtype=np.int64)
-            f.create_dataset("label", data=lab, **_checked(lab.shape, 8))
-            for name, col in (("path", paths), ("split", split), ("view", view)):
-                arr = _fixed_strings(list(col))
-                f.create_dataset(name, data=arr, **_checked(arr.shape, arr.dtype.itemsize))
-            f.attrs["classes"] = json.dumps(list(classes), ensure_ascii=False)
-            f.attrs["format_version"] = FORMAT_VERSION
-            for k, v in (attrs or {}).items():
-                f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v, ensure_ascii=False)
-            f.close()
-            with open(self.tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(self.tmp, self.path)
+            with writing(self.path, needs=self.needs):
+                self._finish(keep, label=label, paths=paths, split=split, view=view, classes=classes, attrs=attrs)
         except BaseException:
             self.abort()
             raise
 
+    def _finish(self, keep: np.ndarray, *, label: np.ndarray, paths: Sequence[str], split: Sequence[str],
+                view: Sequence[str], classes: Sequence[str], attrs: dict | None) -> None:
+        keep = np.asarray(keep, dtype=bool)
+        f, extra = self.f, None
+        if not keep.all():
+            extra = self.extra = temp_path(self.path)
+            g = h5py.File(extra, "w", libver=LIBVER)
+            idx = np.nonzero(keep)[0]
+            for name in list(f):
+                shape = (len(idx), f[name].shape[1])
+                out = g.create_dataset(name, shape=shape, dtype=np.float32, **_checked(shape, 4))
+                for a in range(0, len(idx), self.COPY_ROWS):
+                    sel = idx[a:a + self.COPY_ROWS]
+                    out[a:a + len(sel)] = f[name][sel[0]:sel[-1] + 1][sel - sel[0]]
+            f.close()
+            Path(self.tmp).unlink(missing_ok=True)
+            self.f, self.tmp, f = g, extra, g
+        lab = np.asarray(label, dtype=np.int64)
+        f.create_dataset("label", data=lab, **_checked(lab.shape, 8))
+        for name, col in (("path", paths), ("split", split), ("view", view)):
+            arr = _fixed_strings(list(col))
+            f.create_dataset(name, data=arr, **_checked(arr.shape, arr.dtype.itemsize))
+        f.attrs["classes"] = json.dumps(list(classes), ensure_ascii=False)
+        f.attrs["format_version"] = FORMAT_VERSION
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v, ensure_ascii=False)
+        f.close()
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.path)
+
     def abort(self) -> None:
+        f = getattr(self, "f", None)
         try:
-            self.f.close()
+            if f is not None:
+                f.close()
         except Exception:
             pass
-        Path(self.tmp).unlink(missing_ok=True)
+        for tmp in (getattr(self, "tmp", None), getattr(self, "extra", None)):
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
+
+def shard_bytes(n_rows: int, dims: dict[str, int]) -> int:
+    """About the bytes a shard of ``n_rows`` rows of these layers takes on disk: the float32 features, the per-row
+    columns (a path is counted as 256 bytes), and HDF5's own metadata."""
+    return int(n_rows) * (4 * sum(int(d) for d in dims.values()) + 8 + 256 + 16) + (64 << 10)
 
 
 def shard_problem(path: Path, layers: Sequence[str], rows: int | None = None) -> str | None:
@@ -245,7 +279,8 @@ class FeatureSet:
                                         f"label [n] beside the feature dataset(s)")
                     n = int(h["label"].shape[0])
                     if start == 0:
-                        self._first_keys = {k: (h[k].shape, h[k].dtype) for k in h.keys() if isinstance(h[k], h5py.Dataset)}
+                        self._first_keys = {k: (h[k].shape, h[k].dtype) for k in h.keys()
+                                            if isinstance(h[k], h5py.Dataset)}
                         self._classes_attr = h.attrs.get("classes")
                 self._parts.append(_Part(f, n, start))
                 start += n
@@ -312,7 +347,8 @@ class FeatureSet:
 
     def check_layer(self, layer: str) -> None:
         if layer not in self._first_keys or layer not in self.layers:
-            raise DataError(f"layer {layer!r} is not in {self.path.name}: layers present are {', '.join(self.layers) or 'none'}")
+            raise DataError(f"layer {layer!r} is not in {self.path.name}: layers present are "
+                            f"{', '.join(self.layers) or 'none'}")
 
     def _column(self, name: str) -> np.ndarray | None:
         if name not in self._first_keys:
@@ -366,7 +402,8 @@ class FeatureSet:
         return np.isin(s, names)
 
     # ------------------------------------------------------------------ features
-    def load(self, layer: str, split: str | Sequence[str] | None = None, *, mask: np.ndarray | None = None) -> np.ndarray:
+    def load(self, layer: str, split: str | Sequence[str] | None = None, *,
+             mask: np.ndarray | None = None) -> np.ndarray:
         """The rows of ``split`` (or of a boolean ``mask``) for ``layer`` as one float32 array.
 
         The array is allocated once and filled part by part; no second copy of the matrix is ever held (a
@@ -379,7 +416,7 @@ class FeatureSet:
             pos = self._read_into(out, layer, m)
         else:
             pos = 0
-            for X, sel in self._blocks(layer, m):
+            for X, _ in self._blocks(layer, m):
                 out[pos:pos + len(X)] = X
                 pos += len(X)
         assert pos == len(out)

@@ -16,6 +16,7 @@ whose process died.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -25,7 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from featx.cache import cache_root
+from featx import cache as featx_cache
+from featx.cache import cache_root, disk_full_error, is_disk_full, writing
 from featx.errors import FeatxError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -232,6 +234,33 @@ def _create_rdb(url: str, heartbeat: int):
             time.sleep(random.uniform(0.1, 0.5))
 
 
+def _journal_backend(base):
+    """Optuna's journal file backend whose append never leaves a torn line: a write that fails (a full disk) is
+    cut off again while the journal's lock is still held, so the journal keeps every finished record and reads
+    back, and the failure is a :class:`~featx.errors.DiskFullError`."""
+
+    class FeatxJournalFileBackend(base):
+        def __init__(self, path: str, lock) -> None:
+            super().__init__(path, lock_obj=lock)
+            self.featx_path, self.featx_lock = path, lock
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
+            self.featx_lock.acquire()
+            try:
+                with writing(self.featx_path, needs=len(data)), open(self.featx_path, "ab", buffering=0) as f:
+                    start = os.fstat(f.fileno()).st_size
+                    try:
+                        featx_cache.write_out(f, data)  # through the module: the tests make it fail
+                    except BaseException:
+                        os.ftruncate(f.fileno(), start)
+                        raise
+            finally:
+                self.featx_lock.release()
+
+    return FeatxJournalFileBackend
+
+
 def open_storage(url: str, *, heartbeat: int = HEARTBEAT):
     """An Optuna storage from a URL (``sqlite:///``, ``postgresql://``, ``mysql://``) or a journal file path
     (``*.journal``, ``*.log``, or ``journal:PATH``).
@@ -252,12 +281,14 @@ def open_storage(url: str, *, heartbeat: int = HEARTBEAT):
             path = Path(url[len("journal:"):] if url.startswith("journal:") else url).expanduser()
             path.parent.mkdir(parents=True, exist_ok=True)
             # open() locks work on every filesystem the journal may live on, NFS included
-            backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+            backend = _journal_backend(JournalFileBackend)(str(path), JournalFileOpenLock(str(path)))
             return storage_classes()[0](backend)
         return _create_rdb(_database_url(url), heartbeat)
     except FeatxError:
         raise
     except Exception as e:
+        if is_disk_full(e):
+            raise disk_full_error(url) from None
         raise UsageError(f"cannot open the study storage {url!r}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
 

@@ -39,7 +39,8 @@ def cache(tmp_path) -> Path:
     atomic_write_json(run / "results.json", {"pipeline": "quick", "rows": [{"test_accuracy": 0.5},
                                                                            {"test_accuracy": 0.75}]})
     (c / "studies").mkdir()
-    (c / "studies" / "featx.journal").write_text(json.dumps({"op_code": 0, "worker_id": "w", "study_name": "s1"}) + "\n")
+    record = {"op_code": 0, "worker_id": "w", "study_name": "s1"}
+    (c / "studies" / "featx.journal").write_text(json.dumps(record) + "\n")
     old_fs = c / "features" / "bbbb"
     atomic_write_json(old_fs / "plan.json", {"n_items": 3})
     (old_fs / ".lock").touch()
@@ -68,9 +69,11 @@ def test_ls_lists_every_item_with_size_date_status_and_headline(cache):
     assert {"aaaa", "hhhh", "rrrr", "featx.journal", "bbbb", "mmmm", "ffff", ".tmp-zzzz.partial-abc"} <= set(by_key)
     assert ".tmp-shard-00000.h5-xyz" not in by_key  # inside an item: counted in its size
     fs = by_key["aaaa"]
-    assert fs.kind == "features" and fs.status == "finished" and "120 rows" in fs.headline and "pool5,fc7" in fs.headline
+    assert fs.kind == "features" and fs.status == "finished"
+    assert "120 rows" in fs.headline and "pool5,fc7" in fs.headline
     assert by_key["hhhh"].headline == "svm on pool5: test accuracy 0.8125"
-    assert by_key["rrrr"].kind == "run" and "2 case(s)" in by_key["rrrr"].headline and "0.7500" in by_key["rrrr"].headline
+    run = by_key["rrrr"]
+    assert run.kind == "run" and "2 case(s)" in run.headline and "0.7500" in run.headline
     assert by_key["featx.journal"].kind == "study" and "1 study" in by_key["featx.journal"].headline
     assert by_key["bbbb"].status == "unfinished" and by_key["mmmm"].status == "unfinished"
     assert by_key["mmmm"].size == 100 and by_key["bbbb"].date < time.time() - 2 * 24 * 3600
@@ -148,3 +151,14 @@ def test_verify_lists_a_damaged_manifest_run_and_journal_and_exits_non_zero(cach
     assert [p.path.name for p in verify(cache / "runs" / "rrrr").problems] == ["rrrr"]
     r = CliRunner().invoke(main, ["verify", "--cache", str(cache)])
     assert r.exit_code == 1 and "manifest.json" in r.output
+
+
+def test_a_head_being_saved_is_in_use(cache):
+    """A head's lock lies beside it (heads/<key>.lock: the finished directory replaces the temporary one whole)."""
+    from featx.locks import hold
+
+    with hold(cache / "heads" / "hhhh.lock", what="head hhhh"):
+        assert {it.key: it.status for it in ls(cache)}["hhhh"] == "in use"
+        assert prune(["hhhh"], cache=cache)[0].action == "kept"
+    assert "hhhh.lock" not in {it.key for it in ls(cache)}  # the lock file is no item
+    assert prune(["hhhh"], cache=cache)[0].action == "removed"

@@ -323,3 +323,38 @@ def test_search_restarts_an_unfinished_study_through_search_api(tmp_path):
     delete_study(storage, "s")
     assert finished_trials(storage, "s") is None
     delete_study(storage, "s")  # no such study: nothing to do
+
+
+def test_a_full_disk_fails_the_cases_that_write_and_exits_75(first_run, digits_dir, monkeypatch):
+    """The heads cannot be written (ENOSPC from the first file of each): both cases fail "no space left", the
+    tables are written, the CLI exits 75; once space is back the same run completes."""
+    import errno
+    import tempfile
+
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    _, cache = first_run
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **kw):
+        if dir is not None and "heads" in Path(dir).parts:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, dir=dir, **kw)
+
+    sets = [*TINY, "heads.svm.C=0.25", "heads.logreg.C=0.25"]  # heads not in the cache yet
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    res = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=sets, only="pool5-svm,pool5-logreg",
+                       cache=cache, device="cpu", progress=False)
+    rows = results(res.path)
+    assert res.no_space == ["pool5-svm", "pool5-logreg"] and res.failed == res.no_space
+    assert all("no space left on" in r["error"] and "\n" not in r["error"] for r in rows.values()), rows
+    args = ["run", str(DIGITS), "--data", str(digits_dir), "--weights", "random", "--cache", str(cache), "--only",
+            "pool5-svm,pool5-logreg", "--device", "cpu", "--quiet", *[a for s in sets for a in ("--set", s)]]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 75, r.output
+    monkeypatch.undo()
+    again = run_pipeline(DIGITS, data=digits_dir, weights="random", sets=sets, only="pool5-svm,pool5-logreg",
+                         cache=cache, device="cpu", progress=False)
+    assert again.failed == [] and again.computed["fit"] == 2

@@ -56,6 +56,7 @@ from featx.finetune.options import (
 from featx.finetune.output import finished
 from featx.finetune.reducer import Reducer, reducer_for
 from featx.fit import FittedHead, load_fitted
+from featx.locks import hold
 from featx.model import build_from_head
 
 __all__ = [
@@ -145,11 +146,7 @@ def finetune(head: str | os.PathLike, options: FinetuneOptions | None = None, *,
     if done is not None:
         logger.info("model %s is already fine-tuned", key)
         return FinetuneResult(out, done, False)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out / ".lock"))
-    if lock.is_locked:
-        logger.info("another featx process is fine-tuning %s; waiting for it", key)
-    with lock:
+    with hold(out, what=f"fine-tuned model {key}"):
         done = finished(out)
         if done is not None:
             return FinetuneResult(out, done, False)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import featx
-from featx.cache import atomic_write_json, read_json, sha256_file
+from featx.cache import atomic_write_json, read_json, sha256_file, writing
 from featx.finetune.checkpoint import CHECKPOINT, Progress
 from featx.finetune.data import Part
 from featx.finetune.learner import cpu_state
@@ -51,8 +51,14 @@ def write_model(hm: HeadModel, net: FinetuneNet, out: Path, key: str, opts: Fine
     scores = np.full((len(r["y"]), len(classes)), -np.inf, dtype=np.float32)
     scores[:, hm.logit_classes] = r["logits"]
     m = metrics_for(r["y"], r["pred"], scores, np.arange(len(classes)), classes)
-    torch.save(cpu_state(net), out / (".tmp-" + MODEL_FILE))
-    os.replace(out / (".tmp-" + MODEL_FILE), out / MODEL_FILE)
+    tmp = out / (".tmp-" + MODEL_FILE)
+    try:
+        with writing(out / MODEL_FILE):
+            torch.save(cpu_state(net), tmp)
+            os.replace(tmp, out / MODEL_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     model_meta = model_json(hm, net, options=options, key=key, best_epoch=p.best["epoch"])
     model_meta["files"] = {MODEL_FILE: sha256_file(out / MODEL_FILE)}
     atomic_write_json(out / MODEL_META, model_meta, seal=True)

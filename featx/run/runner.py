@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import featx
 from featx import interrupt
-from featx.cache import atomic_write_json, cache_root, hash_key
+from featx.cache import atomic_write_json, cache_root, hash_key, is_disk_full
 from featx.datasets.digits import write_digits
-from featx.errors import DataError, FeatxError
+from featx.errors import DataError, DiskFullError, FeatxError
+from featx.locks import hold
 from featx.pipeline import Case, Pipeline, Variant, load
 from featx.run import report
 from featx.run.stages import EXECUTORS, STAGES, Planned, StageFailed
@@ -43,6 +44,7 @@ class RunResult:
     rows: list[dict[str, Any]]
     computed: dict[str, int]
     cached: dict[str, int]
+    no_space: list[str] = field(default_factory=list)  # the failed cases that found the disk full
 
     @property
     def failed(self) -> list[str]:
@@ -121,13 +123,20 @@ class Runner:
         self._plans: dict[str | Variant, Planned] = {}  # case name or feature set -> its plan
         self._running: list[str] = []                   # the cases being run, innermost last
         self._data: Path | None = None
+        self._full: set[Variant] = set()                # feature sets whose extraction found the disk full
+        self.no_space: list[str] = []                   # the cases that failed for want of space
 
     def data_path(self) -> Path:
         """The data folder or CSV; ``sklearn:digits`` is written once under the cache (as ``featx demo`` does)."""
         if self._data is None:
             path = self.p.data["path"]
             if path == "sklearn:digits":
-                self._data = write_digits(self.root / "demo" / "digits")
+                digits = self.root / "demo" / "digits"
+                if any(digits.glob(".complete-*")):  # written: reading it needs no lock (a read-only cache)
+                    self._data = digits
+                else:
+                    with hold(self.root / "locks" / "demo-digits.lock", what="the digits images"):
+                        self._data = write_digits(digits)
             else:
                 self._data = Path(path).expanduser()
                 if not self._data.exists():  # every case would fail the same way: say it once
@@ -170,8 +179,12 @@ class Runner:
                 raise
             except FeatxError as e:
                 got = StageFailed(f"extract: {e}")
+                if isinstance(e, DiskFullError):
+                    self._full.add(v)
             except Exception as e:
                 got = StageFailed(f"extract: {type(e).__name__}: {e}")
+                if is_disk_full(e):
+                    self._full.add(v)
             self._features[v] = got
         if isinstance(got, StageFailed):
             raise got
@@ -185,26 +198,51 @@ class Runner:
         self.outcomes[c.name] = row  # placed first: a case is never run twice, even from inside itself
         self._running.append(c.name)
         try:
-            row.update(EXECUTORS[c.stage].run(self, c))
+            # another run of a case with the same content (another pipeline file, the same cache) waits for this
+            # one, then finds its stages cached
+            with hold(self.root / "locks" / f"case-{self.case_key(c)}.lock", what=f"case {c.name}"):
+                row.update(EXECUTORS[c.stage].run(self, c))
         except _STOPS:
             row.update(status="interrupted", error=f"{c.stage}: interrupted")
             raise
         except StageFailed as e:
             row.update(status="failed", error=str(e))
+            if c.variant is not None and c.variant in self._full:
+                self.no_space.append(c.name)
         except FeatxError as e:
             row.update(status="failed", error=f"{c.stage}: {e}")
+            if isinstance(e, DiskFullError):
+                self.no_space.append(c.name)
         except Exception as e:  # a head that cannot fit is this case's failure, not the run's
-            first = str(e).splitlines()[0] if str(e) else ""
-            row.update(status="failed", error=f"{c.stage}: {type(e).__name__}: {first}")
+            if is_disk_full(e):  # a library's own word for it (a study's database that is full)
+                row.update(status="failed", error=f"{c.stage}: no space left ({type(e).__name__}); free space and "
+                                                  f"run the same command: finished work is kept")
+                self.no_space.append(c.name)
+            else:
+                first = str(e).splitlines()[0] if str(e) else ""
+                row.update(status="failed", error=f"{c.stage}: {type(e).__name__}: {first}")
         finally:
             self._running.pop()
         if row["status"] == "failed":
             logger.warning("[%s] failed: %s", c.name, row["error"])
         return row
 
+    def case_key(self, c: Case) -> str:
+        """What a case computes, whatever its pipeline file: the key of its lock."""
+        return hash_key({"case": c.describe(), "variant": c.variant, "layer": c.layer, "kind": c.kind,
+                         "params": c.params, "scale": c.scale, "candidates": c.candidates, "data": self.p.data,
+                         "start": self.p.config.get("finetune") if c.stage == "finetune" else None})
+
     def run(self, chosen: list[Case], out: Path) -> RunResult:
-        """Run the chosen cases in order, writing the results after each one (and when interrupted)."""
+        """Run the chosen cases in order, writing the results after each one (and when interrupted).
+
+        Two runs of the same pipeline on one cache take turns: the second waits for the first, then finds every
+        stage cached and writes the same results."""
         self.data_path()
+        with hold(out, what=f"the results of pipeline {self.p.name}"):
+            return self._run(chosen, out)
+
+    def _run(self, chosen: list[Case], out: Path) -> RunResult:
         logger.info("pipeline %s: %d case(s), results in %s", self.p.name, len(chosen), out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "pipeline.json", {"name": self.p.name, "file": str(self.p.file or ""),
@@ -213,12 +251,15 @@ class Runner:
             for c in chosen:
                 interrupt.check("run.case")  # between cases; each stage also stops between its own units
                 self.case_row(c)
-                self._write(chosen, out, final=False)
+                try:
+                    self._write(chosen, out, final=False)
+                except DiskFullError as e:  # written again after the next case, and at the end
+                    logger.warning("results not written yet: %s", e)
         except BaseException:
             self._write(chosen, out, final=True)
             raise
         rows = self._write(chosen, out, final=True)
-        res = RunResult(out, rows, dict(self.computed), dict(self.cached))
+        res = RunResult(out, rows, dict(self.computed), dict(self.cached), list(self.no_space))
         n_ok = sum(r["status"] == "ok" for r in rows)
         logger.info("pipeline %s: %d ok, %d failed; computed %s; cached %s", self.p.name, n_ok, len(res.failed),
                     _counts(self.computed), _counts(self.cached))
