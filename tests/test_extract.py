@@ -194,8 +194,8 @@ def test_views_and_dataset_normalization(photos_dir, tmp_path):
     fs1, fs10 = FeatureSet(one.path), FeatureSet(ten.path)
     assert fs10.n_rows == 10 * fs1.n_rows
     views = fs10.column("view")
-    assert list(views[:10]) == ["center", "top_left", "top_right", "bottom_left", "bottom_right",
-                                "center_flip", "top_left_flip", "top_right_flip", "bottom_left_flip", "bottom_right_flip"]
+    assert list(views[:10]) == ["center", "top_left", "top_right", "bottom_left", "bottom_right", "center_flip",
+                                "top_left_flip", "top_right_flip", "bottom_left_flip", "bottom_right_flip"]
     centre = fs10.load("pool5", mask=views == "center")
     assert np.allclose(centre, fs1.load("pool5"), rtol=1e-5, atol=1e-6)
     assert np.array_equal(fs10.column("path")[views == "center"], fs1.column("path"))
@@ -319,7 +319,7 @@ def few_digits(digits_dir, tmp_path) -> Path:
 
 
 def test_deeper_layers_from_cached_rows_equal_a_direct_extraction(few_digits, tmp_path, monkeypatch):
-    import featx.extract as fx
+    import featx.extract.compute as fx
 
     data = few_digits
     (data / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # skipped in both runs
@@ -331,7 +331,7 @@ def test_deeper_layers_from_cached_rows_equal_a_direct_extraction(few_digits, tm
     def no_decoding(*a, **k):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr(fx, "_decode", no_decoding)  # the deeper layers must come from the cached rows alone
+    monkeypatch.setattr(fx, "decode_image", no_decoding)  # the deeper layers must come from the cached rows alone
     reused = extract(data, layers=["fc7", "fc6"], cache=tmp_path / "c", **kw)
     assert reused.computed and reused.manifest["computed_from"] == {"key": base.path.name, "layer": "pool5"}
     assert reused.path.name == direct.path.name  # the same feature set: the same content key
