@@ -12,8 +12,19 @@ How the pipeline runs and what its timings mean: docs/extract.md.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from featx.extract.api import extract
-from featx.extract.reuse import REUSE_ROWS, reusable_source
 from featx.extract.target import ExtractResult
 
 __all__ = ["REUSE_ROWS", "ExtractResult", "extract", "reusable_source"]
+
+
+def __getattr__(name: str) -> Any:
+    # importing featx.extract imports no torch (extract() starts hashing the images first): the names of
+    # featx.extract.reuse, which imports torch, are looked up on first use
+    if name in ("REUSE_ROWS", "reusable_source"):
+        from featx.extract import reuse
+
+        return getattr(reuse, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,9 @@
-"""The public :func:`extract`: resolve the run (data, network, key), then reuse, compute or resume its feature set."""
+"""The public :func:`extract`: resolve the run (data, network, key), then reuse, compute or resume its feature set.
+
+This module imports no torch when it is imported: :func:`extract` lists the images and starts hashing them
+(hashlib releases the GIL) before it imports torch and torchvision, so the content hash is done while the
+imports run instead of after them.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,31 +12,13 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from filelock import FileLock
-
-from featx import distributed
-from featx.backbones import (
-    Backbone,
-    Preprocess,
-    check_layers,
-    dataset_stats_to_preprocess,
-    get_spec,
-    load_backbone,
-    taps_config,
-    weights_identity,
-)
 from featx.cache import StagePlan, atomic_write_json, cache_root, read_json, seal_ok, write_command
 from featx.datasets import DEFAULT_MAX_PIXELS, ImageDataset, discover, fingerprints
-from featx.devices import default_workers, resolve_device
+from featx.devices import default_workers, resolve_device_name
 from featx.errors import StrictError, UsageError
-from featx.extract.compute import compute_shards, dataset_stats
-from featx.extract.ranks import extract_ranks
-from featx.extract.reuse import Source, SourceGone, compute_from, reusable_source
-from featx.extract.scan import all_fingerprints, rank_fingerprints
-from featx.extract.shards import finish_set
+from featx.extract.scan import BackgroundHash
 from featx.extract.target import (
     ExtractResult,
     command_line,
@@ -42,6 +29,12 @@ from featx.extract.target import (
 )
 from featx.store import shard_is_valid, shard_name, shard_problem
 
+if TYPE_CHECKING:
+    import torch
+
+    from featx.backbones import Backbone, Preprocess
+    from featx.extract.reuse import Source
+
 logger = logging.getLogger("featx.extract")
 
 
@@ -50,6 +43,14 @@ def _views(n: int | str) -> int:
         return int(n)
     except (TypeError, ValueError):
         raise UsageError(f"--views {n!r}: use 1, 2, 5 or 10") from None
+
+
+def _one_process() -> bool:
+    """Not under torchrun with several ranks (then each rank hashes its share, once the ranks are known)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1) <= 1
+    except ValueError:
+        return False  # malformed: distributed.init says so
 
 
 def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: str = "alexnet",
@@ -102,13 +103,21 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
         raise UsageError(f"--decode {decode!r}: use threads or processes")
     if normalize not in ("weights", "dataset"):
         raise UsageError(f"--normalize {normalize!r}: use weights or dataset")
-    spec = get_spec(backbone)
-    layer_list = check_layers(spec, list(layers))
-    dev = resolve_device(device)
-    ctx = distributed.init(dev) if not plan else distributed.Context()  # under torchrun: this rank's place
-    dev = ctx.device(dev)
-    ds = discover(data, layout=layout, split=split, seed=seed)
-    bb, fps, weights_id, base_pre = _network_and_fingerprints(ds, ctx, backbone, weights, seed=seed, plan=plan)
+    device_name = resolve_device_name(device)
+    ds = discover(data, layout=layout, split=split, seed=seed)  # directories only: no image is opened
+    hashing = BackgroundHash(ds) if _one_process() else None  # runs while torch is imported, below
+    try:
+        spec, layer_list, dev, ctx, bb, fps, weights_id, base_pre = _resolve(
+            ds, hashing, backbone, layers, weights, device_name, seed=seed, plan=plan)
+    except BaseException:
+        if hashing is not None:
+            hashing.stop()
+        raise
+    from featx.backbones import Preprocess, taps_config
+    from featx.extract.ranks import extract_ranks
+    from featx.extract.reuse import reusable_source
+    from featx.extract.scan import all_fingerprints
+
     pre = Preprocess(**{**pre_fields(base_pre), "views": _views(views)})
     config = {
         "data": str(ds.root), "source": ds.source, "layout": ds.layout, "backbone": spec.name,
@@ -150,24 +159,43 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
     return res
 
 
-def _network_and_fingerprints(ds: ImageDataset, ctx: distributed.Context, backbone: str, weights: str, *,
-                              seed: int, plan: bool) -> tuple[Backbone | None, list, dict, Preprocess]:
-    """The network (None for a plan: its identity is read without building it), the images' fingerprints (this
-    rank's share under torchrun), the weights' identity and the published preprocessing."""
+def _resolve(ds: ImageDataset, hashing: BackgroundHash | None, backbone: str, layers: Sequence[str], weights: str,
+             device_name: str, *, seed: int, plan: bool) -> tuple:
+    """Import torch and the backbones, check the layers, start torchrun's process group, build the network
+    (None for a plan: the weights' identity is read without building it) and collect the images' fingerprints
+    (this rank's share under torchrun; ``hashing``, when given, has been computing them all meanwhile).
+
+    Returns ``(spec, layers, device, ctx, backbone, fingerprints, weights identity, published preprocessing)``."""
+    import torch
+
+    from featx import distributed
+    from featx.backbones import Preprocess, check_layers, get_spec, load_backbone, weights_identity
+    from featx.extract.scan import rank_fingerprints
+
+    spec = get_spec(backbone)
+    layer_list = check_layers(spec, list(layers))
+    dev = torch.device(device_name)
+    ctx = distributed.init(dev) if not plan else distributed.Context()  # under torchrun: this rank's place
+    dev = ctx.device(dev)
+    if hashing is not None and ctx.active:  # started before the ranks were known: this rank hashes its share
+        hashing.stop()
+        hashing = None
     if plan:
-        spec = get_spec(backbone)
-        return (None, fingerprints(ds), weights_identity(backbone, weights, seed=seed),
-                Preprocess.from_weights(spec.weights_enum()))
+        return (spec, layer_list, dev, ctx, None, hashing.result() if hashing is not None else fingerprints(ds),
+                weights_identity(backbone, weights, seed=seed), Preprocess.from_weights(spec.weights_enum()))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-hash") as pool:
-        hashing = pool.submit(rank_fingerprints, ds, ctx)  # hashlib and torch's weight init both release the GIL
+        # hashlib and torch's weight init both release the GIL
+        pending = pool.submit(rank_fingerprints, ds, ctx) if hashing is None else None
         bb = load_backbone(backbone, weights, seed=seed)
-        fps = hashing.result()
-    return bb, fps, bb.weights_id, bb.preprocess
+        fps = pending.result() if pending is not None else hashing.result()  # type: ignore[union-attr]
+    return spec, layer_list, dev, ctx, bb, fps, bb.weights_id, bb.preprocess
 
 
 def _locked(ds: ImageDataset, bb: Backbone, pre: Preprocess, config: dict, key: str, root: Path, layers: list[str],
             dev: torch.device, fps: list, *, command: list[str], source_of, **run_kw) -> ExtractResult:
     """The feature set computed under its lock (or found complete once another process let go of it)."""
+    from filelock import FileLock
+
     root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(root / ".lock"))
     if lock.is_locked:
@@ -189,6 +217,11 @@ def _run(ds: ImageDataset, bb: Backbone, pre: Preprocess, config: dict, key: str
          rows_key: str = "") -> dict:
     """Compute the shards of ``root`` that are missing or damaged (from a cached layer when ``source`` allows,
     else from the images), then write the manifest."""
+    from featx.backbones import dataset_stats_to_preprocess
+    from featx.extract.compute import compute_shards, dataset_stats
+    from featx.extract.reuse import SourceGone, compute_from
+    from featx.extract.shards import finish_set
+
     for stale in root.glob(".tmp-*"):  # left by a killed run; we hold the lock, so nobody else is writing
         stale.unlink(missing_ok=True)
     if source is not None and config["normalize"] == "dataset" and not (root / "normalization.json").exists():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -31,21 +32,40 @@ def lane_batches(files: Sequence[Path], batches: list[list[int]], pre: Preproces
            layers: list[str], *, lanes: int, max_pixels: int | None, autocast, timings: dict):
     """Yield ``(indices, {layer: rows}, bad)`` per batch, in order: each batch decoded, normalized and passed
     through ``model`` by one of ``lanes`` threads (0 or 1: in the calling thread).  At most two batches per lane
-    are in flight, which bounds memory."""
+    are in flight, which bounds memory.
+
+    A lane gives its batch up between two images, and before the forward pass, once a stop is requested (SIGINT,
+    SIGTERM) or the generator is closed, so that a stop waits for at most one image's decoding and one forward
+    pass, never for whole batches to be decoded; a batch given up raises :class:`~featx.interrupt.Interrupted`
+    here, and its images are never written."""
     ready = CollateReady(pre)
+    closing = threading.Event()
+
+    def given_up() -> bool:
+        return closing.is_set() or interrupt.stop_requested() is not None
 
     def work(batch: list[int]):
         t = time.perf_counter()
-        idx, pixels, bad = ready([(i, *decode_image(files[i], pre, max_pixels)) for i in batch])
+        decoded = []
+        for i in batch:
+            if given_up():
+                return None
+            decoded.append((i, *decode_image(files[i], pre, max_pixels)))
+        idx, pixels, bad = ready(decoded)
         t_dec = time.perf_counter()
         feats = None
         if pixels is not None:
+            if given_up():
+                return None
             with torch.inference_mode(), autocast:
                 out = model(pixels)
             feats = {l: out[l].float().numpy() for l in layers}
         return idx, feats, bad, t_dec - t, time.perf_counter() - t_dec
 
     def account(r):
+        if r is None:  # given up: a stop was requested
+            interrupt.raise_if_requested("extract.batch")
+            raise RuntimeError("a lane gave its batch up without a stop request")
         timings["decode_s"] += r[3]
         timings["forward_s"] += r[4]
         return r[:3]
@@ -71,9 +91,8 @@ def lane_batches(files: Sequence[Path], batches: list[list[int]], pre: Preproces
                 window.append(pool.submit(work, nxt))
             yield account(r)
     finally:
-        for f in window:
-            f.cancel()
-        pool.shutdown(wait=True)
+        closing.set()  # the lanes give their batches up
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def process_batches(files: Sequence[Path], batches: list[list[int]], pre: Preprocess, model: torch.nn.Module,
@@ -133,6 +152,27 @@ def dataset_stats(ds: ImageDataset, pre: Preprocess, root: Path, *, workers: int
 
 
 
+class _SteadyRate:
+    """Images per second after the first ``warm`` batches (the pipeline filling up, the first passes through a
+    cold network), recorded in ``timings["steady_images_per_s"]``: the run's rate without its start-up."""
+
+    def __init__(self, *, warm: int, timings: dict):
+        self.warm, self.timings = warm, timings
+        self.batches = self.images = 0
+        self.t_warm: float | None = None
+
+    def batch(self, images: int) -> None:
+        self.batches += 1
+        if self.batches == self.warm:
+            self.t_warm = time.perf_counter()
+        elif self.batches > self.warm:
+            self.images += images
+
+    def done(self) -> None:
+        if self.t_warm is not None and self.images and (dt := time.perf_counter() - self.t_warm) > 0:
+            self.timings["steady_images_per_s"] = self.images / dt
+
+
 def compute_shards(ds: ImageDataset, bb: Backbone, pre: Preprocess, root: Path, layers: list[str], dev: torch.device,
              todo: list[int], per: int, *, batch_size: int, workers: int, amp: bool, max_pixels: int | None,
              progress: bool | None, threads: int | None, decode: str, timings: dict) -> None:
@@ -166,6 +206,7 @@ def compute_shards(ds: ImageDataset, bb: Backbone, pre: Preprocess, root: Path, 
                                    autocast=autocast, timings=timings)
     show = (sys.stderr.isatty() if progress is None else progress)
     bar = tqdm(total=len(files), unit="img", disable=not show, file=sys.stderr, desc="extract", dynamic_ncols=True)
+    steady = _SteadyRate(warm=max(2, 2 * workers), timings=timings)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-writer")  # FIFO: the file's only user
     pending: deque[Future] = deque()
     cur: Shard | None = None
@@ -192,11 +233,13 @@ def compute_shards(ds: ImageDataset, bb: Backbone, pre: Preprocess, root: Path, 
                 cur.seen += len(idx)
                 submit(cur.write, [owner[i][1] for i in idx], feats)
             bar.update(len(idx) + len(bad))
+            steady.batch(len(idx) + len(bad))
             if cur.complete():
                 submit(cur.finish, ds, view_names)
                 cur = None
         while pending:
             pending.popleft().result()
+        steady.done()
     finally:
         source.close()
         bar.close()

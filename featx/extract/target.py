@@ -4,12 +4,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from featx.backbones import Preprocess
 from featx.cache import atomic_write_json, hash_key, read_json, seal_ok
 from featx.datasets import ImageDataset
 from featx.errors import IntegrityError
 from featx.store import FORMAT_VERSION, read_manifest, shard_problem
+
+if TYPE_CHECKING:
+    from featx.backbones import Preprocess
 
 logger = logging.getLogger("featx.extract")
 
@@ -23,10 +26,9 @@ class ExtractResult:
     manifest: dict = field(default_factory=dict)
 
 
-
 def complete_set(root: Path, key: str, *, quiet: bool = False) -> ExtractResult | None:
     """The finished feature set at ``root``, or None: a missing or damaged manifest, or a damaged or missing shard
-    (every shard is read back past its checksums; what is damaged is recomputed by :func:`_run`)."""
+    (every shard is read back past its checksums; what is damaged is recomputed)."""
     try:
         done = read_manifest(root)
     except IntegrityError as e:
