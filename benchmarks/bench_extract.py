@@ -172,9 +172,11 @@ def limit(data: Path, cores: int) -> dict:
     shares = [sample[i::cores] for i in range(cores)]
     with mp.get_context("spawn").Pool(cores) as pool:
         pool.map(_decode_share, [s[:2] for s in shares])  # the workers' imports, not timed
-        t = time.perf_counter()
-        n = sum(pool.map(_decode_share, shares))
-        dec = n / (time.perf_counter() - t)
+        dec = 0.0
+        for _ in range(2):
+            t = time.perf_counter()
+            n = sum(pool.map(_decode_share, shares))
+            dec = max(dec, n / (time.perf_counter() - t))
     pre = Preprocess()
     torch.set_num_threads(cores)
     bb = load_backbone("alexnet", "random")
@@ -183,10 +185,13 @@ def limit(data: Path, cores: int) -> dict:
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         model(x)
-        t = time.perf_counter()
-        for _ in range(4):
+        best = float("inf")
+        for _ in range(3):  # the best of three: a limit, not what a busy moment allows
+            t = time.perf_counter()
             model(x)
-    fwd = 4 * 64 / (time.perf_counter() - t)
+            model(x)
+            best = min(best, time.perf_counter() - t)
+    fwd = 2 * 64 / best
     return {"decode_ips": dec, "forward_ips": fwd, "limit_ips": 1.0 / (1.0 / fwd + 1.0 / dec)}
 
 

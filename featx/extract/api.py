@@ -149,14 +149,19 @@ def extract(data: str | os.PathLike, *, layers: Sequence[str] = (), backbone: st
         res = _locked(ds, bb, pre, config, key, root, layer_list, dev, fps, command=command, progress=progress,
                       source_of=(lambda: reusable_source(root.parent, rows_key, spec.name, layer_list, key))
                       if reuse else None, **run_kw)
-    skipped = res.manifest["skipped"]
+    _report_skipped(res, strict=strict)
+    return res
+
+
+def _report_skipped(res: ExtractResult, *, strict: bool) -> None:
+    """Say on stderr which files were skipped; with ``strict``, fail the run (the feature set stays complete)."""
+    skipped, root = res.manifest["skipped"], res.path
     if skipped:
         logger.warning("skipped %d file(s) that could not be used (listed in manifest.json 'skipped'), e.g. %s: %s",
                        len(skipped), skipped[0]["path"], skipped[0]["reason"])
     if strict and skipped:
         raise StrictError(f"--strict: {len(skipped)} file(s) were skipped (see {root / 'manifest.json'}); "
                           f"the feature set of the others is complete at {root}")
-    return res
 
 
 def _resolve(ds: ImageDataset, hashing: BackgroundHash | None, backbone: str, layers: Sequence[str], weights: str,
