@@ -68,6 +68,16 @@ def test_features_equal_the_network_on_each_image(digits_dir, tmp_path):
         assert float((got - ref).norm() / ref.norm()) <= 1e-4
 
 
+def test_background_hash_equals_the_fingerprints(digits_dir):
+    from featx.datasets import discover, fingerprints
+    from featx.extract.scan import BackgroundHash
+
+    ds = discover(digits_dir)
+    assert BackgroundHash(ds, threads=3).result() == fingerprints(ds)
+    abandoned = BackgroundHash(ds)
+    abandoned.stop()  # a user error found while hashing: the rest of the files are not read
+
+
 def test_same_command_reuses_the_directory(digits_dir, tmp_path):
     a = extract(digits_dir, cache=tmp_path, **KW)
     t = time.perf_counter()
@@ -167,6 +177,38 @@ def test_bad_files_are_skipped_and_listed(tmp_path):
     assert (res.path / "manifest.json").exists()  # --strict fails the run, not the finished work
 
 
+@pytest.mark.parametrize("lanes", [0, 2])
+def test_sigterm_gives_up_the_batches_being_decoded(lanes, digits_dir, tmp_path, monkeypatch):
+    """A SIGTERM in the middle of a batch: the lanes stop decoding at the next image instead of finishing their
+    batches (one batch of 30 images each here), and nothing of the unfinished shard is written."""
+    import threading
+
+    import featx.extract.compute as fx
+    from featx import interrupt
+
+    decoded = []
+    real = fx.decode_image
+
+    def decode(path, pre, max_pixels):
+        decoded.append(path)
+        if len(decoded) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread (a lane may be the one here)
+        if len(decoded) >= 3:  # from the signal on, every image in hand returns once the stop is requested
+            for _ in range(1000):
+                if interrupt.stop_requested():
+                    break
+                threading.Event().wait(0.01)
+        return real(path, pre, max_pixels)
+
+    monkeypatch.setattr(fx, "decode_image", decode)
+    kw = {**KW, "workers": lanes, "batch_size": 30, "shard_size": 60}
+    with interrupt.handling(), pytest.raises(interrupt.Interrupted):
+        extract(digits_dir, cache=tmp_path, **kw)
+    assert 3 <= len(decoded) <= 3 + lanes  # the image in hand, in each lane; not the rest of 60
+    (res,) = (tmp_path / "features").iterdir()
+    assert not list(res.glob("shard-*")) and not list(res.glob(".tmp-*")) and not (res / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("decode, workers", [("threads", 3), ("processes", 2)])
 def test_parallel_decoding_equals_the_calling_thread_row_for_row(decode, workers, tmp_path):
     """Three lanes decode and run batches concurrently, or decode processes feed the forward pass (bad files
@@ -194,8 +236,8 @@ def test_views_and_dataset_normalization(photos_dir, tmp_path):
     fs1, fs10 = FeatureSet(one.path), FeatureSet(ten.path)
     assert fs10.n_rows == 10 * fs1.n_rows
     views = fs10.column("view")
-    assert list(views[:10]) == ["center", "top_left", "top_right", "bottom_left", "bottom_right",
-                                "center_flip", "top_left_flip", "top_right_flip", "bottom_left_flip", "bottom_right_flip"]
+    assert list(views[:10]) == ["center", "top_left", "top_right", "bottom_left", "bottom_right", "center_flip",
+                                "top_left_flip", "top_right_flip", "bottom_left_flip", "bottom_right_flip"]
     centre = fs10.load("pool5", mask=views == "center")
     assert np.allclose(centre, fs1.load("pool5"), rtol=1e-5, atol=1e-6)
     assert np.array_equal(fs10.column("path")[views == "center"], fs1.column("path"))
@@ -319,7 +361,7 @@ def few_digits(digits_dir, tmp_path) -> Path:
 
 
 def test_deeper_layers_from_cached_rows_equal_a_direct_extraction(few_digits, tmp_path, monkeypatch):
-    import featx.extract as fx
+    import featx.extract.compute as fx
 
     data = few_digits
     (data / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # skipped in both runs
@@ -331,7 +373,7 @@ def test_deeper_layers_from_cached_rows_equal_a_direct_extraction(few_digits, tm
     def no_decoding(*a, **k):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr(fx, "_decode", no_decoding)  # the deeper layers must come from the cached rows alone
+    monkeypatch.setattr(fx, "decode_image", no_decoding)  # the deeper layers must come from the cached rows alone
     reused = extract(data, layers=["fc7", "fc6"], cache=tmp_path / "c", **kw)
     assert reused.computed and reused.manifest["computed_from"] == {"key": base.path.name, "layer": "pool5"}
     assert reused.path.name == direct.path.name  # the same feature set: the same content key

@@ -26,7 +26,7 @@ WATCHED = ("torch", "torchvision", "optuna", "matplotlib", "sklearn", "sklearn.m
 
 # Runs featx's CLI in this interpreter, then prints which watched modules were imported, as JSON on stderr's
 # last line (stdout stays the command's own).
-_PROBE = """
+_PROBE = f"""
 import json, sys
 from featx.cli import main
 code = 0
@@ -34,8 +34,8 @@ try:
     main(sys.argv[1:], prog_name="featx")
 except SystemExit as e:
     code = e.code or 0
-print(json.dumps({{"code": code, "modules": [m for m in {!r} if m in sys.modules]}}), file=sys.stderr)
-""".format(WATCHED)
+print(json.dumps({{"code": code, "modules": [m for m in {WATCHED!r} if m in sys.modules]}}), file=sys.stderr)
+"""
 
 
 def imported(*args: str) -> set[str]:
@@ -115,3 +115,12 @@ def test_device_type_without_torch():
     assert resolve_device_type("auto") in ("cpu", "cuda")
     with pytest.raises(UsageError, match="use auto, cpu or cuda"):
         resolve_device_type("tpu")
+
+
+def test_extract_lists_and_hashes_the_images_before_importing_torch():
+    """Importing featx.extract imports neither torch nor torchvision: extract() starts hashing the images first,
+    so that the hash runs while they are imported."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    code = "import sys, featx.extract; print([m for m in ('torch', 'torchvision') if m in sys.modules])"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    assert p.stdout.strip() == "[]"

@@ -62,17 +62,39 @@ def load_backbone(name: str = "alexnet", weights: str = "imagenet", *, seed: int
             model = spec.build()
         ident = random_identity(seed)
     else:
-        model = spec.build()
         state, ident = imagenet_state(spec) if weights == "imagenet" else file_state(Path(weights).expanduser())
-        try:
-            model.load_state_dict(adapt_state(spec, state), strict=True)
-        except RuntimeError as e:
-            first = [l.strip() for l in str(e).splitlines() if l.strip()][1:3]
-            raise WeightsError(f"weights {ident.get('file', weights)!r} do not fit {spec.name}: "
-                               f"{' '.join(first)[:300]}") from None
+        state = adapt_state(spec, state)
+        built = _built_with(spec, state)
+        if built is None:
+            built = spec.build()
+            try:
+                built.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                first = [l.strip() for l in str(e).splitlines() if l.strip()][1:3]
+                raise WeightsError(f"weights {ident.get('file', weights)!r} do not fit {spec.name}: "
+                                   f"{' '.join(first)[:300]}") from None
+        model = built
     model.eval()
     pre = preprocess or Preprocess.from_weights(spec.weights_enum())
     return Backbone(spec, model, ident, pre)
+
+
+def _built_with(spec: BackboneSpec, state: dict) -> nn.Module | None:
+    """The network holding ``state`` as its parameters and buffers, built on the meta device so that the random
+    initialization the state replaces is never drawn (a start-up cost that grows with the network), or None when
+    the state does not match the network name for name, shape for shape and dtype for dtype, or leaves a tensor
+    unset (the caller then builds it the usual way, which also words the mismatch)."""
+    with torch.device("meta"):
+        model = spec.build()
+    expected = model.state_dict()
+    if set(expected) != set(state) or any(
+            not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape or state[k].dtype != v.dtype
+            for k, v in expected.items()):
+        return None
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer kept out of the state dict
+        return None
+    return model
 
 
 class Tapped(nn.Module):
