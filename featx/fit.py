@@ -62,7 +62,7 @@ class Scaler:
     def fit_chunks(self, chunks: Iterator[np.ndarray]) -> Scaler:
         if self.kind != "standard":
             return self
-        n, s, ss = 0, None, None
+        n, s, ss = 0, None, None  # type: tuple[int, Any, Any]
         for X in chunks:
             # float64 sums over blocks of at most 2 Mi values (16 MB): bounded temporaries, small enough that each
             # block reuses the last one's memory (512 rows of 9,216 features mapped 38 MB of fresh pages each time)
@@ -96,12 +96,13 @@ class Scaler:
                 block /= np.maximum(norms, 1e-12)
         return X
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, Any]:
         return {} if self.kind != "standard" else {"mean": self.mean, "scale": self.scale}
 
     def affine(self, d: int) -> tuple[np.ndarray, np.ndarray] | None:
         """``(weight, bias)`` with ``scaled = x * weight + bias``, or None for ``l2`` (not affine)/``none``."""
         if self.kind == "standard":
+            assert self.mean is not None and self.scale is not None
             w = (1.0 / self.scale).astype(np.float32)
             return w, (-self.mean * w).astype(np.float32)
         return None
@@ -455,7 +456,7 @@ def metrics_for(y: np.ndarray, pred: np.ndarray, sc: np.ndarray | None, est_clas
                 classes: list[str]) -> dict:
     k = len(classes)
     cm = confusion(y, pred, k)
-    out = {"accuracy": float(np.mean(pred == y)) if len(y) else float("nan"),
+    out: dict[str, Any] = {"accuracy": float(np.mean(pred == y)) if len(y) else float("nan"),
            "macro_f1": macro_f1(cm), "n": int(len(y))}
     if sc is not None and k > 5:
         top = np.asarray(est_classes)[np.argsort(-sc, axis=1)[:, :5]]
@@ -478,6 +479,7 @@ def measure(est, rows: Rows, scaler: Scaler, *, classes: list[str], train: np.nd
         if not rows.mask(name).any():
             continue
         preds, ys, scs = [], [], []
+        chunks: Any
         if name == "train" and train is not None:
             y_train = rows.labels[rows.mask("train")]
             chunks = [(train[a:a + 4096], y_train[a:a + 4096]) for a in range(0, len(train), 4096)]
@@ -528,7 +530,8 @@ def save_fitted(out: Path, est, scaler: Scaler, *, kind: str, layer: str, source
     tmp.mkdir()
     try:
         save_head(est, tmp)
-        np.savez(tmp / "scaler.npz", **scaler.arrays())
+        savez: Any = np.savez
+        savez(tmp / "scaler.npz", **scaler.arrays())
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {"featx_version": featx.__version__, "kind": kind, "layer": layer, "scale": scaler.kind,
                 "params": _jsonable(params), "classes": list(classes), "source": source, "files": files,

@@ -15,7 +15,6 @@ import multiprocessing as mp
 import os
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ import numpy as np
 import featx
 from featx import interrupt, memory
 from featx.errors import DataError, FeatxError, UsageError
-from featx.fit import HEAD_KINDS, Rows, Scaler, fit_head, make_head, open_rows, source_identity
+from featx.fit import HEAD_KINDS, FitResult, Rows, Scaler, fit_head, make_head, open_rows, source_identity
+from featx.folds import FoldLayout, Kept
 from featx.studies import HEARTBEAT, default_storage, fail_dead_trials, hold_for_tests, open_storage
 
 __all__ = ["search", "SearchResult", "Objective", "suggest", "open_storage", "default_storage", "study_name_for"]
@@ -37,7 +37,7 @@ SAMPLERS = ("tpe", "random")
 # The search spaces (documented in docs/search.md).
 SVM_C = (1e-5, 1e2)
 LOGREG_C = (1e-4, 1e3)
-MLP_SPACE = {"hidden": [64, 128, 256, 512, 1024], "dropout": (0.0, 0.7), "lr": (1e-4, 3e-2),
+MLP_SPACE: dict[str, Any] = {"hidden": [64, 128, 256, 512, 1024], "dropout": (0.0, 0.7), "lr": (1e-4, 3e-2),
              "weight_decay": (1e-6, 1e-2), "batch_size": [32, 64, 128, 256], "epochs": 40}
 
 
@@ -109,35 +109,6 @@ def _open_study(storage_url: str, name: str, *, attrs: dict, sampler: str, seed:
 # ------------------------------------------------------------------------------------------------ objective
 
 @dataclass(frozen=True)
-class FoldLayout:
-    """K folds of the train rows as row ranges of ONE matrix, so that every fold's train and validation rows are
-    contiguous views of it, never copies.
-
-    The validation blocks ``B0 .. B(K-1)`` (each fold's rows, in file order) are laid out as
-    ``B1 .. B(K-1), B0, B1 .. B(K-2)``: fold 0 trains on the first K-1 blocks, fold f >= 1 on the K-1 blocks from
-    position f, and each fold's validation block is one of them.  The matrix holds ``(2K - 2) / K`` times the
-    train rows (4/3 for 3 folds), where a copy per fold held ``K + 1`` times them.
-    """
-
-    order: np.ndarray  # train-row index (0 .. n-1) of each row of the matrix
-    train: tuple[slice, ...]  # per fold: its train rows in the matrix
-    val: tuple[slice, ...]  # per fold: its validation rows in the matrix
-
-    @classmethod
-    def of(cls, folds: list[tuple[np.ndarray, np.ndarray]]) -> FoldLayout:
-        k = len(folds)
-        blocks = [np.sort(np.asarray(va)) for _, va in folds]
-        ids = list(range(1, k)) + [0] + list(range(1, k - 1))
-        starts = np.cumsum([0] + [len(blocks[b]) for b in ids]).tolist()
-        train = tuple(slice(starts[p], starts[p + k - 1]) for p in [0] + list(range(1, k)))
-        val = tuple(slice(starts[k - 1 if f == 0 else f - 1], starts[k if f == 0 else f]) for f in range(k))
-        return cls(np.concatenate([blocks[b] for b in ids]), train, val)
-
-    def fit_rows(self, f: int) -> int:
-        return self.train[f].stop - self.train[f].start
-
-
-@dataclass(frozen=True)
 class SearchPlan:
     """How a search's trials fit in memory: in ``memory`` (the scaled rows of one scaling, with solver states kept
     while ``limit`` allows) or ``stream`` (every fold fitted chunk by chunk from disk); ``path`` is the path of one
@@ -183,34 +154,6 @@ def plan_search(rows: Rows, kind: str, *, folds: int | None, max_memory: str | i
     return SearchPlan("stream", "stream", held, fit.peak, limit)
 
 
-class _Kept:
-    """Values kept while their sizes fit ``limit`` bytes; the least recently used are released first."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
-
-    def get(self, key: Any, make: Any, size: int, *, keep: tuple = ()) -> Any:
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key][0]
-        used = sum(sz for _, sz in self.items.values())
-        for old in [k for k in self.items if k not in keep]:
-            if used + size <= self.limit:
-                break
-            used -= self.drop(old)
-        value = make()
-        self.items[key] = (value, size)
-        return value
-
-    def drop(self, key: Any) -> int:
-        _, size = self.items.pop(key)
-        if key[0] == "data":  # a scaling's rows: the solver states built on them go with them
-            for other in [k for k in self.items if k[0] == "state" and k[1] == key[1]]:
-                size += self.items.pop(other)[1]
-        return size
-
-
 class Objective:
     """Validation accuracy of one trial.
 
@@ -240,7 +183,7 @@ class Objective:
             self.layout = FoldLayout.of(self.folds)
         self.plan = plan_search(rows, kind, folds=None if self.has_val else len(self.folds), max_memory=max_memory)
         # the SVM's fits keep their state in the cache; the other heads' need room beside it while they run
-        self._kept = _Kept(self.plan.limit - max(self.plan.loading, self.plan.state if kind != "svm" else 0))
+        self._kept = Kept(self.plan.limit - max(self.plan.loading, self.plan.state if kind != "svm" else 0))
         self._scalers: dict[str, Scaler] = {}
 
     def data(self, scale: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -578,7 +521,7 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
                                       max_memory=share).describe())
     storage_url = storage or default_storage(cache)
     name = study or study_name_for(rows, kind)
-    attrs = {"featx_source": rows.fs.key or source_identity(rows).get("sha256", ""), "kind": kind,
+    attrs: dict[str, Any] = {"featx_source": rows.fs.key or source_identity(rows).get("sha256", ""), "kind": kind,
              "layer": rows.layer, "featx_version": featx.__version__, "cv": cv,
              "objective": "validation accuracy (val split)" if rows.mask("val").any()
              else f"{cv}-fold CV accuracy on train rows"}
@@ -610,6 +553,7 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
     res = fit_head(features, kind, layer=rows.layer, params=params, scale=scale, split=split, seed=seed,
                    device=device, cache=cache, rows=rows, extra_meta={"search": summary}, extra_files=plots,
                    max_memory=max_memory)
+    assert isinstance(res, FitResult)
     return SearchResult(res.path, name, storage_url, summary, res.metrics)
 
 
@@ -688,7 +632,7 @@ def _search_plots(study, out: Path) -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ax = fn(study)
+                ax: Any = fn(study)
             fig: Any = ax.figure if hasattr(ax, "figure") else ax[0].figure
             fig.savefig(out / name, dpi=100, bbox_inches="tight")
             plt.close(fig)
