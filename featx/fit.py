@@ -325,30 +325,11 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
     stream = mem.path == "stream"
     logger.info("%s (%d x %d train rows)", mem.describe(), n_train, d)
     t0 = time.perf_counter()
-    has_val = bool(rows.mask("val").any())
     if kind != "mlp":  # (the MLP imports torch as it fits: two threads importing big packages at once gain little)
         from featx.plots import preload
 
         preload(rows.classes)  # matplotlib and the confusion plot's frame, on another core while the solver runs
-    X = None
-    if stream:
-        logger.info("fitting %s chunk by chunk (%d x %d train rows)", kind, n_train, d)
-        scaler.fit_chunks(X for X, _ in rows.chunks("train")())
-        # only the MLP watches validation rows while it trains (the linear heads solve to a tolerance)
-        val = (rows.load("val", scaler), rows.labels[rows.mask("val")]) if has_val and kind == "mlp" else None
-        est.fit_stream(rows.chunks("train", scaler), classes=np.arange(len(rows.classes)), n_features=d, val=val)
-    else:
-        X = rows.load("train")  # the one copy of the train rows: scaled in place, fitted, measured
-        scaler.fit(X).transform_(X)
-        y = rows.labels[rows.mask("train")]
-        if kind == "mlp" and has_val:
-            est.fit(X, y, X_val=rows.load("val", scaler), y_val=rows.labels[rows.mask("val")])
-        elif mem.path in ("gram", "feature"):
-            from featx.heads import LinearProblem
-
-            est.fit(X, y, problem=LinearProblem(X, device=dev, space=mem.path))
-        else:
-            est.fit(X, y)
+    X = _fit_on(est, rows, scaler, kind=kind, path=mem.path, device=dev)
     fit_s = time.perf_counter() - t0
     metrics = measure(est, rows, scaler, classes=rows.classes, train=X)
     del X
@@ -369,6 +350,33 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
     logger.info("%s on %s: test accuracy %.4f (train %.4f), fit %.2fs", kind, rows.layer,
                 metrics["test_accuracy"], metrics["train_accuracy"], fit_s)
     return FitResult(out, metrics, True, est)
+
+
+def _fit_on(est, rows: Rows, scaler: Scaler, *, kind: str, path: str, device: str) -> np.ndarray | None:
+    """Fit ``est`` on the train rows by the memory plan's ``path``; returns the scaled train rows when they were
+    held in memory (the metrics reuse them), None when they were streamed."""
+    has_val = bool(rows.mask("val").any())
+    if path == "stream":
+        logger.info("fitting %s chunk by chunk (%d x %d train rows)", kind, int(rows.mask("train").sum()),
+                    rows.fs.dim(rows.layer))
+        scaler.fit_chunks(X for X, _ in rows.chunks("train")())
+        # only the MLP watches validation rows while it trains (the linear heads solve to a tolerance)
+        val = (rows.load("val", scaler), rows.labels[rows.mask("val")]) if has_val and kind == "mlp" else None
+        est.fit_stream(rows.chunks("train", scaler), classes=np.arange(len(rows.classes)),
+                       n_features=rows.fs.dim(rows.layer), val=val)
+        return None
+    X = rows.load("train")  # the one copy of the train rows: scaled in place, fitted, measured
+    scaler.fit(X).transform_(X)
+    y = rows.labels[rows.mask("train")]
+    if kind == "mlp" and has_val:
+        est.fit(X, y, X_val=rows.load("val", scaler), y_val=rows.labels[rows.mask("val")])
+    elif path in ("gram", "feature"):
+        from featx.heads import LinearProblem
+
+        est.fit(X, y, problem=LinearProblem(X, device=device, space=path))
+    else:
+        est.fit(X, y)
+    return X
 
 
 # the head parameters that ``featx fit KIND`` takes as options
