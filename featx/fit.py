@@ -239,11 +239,10 @@ def plan_head(rows: Rows, kind: str, params: dict, *, stream: bool | None = None
     held = int(rows.mask("val").sum()) * d * 4 if kind == "mlp" else 0
     if stream:
         return _charged(memory.plan_fit(head, n, d, k, budget=max(1, limit - held), path="stream"), limit)
-    candidates = [p for p in memory.PATHS[head] if not (stream is False and p == "stream")]
-    if len(candidates) == len(memory.PATHS[head]):
+    if stream is None:
         return _charged(memory.plan_fit(head, n, d, k, budget=max(1, limit - held)), limit)
     refusal: memory.NotEnoughMemory | None = None
-    for path in sorted(candidates, key=lambda p: memory.estimate(head, p, n, d, k)):
+    for path in [p for p in memory.paths_by_speed(head, n, d) if p != "stream"]:
         try:
             return _charged(memory.plan_fit(head, n, d, k, budget=max(1, limit - held), path=path), limit)
         except memory.NotEnoughMemory as e:

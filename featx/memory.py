@@ -253,11 +253,13 @@ def estimate(head: str, path: str, n: int, d: int, n_classes: int, *, data_in_me
     return int(sum(held.values()) + max(transient.values(), default=0))
 
 
-def _order(head: str, n: int, d: int) -> tuple[str, ...]:
-    paths = PATHS[head]
+def paths_by_speed(head: str, n: int, d: int) -> tuple[str, ...]:
+    """``head``'s paths, fastest first for ``n`` rows of ``d`` features (the order :func:`plan_fit` tries)."""
+    if head not in PATHS:
+        raise UsageError(f"unknown head {head!r} for the memory plan: use one of {', '.join(PATHS)}")
     if head == "svm":
         return ("gram", "feature", "stream") if n <= d + 1 else ("feature", "gram", "stream")
-    return paths
+    return PATHS[head]
 
 
 def plan_fit(head: str, n: int, d: int, n_classes: int, *, budget: int, path: str | None = None,
@@ -272,7 +274,7 @@ def plan_fit(head: str, n: int, d: int, n_classes: int, *, budget: int, path: st
             cheapest path needs).
         UsageError: an unknown head or path.
     """
-    order = _order(head, int(n), int(d))
+    order = paths_by_speed(head, int(n), int(d))
     if path is not None:
         _check(head, path, n, d, n_classes)
     estimates = {p: estimate(head, p, n, d, n_classes, data_in_memory=data_in_memory) for p in order}
