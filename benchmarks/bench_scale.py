@@ -10,7 +10,8 @@
 * Runs: whole processes ``featx fit svm|logreg|mlp FILE`` and ``featx search logreg FILE --trials 10``, each under
   GNU time (``/usr/bin/time -f %M``; without it, ``resource.getrusage(RUSAGE_CHILDREN)``) with a cold cache.
 * Reported: wall seconds, peak RSS, its ratio to the bound ``2.5 x feature matrix + 1.5 GB`` (the matrix being
-  every row of the file in float32), test accuracy, the path taken and the plan's predicted peak.
+  every row of the file in float32), test accuracy, the path taken (for a search: how its trials ran, then its
+  refit's path, e.g. ``memory/feature``) and the plan's predicted peak for the (refit) head.
 * ``--limits SIZE``: no runs; for each head, path and ``d``, the largest number of train rows whose
   :func:`featx.memory.estimate` fits SIZE.
 """
@@ -80,8 +81,9 @@ def timed(cmd: list[str], env: dict) -> dict:
     else:  # the largest child so far: right when this run is the largest
         peak = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) * 1024
     out = p.stdout.strip().splitlines()
+    plan = [line.split("featx: ", 1)[-1] for line in err if "search in " in line or "path, predicted peak" in line]
     return {"seconds": round(wall, 2), "peak": peak, "rc": p.returncode, "last": out[-1] if out else "",
-            "error": err[-1] if p.returncode and err else ""}
+            "error": err[-1] if p.returncode and err else "", "plan": plan[0] if plan else ""}
 
 
 def run_case(h5: Path, head: str, n: int, d: int, max_memory: str | None, trials: int) -> dict:
@@ -98,7 +100,11 @@ def run_case(h5: Path, head: str, n: int, d: int, max_memory: str | None, trials
         out = Path(r["last"])
         metrics = json.loads((out / "metrics.json").read_text())
         meta = json.loads((out / "featx-head.json").read_text())
-        row.update(accuracy=metrics["test_accuracy"], path=meta.get("fit", {}).get("path"),
+        # a search's trials may run another way than its refit: "search in memory (...)" or "search in stream"
+        path = meta.get("fit", {}).get("path")
+        if head == "search" and r["plan"].startswith("search in "):
+            path = f"{r['plan'].split()[2]}/{path}"
+        row.update(accuracy=metrics["test_accuracy"], path=path,
                    predicted=meta.get("fit", {}).get("predicted_peak_bytes"))
     shutil.rmtree(cache, ignore_errors=True)
     return row
@@ -148,7 +154,7 @@ def main() -> None:
         return
     WORK.mkdir(parents=True, exist_ok=True)
     results = []
-    print(f"{'head':7} {'rows':>7} {'dim':>6} {'path':8} {'s':>8} {'peak GB':>8} {'bound GB':>8} {'ratio':>6} "
+    print(f"{'head':7} {'rows':>7} {'dim':>6} {'path':14} {'s':>8} {'peak GB':>8} {'bound GB':>8} {'ratio':>6} "
           f"{'acc':>6} {'pred GB':>8}")
     for n in _ints(a.rows):
         for d in _ints(a.dims):
@@ -157,7 +163,7 @@ def main() -> None:
                 r = run_case(h5, head, n, d, a.max_memory, a.trials)
                 results.append(r)
                 pred = r.get("predicted")
-                print(f"{head:7} {n:>7} {d:>6} {str(r.get('path') or '-'):8} {r['seconds']:>8.1f} "
+                print(f"{head:7} {n:>7} {d:>6} {str(r.get('path') or '-'):14} {r['seconds']:>8.1f} "
                       f"{r['peak'] / 1e9:>8.2f} {r['bound'] / 1e9:>8.2f} {r['ratio']:>6.2f} "
                       f"{r.get('accuracy', float('nan')):>6.3f} {(pred or 0) / 1e9:>8.2f}"
                       + (f"  rc={r['rc']} {r['error']}" if r["rc"] else ""), flush=True)
