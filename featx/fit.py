@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,23 +237,17 @@ def plan_head(rows: Rows, kind: str, params: dict, *, stream: bool | None = None
     head = "svm-rbf" if kind == "svm" and params.get("kernel", "linear") == "rbf" else kind
     limit = memory.budget(max_memory)
     held = int(rows.mask("val").sum()) * d * 4 if kind == "mlp" else 0
-    if stream:
-        return _charged(memory.plan_fit(head, n, d, k, budget=max(1, limit - held), path="stream"), limit)
-    if stream is None:
-        return _charged(memory.plan_fit(head, n, d, k, budget=max(1, limit - held)), limit)
+    room = max(1, limit - held)
+    if stream is None or stream:
+        return replace(memory.plan_fit(head, n, d, k, budget=room, path="stream" if stream else None), budget=limit)
     refusal: memory.NotEnoughMemory | None = None
     for path in [p for p in memory.paths_by_speed(head, n, d) if p != "stream"]:
         try:
-            return _charged(memory.plan_fit(head, n, d, k, budget=max(1, limit - held), path=path), limit)
+            return replace(memory.plan_fit(head, n, d, k, budget=room, path=path), budget=limit)
         except memory.NotEnoughMemory as e:
             refusal = refusal or e
     assert refusal is not None
     raise refusal
-
-
-def _charged(plan: memory.Plan, limit: int) -> memory.Plan:
-    """``plan`` with the whole budget (the plan was made on what the validation rows leave of it)."""
-    return memory.Plan(plan.head, plan.path, plan.peak, limit, plan.estimates)
 
 
 @dataclass

@@ -153,3 +153,15 @@ def test_a_tight_budget_finds_the_same_best_trial(kind, tmp_path):
         results.append(_best(res.study, res.storage))
     (n_a, p_a, v_a), (n_t, p_t, v_t) = results
     assert n_a == n_t and p_a == p_t and v_t == pytest.approx(v_a, abs=2e-3)
+
+
+def test_stream_options_are_planned_too(tall, tmp_path):
+    need_memory = memory.estimate("logreg", "memory", 17_000, 256, 4)
+    need_stream = memory.estimate("logreg", "stream", 17_000, 256, 4)
+    budget = (need_stream + need_memory) // 2
+    with pytest.raises(NotEnoughMemory, match="logreg memory path"):
+        fit_head(tall, "logreg", cache=tmp_path, max_memory=budget, stream=False)
+    res = fit_head(tall, "logreg", cache=tmp_path, max_memory="8G", stream=True)
+    assert _meta(res.path)["fit"]["path"] == "stream"
+    r = CliRunner().invoke(main, ["fit", "svm", str(tall), "--kernel", "rbf", "--stream", "--cache", str(tmp_path)])
+    assert r.exit_code != 0 and r.stderr.strip().splitlines()[-1].startswith("featx: error: the svm-rbf head has no")
