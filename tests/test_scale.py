@@ -165,3 +165,15 @@ def test_stream_options_are_planned_too(tall, tmp_path):
     assert _meta(res.path)["fit"]["path"] == "stream"
     r = CliRunner().invoke(main, ["fit", "svm", str(tall), "--kernel", "rbf", "--stream", "--cache", str(tmp_path)])
     assert r.exit_code != 0 and r.stderr.strip().splitlines()[-1].startswith("featx: error: the svm-rbf head has no")
+
+
+@pytest.mark.parametrize("kind, params", [("svm", {"C": 0.1}), ("logreg", {"C": 1.0}),
+                                          ("mlp", {"hidden": 32, "epochs": 30, "batch_size": 32, "lr": 3e-3})])
+def test_a_streamed_fold_scores_as_the_fold_in_memory(kind, params, tmp_path):
+    X, y = _blobs(n=400, d=24, k=3)
+    obj = Objective(open_rows(write_h5(tmp_path / "f.h5", X, y)), kind, cv=3, seed=0, device="cpu")
+    streamed = obj._streamed("standard", 1, params)
+    Xtr, ytr, Xva, yva = obj.fold("standard", 1)
+    kw = {"X_val": Xva, "y_val": yva} if kind == "mlp" else {}
+    in_memory = float(np.mean(obj._fit(params, Xtr, ytr, **kw).predict(Xva) == yva))
+    assert streamed > 0.6 and abs(streamed - in_memory) <= 0.1
