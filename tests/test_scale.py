@@ -177,3 +177,12 @@ def test_a_streamed_fold_scores_as_the_fold_in_memory(kind, params, tmp_path):
     kw = {"X_val": Xva, "y_val": yva} if kind == "mlp" else {}
     in_memory = float(np.mean(obj._fit(params, Xtr, ytr, **kw).predict(Xva) == yva))
     assert streamed > 0.6 and abs(streamed - in_memory) <= 0.1
+
+
+def test_search_refuses_a_tiny_budget_in_one_line_before_any_trial(tall, tmp_path):
+    r = CliRunner().invoke(main, ["search", "logreg", str(tall), "--trials", "2", "--max-memory", "1M",
+                                  "--cache", str(tmp_path)])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("featx: error: needs ") and "logreg stream path" in last
+    assert not (tmp_path / "studies").exists()
