@@ -52,8 +52,9 @@ from featx.cache import (
 )
 from featx.devices import resolve_device_type
 from featx.errors import DataError, IntegrityError, UsageError
-from featx.fit import Rows, Scaler, confusion, make_head, open_rows, source_identity
+from featx.fit import Rows, Scaler, make_head, open_rows, source_identity
 from featx.locks import hold
+from featx.metrics import confusion
 
 logger = logging.getLogger(__name__)
 

@@ -95,7 +95,7 @@ def test_fit_mlp_does_import_torch(feats, cache):
 def test_numpy_metrics_match_sklearn():
     from sklearn.metrics import confusion_matrix, f1_score
 
-    from featx.fit import confusion, macro_f1
+    from featx.metrics import confusion, macro_f1
 
     rng = np.random.default_rng(0)
     for k in (2, 5, 12):

@@ -20,7 +20,7 @@ from featx.finetune.checkpoint import CHECKPOINT, Progress
 from featx.finetune.data import Part
 from featx.finetune.learner import cpu_state
 from featx.finetune.options import FinetuneOptions
-from featx.fit import metrics_for
+from featx.metrics import metrics_for
 from featx.model import MODEL_FILE, MODEL_META, FinetuneNet, HeadModel, model_json, model_problem
 
 logger = logging.getLogger(__name__)
