@@ -1,4 +1,5 @@
-"""featx's start-up: each command's fixed cost, and a C sweep of `featx fit svm` against scikit-learn, as whole processes.
+"""featx's start-up: each command's fixed cost, and a C sweep of `featx fit svm` against scikit-learn, as whole
+processes.
 
     python benchmarks/bench_startup.py [--repeats 3] [--previous DIR] [--skip-fixed] [--skip-sweep] [--n 4000]
 
@@ -151,7 +152,8 @@ def sweep(n: int) -> dict:
     cpu_fx = sum(r["featx_cpu_s"] for r in rows)
     print(f"\ndata: {n} x 9216 pool5-like rows, 20 classes, {int(tr.sum())} train / {int(te.sum())} test; "
           f"cores: {os.cpu_count()}")
-    print(f"{'C':>8} {'sklearn s':>10} {'featx s':>9} {'(fit s)':>8} {'ratio':>7} {'CPU ratio':>10} {'acc sklearn':>12} "
+    print(f"{'C':>8} {'sklearn s':>10} {'featx s':>9} {'(fit s)':>8} {'ratio':>7} {'CPU ratio':>10} "
+          f"{'acc sklearn':>12} "
           f"{'acc featx':>10} {'delta':>7}")
     for r in rows:
         print(f"{r['C']:>8g} {r['sklearn_s']:>10.1f} {r['featx_s']:>9.1f} {r['featx_fit_s']:>8.1f} "

@@ -75,7 +75,8 @@ def command(fn):
                 if interrupt.stop_requested():
                     # e.g. a second signal that landed inside a library's own bookkeeping: the stop, not a bug
                     _interrupted(interrupt.forced() or interrupt.stop_requested())
-                click.echo(f"featx: internal error: {type(e).__name__}: {e} (set FEATX_DEBUG=1 for the traceback)", err=True)
+                click.echo(f"featx: internal error: {type(e).__name__}: {e} (set FEATX_DEBUG=1 for the traceback)",
+                           err=True)
                 sys.exit(1)
 
     return wrapper
@@ -112,7 +113,7 @@ device_option = click.option("--device", default="auto", show_default=True, help
 class _OneLineErrors(click.Group):
     """click's usage errors (an unknown option, a bad choice) as featx's one line on stderr, exit 2."""
 
-    def main(self, *args, **kwargs):  # type: ignore[override]
+    def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
         try:
             rc = super().main(*args, **kwargs)
@@ -171,18 +172,19 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file had to be skipped.")
 @quiet_option
 @command
-def extract(data, layers, backbone, weights, split, seed, views, normalize, batch_size, workers, threads, decode, device,
-            amp, shard_size, cache, strict, quiet, layout=None, reuse=True):
+def extract(data, layers, backbone, weights, split, seed, views, normalize, batch_size, workers, threads, decode,
+            device, amp, shard_size, cache, strict, quiet, layout=None, reuse=True):
     """Extract backbone activations of every image in DATA into a feature set."""
     from featx.extract import extract as run
 
     res = run(data, layers=layers, backbone=backbone, weights=weights, split=split, seed=seed, views=int(views),
-              normalize=normalize, batch_size=batch_size, workers=workers, threads=threads, decode=decode, device=device, amp=amp,
-              shard_size=shard_size, cache=cache, strict=strict, progress=None if not quiet else False,
-              layout=layout, reuse=reuse)
+              normalize=normalize, batch_size=batch_size, workers=workers, threads=threads, decode=decode,
+              device=device, amp=amp, shard_size=shard_size, cache=cache, strict=strict,
+              progress=None if not quiet else False, layout=layout, reuse=reuse)
     m = res.manifest
+    counts = ", ".join(f"{k} {v}" for k, v in m.get("counts", {}).items())
     logger.info("%s: %d rows (%s), %d skipped", "extracted" if res.computed else "already extracted",
-                m.get("n_rows", 0), ", ".join(f"{k} {v}" for k, v in m.get("counts", {}).items()), len(m.get("skipped", [])))
+                m.get("n_rows", 0), counts, len(m.get("skipped", [])))
     _emit_path(res.path)
 
 
@@ -378,7 +380,8 @@ def fewshot(features, shots, draws, kind, C, layer, scale, seed, split, device, 
 @click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]))
 @click.option("--momentum", default=0.9, show_default=True, type=float)
 @click.option("--weight-decay", default=5e-4, show_default=True, type=float)
-@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "step", "plateau", "none"]))
+@click.option("--schedule", default="cosine", show_default=True,
+              type=click.Choice(["cosine", "step", "plateau", "none"]))
 @click.option("--step-size", default=5, show_default=True, type=int, help="Epochs between x0.1 steps (step).")
 @click.option("--plateau-patience", default=2, show_default=True, type=int)
 @click.option("--augment", default="flip,crop", show_default=True,
@@ -389,7 +392,8 @@ def fewshot(features, shots, draws, kind, C, layer, scale, seed, split, device, 
 @click.option("--workers", default=None, type=int, help="Decode processes.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--clip-grad", default=None, type=float,
-              help="Clip each step's gradient to this L2 norm (default: no clipping; see grad_norm_max in history.jsonl).")
+              help="Clip each step's gradient to this L2 norm (default: no clipping; see grad_norm_max in "
+                   "history.jsonl).")
 @click.option("--recover", default=3, show_default=True, type=int,
               help="Retries of a diverged epoch (non-finite or exploding loss, non-finite gradient) at half the "
                    "learning rate.")
@@ -438,7 +442,8 @@ def predict(model, inputs, top_k, fmt, batch_size, workers, device, cache, quiet
 
 
 @main.command()
-@click.option("--weights", default=None, help="imagenet, random, or a state-dict file (default: imagenet if available).")
+@click.option("--weights", default=None,
+              help="imagenet, random, or a state-dict file (default: imagenet if available).")
 @cache_option
 @device_option
 @quiet_option
