@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 from benchmarks.synth import make_pool5_like, stratified_split  # noqa: E402
 from featx.heads import LinearProblem, LogisticHead, SVMHead  # noqa: E402
-from featx.heads._solvers import labels_to_pm1, svm_primal_objective  # noqa: E402
+from featx.heads.problem import labels_to_pm1, svm_primal_objective  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ except ImportError:  # benchmarks/ is a plain folder; make it importable when py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.synth import make_pool5_like
 from featx.errors import DataError, IntegrityError, UsageError
-from featx.heads import LinearProblem, LogisticHead, MLPHead, SVMHead, load_head, save_head
-from featx.heads._solvers import labels_to_pm1, svm_primal_objective
+from featx.heads import LinearProblem, LogisticHead, MLPHead, SVMHead, _backend, _gram, _newton, load_head, save_head
+from featx.heads import problem as solvers
+from featx.heads.problem import labels_to_pm1, svm_primal_objective
 
 
 @pytest.fixture(autouse=True)
@@ -159,10 +160,8 @@ def test_svm_matches_linearsvc(request, shape, binary, C):
 def test_feature_solver_switches_to_factorizations(monkeypatch, tall):
     """When CG stalls (forced here by allowing it one iteration) the feature-space solver must switch to
     per-class Hessian factorizations and still reach LinearSVC's optimum."""
-    import featx.heads._solvers as solvers
-
     X, y = tall
-    monkeypatch.setattr(solvers, "_CG_MAX", 1)
+    monkeypatch.setattr(_newton, "CG_MAX", 1)
     head = SVMHead(C=1.0, tol=1e-7).fit(X, y)
     assert head.solve_info_.space == "feature"
     assert head.solve_info_.detail["n_direct_factorizations"] > 0
@@ -189,15 +188,13 @@ def test_gram_mixed_precision_matches_float64(monkeypatch, wide, duplicated):
     """The float32 inverse with refinement (used from 1,500 rows on) must reach the float64 optimum; with
     duplicated rows K is singular, float32 cannot resolve K + I/2C at a large C, and the solver must notice
     and switch to float64."""
-    import featx.heads._solvers as solvers
-
     X, y = wide
     C = 100.0 if duplicated else 1.0
     if duplicated:
         X, y = np.vstack([X, X]), np.concatenate([y, y])
     Y = labels_to_pm1(y, 4)
     w64, b64, i64 = LinearProblem(X, space="gram").solve_svm(Y, C, tol=1e-8)
-    monkeypatch.setattr(solvers, "_MIXED_PRECISION_FROM", 1)
+    monkeypatch.setattr(_gram, "MIXED_PRECISION_FROM", 1)
     w32, b32, i32 = LinearProblem(X, space="gram").solve_svm(Y, C, tol=1e-8)
     assert i64.detail["inverse"] == "float64"
     if not duplicated:
@@ -212,9 +209,9 @@ def test_gram_mixed_precision_matches_float64(monkeypatch, wide, duplicated):
 @pytest.mark.parametrize("n", [600, 1037])
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_gram_tiles_match_one_product(n, workers):
-    """The CPU Gram matrix is computed as tiles on several threads (featx.heads._solvers.gram_plus_one): it must
+    """The CPU Gram matrix is computed as tiles on several threads (featx.heads._blas.gram_plus_one): it must
     equal the one product, be exactly symmetric, and leave the BLAS thread count as it found it."""
-    from featx.heads._solvers import blas_threads, gram_plus_one
+    from featx.heads._blas import blas_threads, gram_plus_one
 
     X = np.random.default_rng(n).standard_normal((n, 300)).astype(np.float32)
     before = blas_threads()
@@ -230,20 +227,20 @@ def test_blas_limits_from_several_threads_restore_the_thread_count():
     the count found before the first must come back after the last."""
     import threading
 
-    from featx.heads._solvers import _blas_limit, blas_threads
+    from featx.heads._blas import blas_limit, blas_threads
 
     before = blas_threads()
     entered, leave = threading.Event(), threading.Event()
 
     def other() -> None:
-        with _blas_limit(1):
+        with blas_limit(1):
             entered.set()
             leave.wait()
 
     t = threading.Thread(target=other)
     t.start()
     entered.wait()
-    span = _blas_limit(1)
+    span = blas_limit(1)
     span.__enter__()
     leave.set()
     t.join()  # the other span ends first
@@ -255,14 +252,12 @@ def test_blas_limits_from_several_threads_restore_the_thread_count():
 def test_gram_float32_products_reach_the_float64_optimum(monkeypatch):
     """Big problems take the float32 path: tiled Gram matrix, float32 inverse, one BLAS thread fewer; the optimum
     must be the float64 path's, and the BLAS thread count must be restored afterwards."""
-    import featx.heads._solvers as solvers
-
     X, y = _scaled(600, 700, 5, seed=3)
     Y = labels_to_pm1(y, 5)
     w64, b64, i64 = LinearProblem(X, space="gram").solve_svm(Y, 0.1, tol=1e-8)
     before = solvers.blas_threads()
-    monkeypatch.setattr(solvers, "_FLOAT64_BELOW", 0)
-    monkeypatch.setattr(solvers, "_MIXED_PRECISION_FROM", 1)
+    monkeypatch.setattr(solvers, "FLOAT64_BELOW", 0)
+    monkeypatch.setattr(_gram, "MIXED_PRECISION_FROM", 1)
     p = LinearProblem(X, space="gram")
     w32, b32, i32 = p.solve_svm(Y, 0.1, tol=1e-8)
     assert not p._K_exact and i32.detail["inverse"] == "float32" and i32.converged
@@ -510,15 +505,13 @@ def test_to_torch_argmax_matches_predict(wide):
 def test_torch_backend_matches_numpy(monkeypatch, wide, tall, space):
     """On an accelerator the solver runs the same code on torch tensors; run that back-end on the CPU and check
     it reaches the numpy back-end's optimum (float32 inverse with refinement included, for the Gram space)."""
-    import featx.heads._solvers as solvers
-
     X, y = wide if space == "gram" else tall
     k = len(np.unique(y))
     Y = labels_to_pm1(y, k)
-    monkeypatch.setattr(solvers, "_MIXED_PRECISION_FROM", 1)
+    monkeypatch.setattr(_gram, "MIXED_PRECISION_FROM", 1)
     on_numpy = LinearProblem(X, space=space)
     on_torch = LinearProblem(X, space=space)
-    on_torch.xp = solvers._TorchOps(torch.device("cpu"))
+    on_torch.xp = _backend.TorchOps(torch.device("cpu"))
     assert on_numpy.device == "cpu" and isinstance(on_numpy.K if space == "gram" else on_numpy.M, np.ndarray)
     for C in (0.01, 1.0):
         wn, bn, i_n = on_numpy.solve_svm(Y, C, tol=1e-8)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from ._compat import ClassifierBase, check_classification_targets, check_is_fitted, validate_data
-from ._solvers import Batches
+from .problem import Batches
 
 if TYPE_CHECKING:
     import torch

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DataError, UsageError
+from ._backend import resolve_device
 from ._compat import ClassifierBase, check_is_fitted, check_random_state, validate_data
-from ._solvers import Batches, resolve_device
 from .base import (
     _FLOAT_DTYPES,
     _check_int,
@@ -22,6 +22,7 @@ from .base import (
     _predict_rows,
     _StreamLabels,
 )
+from .problem import Batches
 
 if TYPE_CHECKING:
     import torch

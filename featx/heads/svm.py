@@ -9,8 +9,9 @@ import numpy as np
 
 from ..errors import UsageError
 from ._compat import check_is_fitted, convergence_warning, validate_data
-from ._solvers import Batches, LinearProblem, SolveInfo, labels_to_pm1, lbfgs_linear
+from ._lbfgs import lbfgs_linear
 from .base import _FLOAT_DTYPES, _check_int, _check_positive, _encode_targets, _float32_rows, _LinearHead, _StreamLabels
+from .problem import Batches, LinearProblem, SolveInfo, labels_to_pm1
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +30,7 @@ class SVMHead(_LinearHead):
     which is exactly ``sklearn.svm.LinearSVC(C=C)`` with its defaults (squared hinge, L2 penalty,
     ``intercept_scaling=1``), so ``C`` means the same; the solution differs from LinearSVC's only by solver
     tolerance.  Solver: a finite Newton method in the Gram space when ``n <= d + 1``, in feature space
-    otherwise (:mod:`featx.heads._solvers` explains both); it stops when the relative duality gap is ``<= tol``,
+    otherwise (:mod:`featx.heads.problem` explains both); it stops when the relative duality gap is ``<= tol``,
     a certificate that the objective is within ``tol`` (relative) of the optimum.  ``max_iter`` bounds the
     Newton steps (or the L-BFGS iterations of :meth:`fit_stream`).
 
