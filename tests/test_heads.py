@@ -520,3 +520,46 @@ def test_torch_backend_matches_numpy(monkeypatch, wide, tall, space):
         on, ot = svm_primal_objective(wn, bn, X, Y, C).sum(), svm_primal_objective(wt, bt, X, Y, C).sum()
         assert ot == pytest.approx(on, rel=1e-6)
         np.testing.assert_allclose(wt, wn, atol=1e-3 * np.abs(wn).max())
+
+
+@pytest.mark.parametrize("solver", ["gram", "feature", "lbfgs", "stream"])
+def test_a_solve_stops_at_fit_iteration(monkeypatch, wide, tall, solver):
+    """Every solver reaches the stop point ``fit.iteration`` once per outer iteration (Newton step, L-BFGS
+    iteration): a SIGTERM sent there (by the FEATX_STOP_AT hook) ends the solve with Interrupted (exit 143)."""
+    from featx import interrupt
+
+    X, y = wide if solver == "gram" else tall
+    monkeypatch.setenv(interrupt.ENV_STOP_AT, "fit.iteration:2:SIGTERM")
+    with interrupt.handling(), pytest.raises(interrupt.Interrupted) as stopped:
+        if solver in ("gram", "feature"):
+            SVMHead(C=1.0, tol=1e-12).fit(X, y, problem=LinearProblem(X, space=solver))
+        elif solver == "lbfgs":
+            LogisticHead(C=1.0, tol=1e-12).fit(X, y)
+        else:
+            SVMHead(C=1.0, tol=1e-12).fit_stream(lambda: iter([(X[:300], y[:300]), (X[300:], y[300:])]),
+                                                 classes=np.unique(y), n_features=X.shape[1])
+    assert stopped.value.point == "fit.iteration" and stopped.value.exit_code == 143
+
+
+def test_rbf_round_trip_is_arrays_and_array_equal(tmp_path: Path):
+    """The RBF SVM saves as arrays (no pickle) and predicts, before and after loading, exactly as scikit-learn's
+    SVC; a head directory holding a pickle of an older format is refused with one line."""
+    from sklearn.datasets import load_digits
+    from sklearn.svm import SVC
+
+    X, y = load_digits(return_X_y=True)
+    X = StandardScaler().fit_transform(X).astype(np.float32)
+    for labels in (y, (y == 3).astype(int)):
+        head = SVMHead(C=2.0, kernel="rbf").fit(X[::2], labels[::2])
+        ref = SVC(C=2.0, kernel="rbf", gamma="scale").fit(X[::2], labels[::2])
+        np.testing.assert_array_equal(head.predict(X), ref.predict(X))
+        np.testing.assert_allclose(head.decision_function(X), ref.decision_function(X), rtol=1e-9, atol=1e-9)
+        save_head(head, tmp_path / "rbf")
+        assert json.loads((tmp_path / "rbf" / "head.json").read_text())["file"] == "head.npz"
+        loaded = load_head(tmp_path / "rbf")
+        np.testing.assert_array_equal(loaded.predict(X), head.predict(X))
+        np.testing.assert_array_equal(loaded.decision_function(X), head.decision_function(X))
+    (tmp_path / "rbf" / "head.joblib").write_bytes(b"\x80\x04N.")
+    with pytest.raises(IntegrityError, match="head.joblib, which featx does not load") as exc:
+        load_head(tmp_path / "rbf")
+    assert "\n" not in str(exc.value)

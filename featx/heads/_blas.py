@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from featx import interrupt
+
 _controller: Any = None
 
 
@@ -87,6 +89,7 @@ def _run_threads(tasks: list[Callable[[], None]], workers: int) -> None:
             if task is None:
                 return
             try:
+                interrupt.raise_if_requested()
                 task()
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 errors.append(e)

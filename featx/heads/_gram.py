@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from featx import interrupt
+
 from ._backend import NumpyOps
 from ._blas import row_split_matmul
 from ._hinge import exact_line_search, svm_relative_gap
@@ -112,6 +114,7 @@ def solve_active(
     U = xp.cast(Ainv @ xp.cast(S * R, Ainv.dtype), xp.f64)
     n_direct = 0
     for c in cols:
+        interrupt.raise_if_requested()
         s_c = S[:, c]
         n_act = int(s_c.sum())
         if n_act == 0:
@@ -178,6 +181,7 @@ def svm_gram(
     gap = xp.full((k,), math.inf, xp.f64)
     from_zero = B0 is None
     for it in range(1, max_iter + 1):
+        interrupt.check("fit.iteration")
         S = (Y * F) < 1
         Sf = xp.cast(S, xp.f64)
         B0s = B * Sf

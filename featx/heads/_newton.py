@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from featx import interrupt
+
 from ._hinge import exact_line_search
 
 if TYPE_CHECKING:
@@ -100,6 +102,7 @@ def svm_feature(
     it = 0
     gap = xp.full((k,), math.inf, xp.f64)
     for it in range(1, max_iter + 1):
+        interrupt.check("fit.iteration")
         Sb = (Y * F) < 1
         S = xp.cast(Sb, xp.f64)
         xi = xp.clamp(1 - Y * F, 0)
@@ -118,6 +121,7 @@ def svm_feature(
             # Exact Newton: factorize each class's active-set Hessian (d+1 small enough).
             P = xp.zeros(G.shape, xp.f64)
             for c in xp.nonzero(~done).tolist():
+                interrupt.raise_if_requested()
                 if bool(Sb[:, c].all()):
                     L = Lp
                 else:
@@ -170,6 +174,7 @@ def batched_pcg(
     it = 0
     while it < max_iter:
         it += 1
+        interrupt.raise_if_requested()
         AP = matvec(P)
         pap = (P * AP).sum(0)
         alpha = xp.where(pap > 0, rz / xp.where(pap > 0, pap, 1.0), 0.0)
