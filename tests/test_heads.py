@@ -522,23 +522,38 @@ def test_torch_backend_matches_numpy(monkeypatch, wide, tall, space):
         np.testing.assert_allclose(wt, wn, atol=1e-3 * np.abs(wn).max())
 
 
-@pytest.mark.parametrize("solver", ["gram", "feature", "lbfgs", "stream"])
-def test_a_solve_stops_at_fit_iteration(monkeypatch, wide, tall, solver):
-    """Every solver reaches the stop point ``fit.iteration`` once per outer iteration (Newton step, L-BFGS
-    iteration): a SIGTERM sent there (by the FEATX_STOP_AT hook) ends the solve with Interrupted (exit 143)."""
+@pytest.mark.parametrize("space", ["gram", "feature"])
+def test_a_newton_solve_stops_at_fit_iteration(monkeypatch, wide, tall, space):
+    """Each Newton step is the stop point ``fit.iteration``: a SIGTERM sent at the second one (by the FEATX_STOP_AT
+    hook) ends the solve with Interrupted (exit 143) there."""
     from featx import interrupt
 
-    X, y = wide if solver == "gram" else tall
+    X, y = wide if space == "gram" else tall
     monkeypatch.setenv(interrupt.ENV_STOP_AT, "fit.iteration:2:SIGTERM")
     with interrupt.handling(), pytest.raises(interrupt.Interrupted) as stopped:
-        if solver in ("gram", "feature"):
-            SVMHead(C=1.0, tol=1e-12).fit(X, y, problem=LinearProblem(X, space=solver))
-        elif solver == "lbfgs":
+        SVMHead(C=1.0, tol=1e-12).fit(X, y, problem=LinearProblem(X, space=space))
+    assert stopped.value.point == "fit.iteration" and stopped.value.exit_code == 143
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "stream", "mlp"])
+def test_other_solvers_notice_a_stop_request(tall, solver):
+    """L-BFGS (logreg, streamed SVM) and the MLP's batches notice a pending SIGTERM without a named stop point."""
+    import os
+    import signal
+
+    from featx import interrupt
+
+    X, y = tall
+    with interrupt.handling(), pytest.raises(interrupt.Interrupted) as stopped:
+        os.kill(os.getpid(), signal.SIGTERM)  # requested: the next check raises
+        if solver == "lbfgs":
             LogisticHead(C=1.0, tol=1e-12).fit(X, y)
-        else:
+        elif solver == "stream":
             SVMHead(C=1.0, tol=1e-12).fit_stream(lambda: iter([(X[:300], y[:300]), (X[300:], y[300:])]),
                                                  classes=np.unique(y), n_features=X.shape[1])
-    assert stopped.value.point == "fit.iteration" and stopped.value.exit_code == 143
+        else:
+            MLPHead(hidden=8, epochs=2, random_state=0).fit(X, y)
+    assert stopped.value.exit_code == 143
 
 
 def test_rbf_round_trip_is_arrays_and_array_equal(tmp_path: Path):

@@ -1,11 +1,24 @@
 """The feature-space finite Newton method for the linear SVM (``n > d + 1``: more rows than features).
 
-The same Newton method as :mod:`._gram` on ``w`` with the Newton systems ``(I + 2C X~_S^T X~_S) p = -g``, first
-solved inexactly by conjugate gradients batched over all classes (each Hessian-vector product two GEMMs),
-preconditioned by the Cholesky factor of the full-active-set Hessian ``I + 2C X~^T X~``: fast at small ``C``.
-At large ``C`` many rows leave the active set and that preconditioner stops working; when CG stalls (and
-``d + 1 <= 4097``) the solver switches to forming and factorizing each class's Hessian (from the active rows,
-or as ``X~^T X~`` minus the inactive ones).  The loop stops when the relative duality gap is ``<= tol``.
+The Newton method of :mod:`._gram` on ``w`` (with ``X~ = [X, 1]``): at each step, per class ``c`` with the active
+set ``S = {i : y_i f_i < 1}``, the Newton system ``(I + 2C X~_S^T X~_S) p = -g`` and an exact line search on the
+piecewise-quadratic objective.  Each class's system is solved the cheapest exact way for its active set:
+
+* few active rows (``|S| <= min(d + 1, 10 sqrt(n))``, the usual case once the first step is taken: with 200
+  classes one-vs-rest, a class's active set at the optimum is its support vectors, a few hundred rows): by the
+  Woodbury identity, ``H^-1 g = g - X~_S^T (I/(2C) + X~_S X~_S^T)^-1 X~_S g``, one ``|S| x |S|`` Cholesky
+  factorization from the gathered rows (``|S|^2 d`` flops), exact;
+* many active rows (the first step from ``w = 0``, where every row is active, or small ``C``): conjugate
+  gradients batched over those classes (each Hessian-vector product two GEMMs), preconditioned by the Cholesky
+  factor of the full-active-set Hessian ``I + 2C X~^T X~`` (exact when every row is active, so the first step
+  takes one iteration).  When CG stalls (and ``d + 1 <= 4097``) those classes switch to forming and
+  factorizing their Hessian (from the active rows, or as ``X~^T X~`` minus the inactive ones).
+
+A column is done when its relative duality gap is ``<= tol``, or when an exact full Newton step leaves its
+active set unchanged (it then lands on the optimum).  Each Newton step is a stop point (``fit.iteration``); CG
+iterations and per-class solves notice a stop request too.  Memory besides ``X``: a few ``n x k`` float64 arrays
+(scores, labels, active sets), ``(d+1) x k`` ones (weights, gradients, directions), ``X~^T X~`` and its factor
+(``2 (d+1)^2`` float64) only when some class needs CG, and per class its gathered active rows (``|S| x d``).
 """
 from __future__ import annotations
 
@@ -31,6 +44,11 @@ FEATURE_DIRECT_MAX = 4097
 CG_MAX = 200
 
 
+# A class's Newton system is solved through its active rows (Woodbury) when they number at most this many times
+# sqrt(n) (and at most d + 1): |S|^2 d flops then cost less than ~25 batched CG iterations.
+WOODBURY_SQRT_FACTOR = 10.0
+
+
 def feature_precond(p: LinearProblem, C: float) -> Any:
     """Cholesky factor of the full-active-set Hessian ``I + 2C X~^T X~``, cached for the latest ``C``."""
     if p._factor_C == (C, "feature") and p._factor is not None:
@@ -52,6 +70,7 @@ def feature_precond(p: LinearProblem, C: float) -> Any:
     p._factor_C = (C, "feature")
     return p._factor
 
+
 def active_hessian(p: LinearProblem, active: Any, C: float) -> Any:
     """``I + 2C X~_S^T X~_S`` (float64) for the rows ``active``, from the rows themselves or as ``M``
     minus the inactive rows, whichever set is smaller."""
@@ -72,11 +91,13 @@ def active_hessian(p: LinearProblem, active: Any, C: float) -> Any:
     xp.add_diag_(H, 1.0)
     return H
 
+
 def xw(p: LinearProblem, W: Any) -> Any:
     """``X~ W`` for W ((d+1), k) float64 (a float32 GEMM for big data, see :attr:`X_mm`)."""
     xp = p.xp
     Xm = p.X_mm
     return xp.cast(Xm @ xp.cast(W[:-1], Xm.dtype), xp.f64) + W[-1]
+
 
 def xtr(p: LinearProblem, R: Any) -> Any:
     """``X~^T R`` for R (n, k) float64 (a float32 GEMM for big data, see :attr:`X_mm`)."""
@@ -85,42 +106,69 @@ def xtr(p: LinearProblem, R: Any) -> Any:
     top = xp.cast(Xm.T @ xp.cast(R, Xm.dtype), xp.f64)
     return xp.cat0([top, R.sum(0)[None, :]])
 
-def svm_feature(
-    p: LinearProblem, Y: Any, C: float, tol: float, max_iter: int, W0: Any
-) -> tuple[Any, int, bool, float, dict[str, Any]]:
+def woodbury_max(p: LinearProblem) -> int:
+    """The most active rows for which a class's Newton system is solved through them (see the module)."""
+    return int(min(p.d + 1, WOODBURY_SQRT_FACTOR * math.sqrt(p.n)))
+
+
+def woodbury_solve(p: LinearProblem, active: Any, g: Any, C: float) -> Any:
+    """``(I + 2C X~_S^T X~_S)^-1 g`` for the rows ``active`` (float64), through their ``|S| x |S|`` system."""
     xp = p.xp
-    n, k = Y.shape
-    d1 = p.d + 1
-    Lp = feature_precond(p, C)
-    W = xp.zeros((d1, k), xp.f64) if W0 is None else xp.copy(W0)
-    F = xw(p, W)
-    g0 = xp.clamp(xp.norm0(xtr(p, -2 * C * Y)), 1e-300)
-    converged = False
-    cg_total = 0
-    n_direct = 0
-    use_direct = False
-    it = 0
-    gap = xp.full((k,), math.inf, xp.f64)
-    for it in range(1, max_iter + 1):
-        interrupt.check("fit.iteration")
-        Sb = (Y * F) < 1
-        S = xp.cast(Sb, xp.f64)
-        xi = xp.clamp(1 - Y * F, 0)
-        # Gradient w - X~^T (2C xi y); the same vector X~^T (alpha y) gives the dual point's norm.
-        Wd = xtr(p, 2 * C * xi * Y)
-        G = W - Wd
-        primal = 0.5 * (W * W).sum(0) + C * (xi * xi).sum(0)
-        dual = (2 * C * xi).sum(0) - 0.5 * (Wd * Wd).sum(0) - C * (xi * xi).sum(0)
-        gap = (primal - dual) / xp.clamp(primal, 1e-300)
-        if bool((gap <= tol).all()):
-            converged = True
-            it -= 1
-            break
-        done = gap <= tol
-        if use_direct:
-            # Exact Newton: factorize each class's active-set Hessian (d+1 small enough).
+    idx = xp.nonzero(active)
+    if len(idx) == 0:
+        return xp.copy(g)
+    A = xp.cast(xp.rows(p.X_mm, idx), xp.f64)
+    K = A @ A.T + 1.0
+    xp.add_diag_(K, 0.5 / C)
+    L, ok = xp.cholesky(K, overwrite=True)
+    if not ok:
+        raise np.linalg.LinAlgError("X~_S X~_S^T + I/(2C) is not numerically positive definite")
+    u = xp.cholesky_solve((A @ g[:-1] + g[-1])[:, None], L)[:, 0]
+    out = xp.copy(g)
+    out[:-1] -= A.T @ u
+    out[-1] -= u.sum()
+    return out
+
+
+class _Directions:
+    """Newton directions ``-H_c^-1 g_c`` for the columns of one feature-space solve (see the module)."""
+
+    def __init__(self, p: LinearProblem, C: float, g0: Any) -> None:
+        self.p, self.C, self.g0 = p, C, g0
+        self.cg_total = 0
+        self.n_direct = 0
+        self.n_woodbury = 0
+        self.use_direct = False
+
+    def __call__(self, G: Any, Sb: Any, todo: list[int]) -> tuple[Any, Any]:
+        """The directions (zero outside ``todo``) and a mask of the columns solved exactly."""
+        p, xp = self.p, self.p.xp
+        P = xp.zeros(G.shape, xp.f64)
+        exact = xp.zeros((G.shape[1],), bool)
+        counts = xp.numpy(Sb.sum(0)).tolist()
+        limit = woodbury_max(p)
+        many = [c for c in todo if counts[c] > limit]
+        for c in todo:
+            if counts[c] <= limit:
+                interrupt.raise_if_requested()
+                P[:, c] = -woodbury_solve(p, Sb[:, c], G[:, c], self.C)
+                exact[c] = True
+                self.n_woodbury += 1
+        if many:
+            idx = xp.asarray(np.asarray(many, dtype=np.int64))
+            Pm, was_exact = self._many(xp.cols(G, idx), xp.cols(Sb, idx), self.g0[idx])
+            P[:, idx] = Pm
+            exact[idx] = was_exact
+        return P, exact
+
+    def _many(self, G: Any, Sb: Any, g0: Any) -> tuple[Any, bool]:
+        """Directions for columns with many active rows (``g0``: their gradients' norms at ``w = 0``): batched
+        PCG, or per-class factorizations once CG has stalled."""
+        p, xp, C = self.p, self.p.xp, self.C
+        Lp = feature_precond(p, C)
+        if self.use_direct:
             P = xp.zeros(G.shape, xp.f64)
-            for c in xp.nonzero(~done).tolist():
+            for c in range(G.shape[1]):
                 interrupt.raise_if_requested()
                 if bool(Sb[:, c].all()):
                     L = Lp
@@ -128,31 +176,74 @@ def svm_feature(
                     L, ok = xp.cholesky(active_hessian(p, Sb[:, c], C))
                     if not ok:
                         raise np.linalg.LinAlgError("an active-set Hessian is not positive definite")
-                    n_direct += 1
+                    self.n_direct += 1
                 P[:, c] = -xp.cholesky_solve(G[:, c : c + 1], L)[:, 0]
-        else:
-            gnorm = xp.norm0(G)
-            # Truncated Newton: solve (I + 2C X~_S^T X~_S) P = -G by preconditioned CG, all columns at
-            # once, to a relative residual that tightens as the gradient shrinks.
-            eta = xp.clamp(xp.clamp(xp.sqrt(gnorm / g0), None, 0.1), 1e-6)
+            return P, True
+        S = xp.cast(Sb, xp.f64)
+        # Truncated Newton: a relative residual that tightens as the gradient shrinks.
+        eta = xp.clamp(xp.clamp(xp.sqrt(xp.norm0(G) / g0), None, 0.1), 1e-6)
 
-            def hess(V: Any, S: Any = S) -> Any:
-                return V + 2 * C * xtr(p, S * xw(p, V))
+        def hess(V: Any) -> Any:
+            return V + 2 * C * xtr(p, S * xw(p, V))
 
-            P, n_cg = batched_pcg(xp, hess, -G, lambda R: xp.cholesky_solve(R, Lp), eta, max_iter=CG_MAX)
-            cg_total += n_cg
-            P[:, done] = 0
-            if n_cg >= CG_MAX and d1 <= FEATURE_DIRECT_MAX:
-                # Measured: at large C (many inactive rows) the full-set preconditioner stops working and CG
-                # would need thousands of iterations; per-class factorizations are then far cheaper.
-                logger.debug("CG stalled (C=%g); switching to per-class factorizations", C)
-                use_direct = True
+        P, n_cg = batched_pcg(xp, hess, -G, lambda R: xp.cholesky_solve(R, Lp), eta, max_iter=CG_MAX)
+        self.cg_total += n_cg
+        if n_cg >= CG_MAX and p.d + 1 <= FEATURE_DIRECT_MAX:
+            # Measured: at large C (many inactive rows) the full-set preconditioner stops working and CG would
+            # need thousands of iterations; per-class factorizations are then far cheaper.
+            logger.debug("CG stalled (C=%g); switching to per-class factorizations", C)
+            self.use_direct = True
+        return P, False
+
+
+def svm_feature(
+    p: LinearProblem, Y: Any, C: float, tol: float, max_iter: int, W0: Any
+) -> tuple[Any, int, bool, float, dict[str, Any]]:
+    """Minimize the squared-hinge primal for the +-1 columns of ``Y`` from ``W0`` ((d+1), k) or zero.
+
+    Returns the weights ((d+1), k) float64, the Newton steps taken, whether every column converged, the
+    objective (summed over columns) and details (CG iterations, factorizations, the largest relative gap).
+    """
+    xp = p.xp
+    n, k = Y.shape
+    W = xp.zeros((p.d + 1, k), xp.f64) if W0 is None else xp.copy(W0)
+    F = xw(p, W)
+    directions = _Directions(p, C, xp.clamp(xp.norm0(xtr(p, -2 * C * Y)), 1e-300))
+    done = xp.zeros((k,), bool)
+    converged = False
+    it = 0
+    gap = xp.full((k,), math.inf, xp.f64)
+    for it in range(1, max_iter + 1):
+        interrupt.check("fit.iteration")
+        Sb = (Y * F) < 1
+        xi = xp.clamp(1 - Y * F, 0)
+        # Gradient w - X~^T (2C xi y); the same vector X~^T (alpha y) gives the dual point's norm.
+        Wd = xtr(p, 2 * C * xi * Y)
+        G = W - Wd
+        primal = 0.5 * (W * W).sum(0) + C * (xi * xi).sum(0)
+        dual = (2 * C * xi).sum(0) - 0.5 * (Wd * Wd).sum(0) - C * (xi * xi).sum(0)
+        gap = (primal - dual) / xp.clamp(primal, 1e-300)
+        done |= gap <= tol
+        if bool(done.all()):
+            converged = True
+            it -= 1
+            break
+        logger.debug("Newton step %d: %d columns left, largest gap %.2e, active rows up to %d", it,
+                     int((~done).sum()), float(gap.max()), int(Sb.sum(0).max()))
+        P, exact = directions(G, Sb, xp.numpy(xp.nonzero(~done)).tolist())
         FP = xw(p, P)
         t = exact_line_search(xp, (W * P).sum(0), (P * P).sum(0), F, FP, Y, C)
+        t = xp.where(done, 0.0, t)
         W += t * P
         F += t * FP
+        # Finite termination: an exact full Newton step that leaves the active set unchanged lands on the optimum.
+        done |= exact & (((Y * F) < 1) == Sb).all(0) & (abs(t - 1) <= 1e-9)
+        if bool(done.all()):
+            converged = True
+            break
     obj = float(0.5 * (W * W).sum() + C * (xp.clamp(1 - Y * F, 0) ** 2).sum())
-    detail = {"cg_iterations": cg_total, "n_direct_factorizations": n_direct, "max_rel_gap": float(gap.max())}
+    detail = {"cg_iterations": directions.cg_total, "n_direct_factorizations": directions.n_direct,
+              "n_woodbury_solves": directions.n_woodbury, "max_rel_gap": float(gap.max())}
     return W, it, converged, obj, detail
 
 
