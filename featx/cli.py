@@ -150,6 +150,12 @@ def extract(data, layers, backbone, weights, split, seed, views, normalize, batc
     _emit_path(res.path)
 
 
+max_memory_option = click.option(
+    "--max-memory", default=None,
+    help="Memory the fit may use, e.g. 24G or 512M (default: 70% of available memory); the fastest way of "
+         "fitting predicted to fit is chosen (docs/scale.md).")
+
+
 def _fit_options(fn):
     for opt in reversed([
         click.argument("features", type=click.Path()),
@@ -159,7 +165,9 @@ def _fit_options(fn):
         click.option("--split", default=None, help="Split to make when FEATURES records none (test=0.15)."),
         click.option("--seed", default=0, show_default=True, type=int),
         device_option,
-        click.option("--stream/--no-stream", default=None, help="Fit chunk by chunk (default: when RAM is short)."),
+        click.option("--stream/--no-stream", default=None,
+                     help="Fit chunk by chunk, or in memory (default: the fastest way that fits --max-memory)."),
+        max_memory_option,
         cache_option,
         quiet_option,
     ]):
@@ -167,11 +175,13 @@ def _fit_options(fn):
     return fn
 
 
-def _run_fit(kind: str, features, params: dict, *, layer, scale, split, seed, device, stream, cache) -> None:
-    from featx.fit import fit_head
+def _run_fit(kind: str, features, params: dict, *, layer, scale, split, seed, device, stream, cache,
+             max_memory=None) -> None:
+    from featx.fit import FitResult, fit_head
 
     res = fit_head(features, kind, layer=layer, params=params, scale=scale, split=split, seed=seed, device=device,
-                   stream=stream, cache=cache)
+                   stream=stream, cache=cache, max_memory=max_memory)
+    assert isinstance(res, FitResult)
     m = res.metrics
     logger.info("%s %s head: test accuracy %.4f, train accuracy %.4f%s", "fitted" if res.computed else "reused",
                 kind, m["test_accuracy"], m["train_accuracy"],
@@ -262,16 +272,18 @@ def evaluate(head, features, split, cache, quiet):
               help="Database storages: seconds between a running trial's heartbeats; a trial silent for 3 "
                    "heartbeats (dead worker or machine) is failed and queued again.")
 @device_option
+@max_memory_option
 @cache_option
 @quiet_option
 @command
 def search(kind, features, layer, trials, timeout, storage, study, jobs, cv, sampler, split, seed, heartbeat, device,
-           cache, quiet):
+           cache, quiet, max_memory=None):
     """Search a head's hyperparameters with Optuna, then refit and save the best."""
     from featx.search import search as run
 
     res = run(features, kind, layer=layer, trials=trials, timeout=timeout, storage=storage, study=study, jobs=jobs,
-              cv=cv, sampler=sampler, seed=seed, split=split, device=device, cache=cache, heartbeat=heartbeat)
+              cv=cv, sampler=sampler, seed=seed, split=split, device=device, cache=cache, heartbeat=heartbeat,
+              max_memory=max_memory)
     s = res.search
     logger.info("study %s: %d trials (%d finished, %d pruned, %d failed, %d running, %d waiting); best validation "
                 "accuracy %.4f; refit head test accuracy %.4f", s["study"], s["trials"], s["finished"], s["pruned"],

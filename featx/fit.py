@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import featx
-from featx import interrupt
+from featx import interrupt, memory
 from featx.cache import (
     StagePlan,
     atomic_write_json,
@@ -62,7 +62,7 @@ class Scaler:
     def fit_chunks(self, chunks: Iterator[np.ndarray]) -> Scaler:
         if self.kind != "standard":
             return self
-        n, s, ss = 0, None, None
+        n, s, ss = 0, None, None  # type: tuple[int, Any, Any]
         for X in chunks:
             # float64 sums over blocks of at most 2 Mi values (16 MB): bounded temporaries, small enough that each
             # block reuses the last one's memory (512 rows of 9,216 features mapped 38 MB of fresh pages each time)
@@ -96,12 +96,13 @@ class Scaler:
                 block /= np.maximum(norms, 1e-12)
         return X
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, Any]:
         return {} if self.kind != "standard" else {"mean": self.mean, "scale": self.scale}
 
     def affine(self, d: int) -> tuple[np.ndarray, np.ndarray] | None:
         """``(weight, bias)`` with ``scaled = x * weight + bias``, or None for ``l2`` (not affine)/``none``."""
         if self.kind == "standard":
+            assert self.mean is not None and self.scale is not None
             w = (1.0 / self.scale).astype(np.float32)
             return w, (-self.mean * w).astype(np.float32)
         return None
@@ -220,11 +221,40 @@ def _resolve_device(device: str) -> str:
     return resolve_device_type(device)  # without importing torch: the svm and logreg heads are numpy
 
 
-def _available_bytes() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 34
+def plan_head(rows: Rows, kind: str, params: dict, *, stream: bool | None = None,
+              max_memory: str | int | None = None) -> memory.Plan:
+    """How ``kind`` will be fitted on ``rows``'s train rows within ``max_memory`` (default: 70% of available memory).
+
+    ``stream`` True forces the streamed path, False an in-memory one; None lets the plan choose the fastest path
+    that fits.  An MLP's validation rows, held beside the train rows, come off the budget.
+
+    Raises:
+        NotEnoughMemory: nothing fits (one line naming what the cheapest candidate needs and the budget).
+    """
+    n = int(rows.mask("train").sum())
+    d = rows.fs.dim(rows.layer)
+    k = len(np.unique(rows.labels[rows.mask("train")]))
+    head = "svm-rbf" if kind == "svm" and params.get("kernel", "linear") == "rbf" else kind
+    limit = memory.budget(max_memory)
+    held = int(rows.mask("val").sum()) * d * 4 if kind == "mlp" else 0
+    if stream:
+        return _charged(memory.plan_fit(head, n, d, k, budget=max(1, limit - held), path="stream"), limit)
+    candidates = [p for p in memory.PATHS[head] if not (stream is False and p == "stream")]
+    if len(candidates) == len(memory.PATHS[head]):
+        return _charged(memory.plan_fit(head, n, d, k, budget=max(1, limit - held)), limit)
+    refusal: memory.NotEnoughMemory | None = None
+    for path in sorted(candidates, key=lambda p: memory.estimate(head, p, n, d, k)):
+        try:
+            return _charged(memory.plan_fit(head, n, d, k, budget=max(1, limit - held), path=path), limit)
+        except memory.NotEnoughMemory as e:
+            refusal = refusal or e
+    assert refusal is not None
+    raise refusal
+
+
+def _charged(plan: memory.Plan, limit: int) -> memory.Plan:
+    """``plan`` with the whole budget (the plan was made on what the validation rows leave of it)."""
+    return memory.Plan(plan.head, plan.path, plan.peak, limit, plan.estimates)
 
 
 @dataclass
@@ -239,7 +269,8 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
              scale: str = "standard", split: str | None = None, seed: int = 0, device: str = "auto",
              cache: str | os.PathLike | None = None, stream: bool | None = None,
              rows: Rows | None = None, extra_meta: dict | None = None,
-             extra_files: Callable[[Path], None] | None = None, plan: bool = False) -> FitResult | StagePlan:
+             extra_files: Callable[[Path], None] | None = None, plan: bool = False,
+             max_memory: str | int | None = None) -> FitResult | StagePlan:
     """Fit a head of ``kind`` on ``layer`` of ``features``'s train rows, measure it on the test rows, save it.
 
     Args:
@@ -248,8 +279,10 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
         params: the head's parameters (e.g. ``{"C": 0.1}``, ``{"hidden": 256, "epochs": 30}``).
         scale: ``standard`` (default: train rows' mean/std), ``l2`` or ``none``.
         split, seed: the split to make when the features record none.
-        device: where torch heads compute. stream: fit chunk by chunk (default: only when the train rows would
-            not fit in half the available memory).
+        device: where torch heads compute. stream: fit chunk by chunk (True) or in memory (False); default: the
+            memory plan's choice (:func:`plan_head`, :mod:`featx.memory`).
+        max_memory: the memory budget, bytes or a size such as ``24G`` (default: 70% of available memory); the
+            fastest way of fitting whose predicted peak fits it is used, and the head's metadata records it.
         rows: already-opened rows (the search reuses them).
         extra_meta: more entries for ``metrics.json`` (and the key), e.g. the search's summary.
         extra_files: called with the head's unfinished directory to add files (plots) before it is published.
@@ -260,7 +293,7 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
         :class:`FitResult` with the head's directory (``plan``: a :class:`~featx.cache.StagePlan`).
 
     Raises:
-        DataError, UsageError.
+        DataError, UsageError; NotEnoughMemory when no way of fitting fits ``max_memory``.
     """
     params = dict(params or {})
     rows = rows or open_rows(features, layer, split=split, seed=seed)
@@ -288,35 +321,22 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
         logger.warning("head %s is damaged (%s): fitting it again", key, problem)
     n_train = int(rows.mask("train").sum())
     d = rows.fs.dim(rows.layer)
-    if stream is None:
-        stream = n_train * d * 4 > _available_bytes() // 2
+    mem = plan_head(rows, kind, params, stream=stream, max_memory=max_memory)
+    stream = mem.path == "stream"
+    logger.info("%s (%d x %d train rows)", mem.describe(), n_train, d)
     t0 = time.perf_counter()
-    has_val = bool(rows.mask("val").any())
     if kind != "mlp":  # (the MLP imports torch as it fits: two threads importing big packages at once gain little)
         from featx.plots import preload
 
         preload(rows.classes)  # matplotlib and the confusion plot's frame, on another core while the solver runs
-    X = None
-    if stream:
-        logger.info("fitting %s chunk by chunk (%d x %d train rows)", kind, n_train, d)
-        scaler.fit_chunks(X for X, _ in rows.chunks("train")())
-        val = (rows.load("val", scaler), rows.labels[rows.mask("val")]) if has_val else None
-        est.fit_stream(rows.chunks("train", scaler), classes=np.arange(len(rows.classes)), n_features=d, val=val)
-    else:
-        X = rows.load("train")  # the one copy of the train rows: scaled in place, fitted, measured
-        scaler.fit(X).transform_(X)
-        y = rows.labels[rows.mask("train")]
-        if kind == "mlp" and has_val:
-            est.fit(X, y, X_val=rows.load("val", scaler), y_val=rows.labels[rows.mask("val")])
-        else:
-            est.fit(X, y)
+    X = _fit_on(est, rows, scaler, kind=kind, path=mem.path, device=dev)
     fit_s = time.perf_counter() - t0
     metrics = measure(est, rows, scaler, classes=rows.classes, train=X)
     del X
     metrics.update({"kind": kind, "layer": rows.layer, "scale": scale, "params": _jsonable(resolved),
                     "fit_seconds": round(fit_s, 3), "source": source, "seed": seed,
                     "rows": {s: int(rows.mask(s).sum()) for s in ("train", "val", "test")},
-                    "streamed": bool(stream)})
+                    "streamed": bool(stream), "memory": _memory_record(mem)})
     if hasattr(est, "history_"):
         metrics["curve"] = _jsonable(est.history_)
         metrics["best_epoch"] = int(getattr(est, "best_epoch_", -1))
@@ -325,16 +345,49 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
     argv = _command(features, kind, layer=rows.layer, params=params, scale=scale, split=split, seed=seed,
                     search=bool(extra_meta and "search" in extra_meta), cache=cache_root(cache))
     save_fitted(out, est, scaler, kind=kind, layer=rows.layer, source=source, classes=rows.classes,
-                params=resolved, metrics=metrics, extra_files=extra_files, command=argv)
+                params=resolved, metrics=metrics, extra_files=extra_files, command=argv,
+                fit_path=_memory_record(mem))
     logger.info("%s on %s: test accuracy %.4f (train %.4f), fit %.2fs", kind, rows.layer,
                 metrics["test_accuracy"], metrics["train_accuracy"], fit_s)
     return FitResult(out, metrics, True, est)
+
+
+def _fit_on(est, rows: Rows, scaler: Scaler, *, kind: str, path: str, device: str) -> np.ndarray | None:
+    """Fit ``est`` on the train rows by the memory plan's ``path``; returns the scaled train rows when they were
+    held in memory (the metrics reuse them), None when they were streamed."""
+    has_val = bool(rows.mask("val").any())
+    if path == "stream":
+        logger.info("fitting %s chunk by chunk (%d x %d train rows)", kind, int(rows.mask("train").sum()),
+                    rows.fs.dim(rows.layer))
+        scaler.fit_chunks(X for X, _ in rows.chunks("train")())
+        # only the MLP watches validation rows while it trains (the linear heads solve to a tolerance)
+        val = (rows.load("val", scaler), rows.labels[rows.mask("val")]) if has_val and kind == "mlp" else None
+        est.fit_stream(rows.chunks("train", scaler), classes=np.arange(len(rows.classes)),
+                       n_features=rows.fs.dim(rows.layer), val=val)
+        return None
+    X = rows.load("train")  # the one copy of the train rows: scaled in place, fitted, measured
+    scaler.fit(X).transform_(X)
+    y = rows.labels[rows.mask("train")]
+    if kind == "mlp" and has_val:
+        est.fit(X, y, X_val=rows.load("val", scaler), y_val=rows.labels[rows.mask("val")])
+    elif path in ("gram", "feature"):
+        from featx.heads import LinearProblem
+
+        est.fit(X, y, problem=LinearProblem(X, device=device, space=path))
+    else:
+        est.fit(X, y)
+    return X
 
 
 # the head parameters that ``featx fit KIND`` takes as options
 _FIT_OPTIONS = {"svm": ("C", "kernel", "gamma"), "logreg": ("C",),
                 "mlp": ("hidden", "dropout", "lr", "weight_decay", "optimizer", "momentum", "batch_size", "epochs",
                         "patience")}
+
+
+def _memory_record(plan: memory.Plan) -> dict:
+    """What the head's metadata says of the way it was fitted: the path, its predicted peak and the budget."""
+    return {"path": plan.path, "predicted_peak_bytes": int(plan.peak), "budget_bytes": int(plan.budget)}
 
 
 def _command(features, kind: str, *, layer: str, params: dict, scale: str, split: str | None, seed: int,
@@ -411,7 +464,7 @@ def metrics_for(y: np.ndarray, pred: np.ndarray, sc: np.ndarray | None, est_clas
                 classes: list[str]) -> dict:
     k = len(classes)
     cm = confusion(y, pred, k)
-    out = {"accuracy": float(np.mean(pred == y)) if len(y) else float("nan"),
+    out: dict[str, Any] = {"accuracy": float(np.mean(pred == y)) if len(y) else float("nan"),
            "macro_f1": macro_f1(cm), "n": int(len(y))}
     if sc is not None and k > 5:
         top = np.asarray(est_classes)[np.argsort(-sc, axis=1)[:, :5]]
@@ -434,8 +487,10 @@ def measure(est, rows: Rows, scaler: Scaler, *, classes: list[str], train: np.nd
         if not rows.mask(name).any():
             continue
         preds, ys, scs = [], [], []
+        chunks: Any
         if name == "train" and train is not None:
-            chunks = [(train[a:a + 4096], rows.labels[rows.mask("train")][a:a + 4096]) for a in range(0, len(train), 4096)]
+            y_train = rows.labels[rows.mask("train")]
+            chunks = [(train[a:a + 4096], y_train[a:a + 4096]) for a in range(0, len(train), 4096)]
         else:
             chunks = rows.chunks(name, scaler)()
         for X, y in chunks:
@@ -468,11 +523,12 @@ def _stop_between_epochs(epoch: int, val_accuracy: float) -> None:
 
 def save_fitted(out: Path, est, scaler: Scaler, *, kind: str, layer: str, source: dict, classes: list[str],
                 params: dict, metrics: dict, extra_files: Callable[[Path], None] | None = None,
-                command: list[str] | None = None) -> None:
+                command: list[str] | None = None, fit_path: dict | None = None) -> None:
     """Write a head directory; files appear under a temporary directory renamed into place at the end.
 
     ``featx-head.json`` is sealed (a digest of its content) and lists the sha256 of every file written before it;
-    ``command``: the command line that makes the head again, kept in ``command.json`` for repair hints."""
+    ``command``: the command line that makes the head again, kept in ``command.json`` for repair hints;
+    ``fit_path``: how it was fitted (the memory plan's path, predicted peak and budget), kept in the metadata."""
     from featx.cache import write_command
     from featx.heads import save_head
     from featx.plots import plot_confusion, plot_curve
@@ -482,11 +538,14 @@ def save_fitted(out: Path, est, scaler: Scaler, *, kind: str, layer: str, source
     tmp.mkdir()
     try:
         save_head(est, tmp)
-        np.savez(tmp / "scaler.npz", **scaler.arrays())
+        savez: Any = np.savez
+        savez(tmp / "scaler.npz", **scaler.arrays())
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {"featx_version": featx.__version__, "kind": kind, "layer": layer, "scale": scaler.kind,
                 "params": _jsonable(params), "classes": list(classes), "source": source, "files": files,
                 "n_features": int(source.get("dim", getattr(est, "n_features_in_", 0)))}
+        if fit_path is not None:
+            meta["fit"] = fit_path
         atomic_write_json(tmp / META, meta, seal=True)
         atomic_write_json(tmp / "metrics.json", metrics)
         if command:
@@ -535,7 +594,8 @@ def load_fitted(path: str | os.PathLike) -> FittedHead:
     path = Path(path).expanduser().absolute()
     meta = _read_meta(path)
     if not isinstance(meta, dict):
-        raise DataError(f"{str(path)!r} is not a featx head (no readable {META}): give a directory printed by featx fit")
+        raise DataError(f"{str(path)!r} is not a featx head (no readable {META}): "
+                        "give a directory printed by featx fit")
     problem = _files_problem(path, meta)
     if problem:
         raise IntegrityError(f"head {path}: {problem}: {repair_hint(path, verb='fit it again')}")

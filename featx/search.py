@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 import featx
-from featx import interrupt
+from featx import interrupt, memory
 from featx.errors import DataError, FeatxError, UsageError
-from featx.fit import HEAD_KINDS, Rows, Scaler, fit_head, make_head, open_rows, source_identity
+from featx.fit import HEAD_KINDS, FitResult, Rows, Scaler, fit_head, make_head, open_rows, source_identity
+from featx.folds import FoldLayout, Kept
 from featx.studies import HEARTBEAT, default_storage, fail_dead_trials, hold_for_tests, open_storage
 
 __all__ = ["search", "SearchResult", "Objective", "suggest", "open_storage", "default_storage", "study_name_for"]
@@ -36,7 +37,7 @@ SAMPLERS = ("tpe", "random")
 # The search spaces (documented in docs/search.md).
 SVM_C = (1e-5, 1e2)
 LOGREG_C = (1e-4, 1e3)
-MLP_SPACE = {"hidden": [64, 128, 256, 512, 1024], "dropout": (0.0, 0.7), "lr": (1e-4, 3e-2),
+MLP_SPACE: dict[str, Any] = {"hidden": [64, 128, 256, 512, 1024], "dropout": (0.0, 0.7), "lr": (1e-4, 3e-2),
              "weight_decay": (1e-6, 1e-2), "batch_size": [32, 64, 128, 256], "epochs": 40}
 
 
@@ -107,18 +108,68 @@ def _open_study(storage_url: str, name: str, *, attrs: dict, sampler: str, seed:
 
 # ------------------------------------------------------------------------------------------------ objective
 
-class Objective:
-    """Validation accuracy of one trial; data loaded once and kept across trials (per scaling and fold)."""
+@dataclass(frozen=True)
+class SearchPlan:
+    """How a search's trials fit in memory: in ``memory`` (the scaled rows of one scaling, with solver states kept
+    while ``limit`` allows) or ``stream`` (every fold fitted chunk by chunk from disk); ``path`` is the path of one
+    fit, ``data`` the bytes of one scaling's rows, ``state`` those of one fold's fit beside them."""
 
-    def __init__(self, rows: Rows, kind: str, *, cv: int, seed: int, device: str):
+    mode: str
+    path: str
+    data: int
+    state: int
+    limit: int
+    loading: int = 0  # the rows as read, beside their layout, while a scaling is laid out
+
+    def describe(self) -> str:
+        return (f"search in {self.mode} ({self.path} path per fold): rows {memory.gb(self.data)} per scaling, "
+                f"{memory.gb(self.state)} per fold's fit, budget {memory.gb(self.limit)}")
+
+
+def plan_search(rows: Rows, kind: str, *, folds: int | None, max_memory: str | int | None = None) -> SearchPlan:
+    """The memory plan of a search: the rows of one scaling as one matrix (:class:`FoldLayout` for ``folds``
+    folds; ``None``: the val split), plus one fold's fit, when they fit ``max_memory``, else every fit streamed.
+
+    Raises:
+        NotEnoughMemory: not even the streamed fits fit.
+    """
+    limit = memory.budget(max_memory)
+    d = rows.fs.dim(rows.layer)
+    n = int(rows.mask("train").sum())
+    k = len(np.unique(rows.labels[rows.mask("train")]))
+    if folds is None:
+        n_fit, n_val = n, int(rows.mask("val").sum())
+        data, loading = (n + n_val) * d * 4, 0
+    else:
+        n_fit, n_val = n - n // folds, n // folds + 1
+        data, loading = ((2 * folds - 2) * n // folds + folds) * d * 4, n * d * 4  # the rows read, then laid out
+    try:
+        fit = memory.plan_fit(kind, n_fit, d, k, budget=max(1, limit - data - loading), data_in_memory=False)
+        if fit.path != "stream":
+            return SearchPlan("memory", fit.path, data, fit.peak, limit, loading)
+    except memory.NotEnoughMemory:
+        pass
+    held = n_val * d * 4 if kind == "mlp" else 0  # the MLP watches its fold's validation rows as it trains
+    fit = memory.plan_fit(kind, n_fit, d, k, budget=max(1, limit - held), path="stream")
+    return SearchPlan("stream", "stream", held, fit.peak, limit)
+
+
+class Objective:
+    """Validation accuracy of one trial.
+
+    In memory (:func:`plan_search`), the scaled train rows of a scaling are read once into one matrix whose row
+    ranges are the folds (:class:`FoldLayout`), and the SVM's solver state (its Gram matrix) is kept per scaling
+    and fold, all while ``max_memory`` allows, least recently used released first; streamed, every fold is fitted
+    chunk by chunk from disk.
+    """
+
+    def __init__(self, rows: Rows, kind: str, *, cv: int, seed: int, device: str,
+                 max_memory: str | int | None = None):
         self.rows, self.kind, self.cv, self.seed, self.device = rows, kind, cv, seed, device
         self.has_val = bool(rows.mask("val").any())
-        self._raw: np.ndarray | None = None
-        self._scaled: dict[str, np.ndarray] = {}
-        self._problems: dict[Any, Any] = {}
-        self._folds: dict[Any, tuple] = {}
         y = rows.labels[rows.mask("train")]
         self.y_train = y
+        self.layout: FoldLayout | None = None
         if self.has_val:
             self.y_val = rows.labels[rows.mask("val")]
         else:
@@ -129,40 +180,76 @@ class Objective:
             if k != cv:
                 logger.info("using %d folds: the smallest class has %d train rows", k, int(counts[counts > 0].min()))
             self.folds = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+            self.layout = FoldLayout.of(self.folds)
+        self.plan = plan_search(rows, kind, folds=None if self.has_val else len(self.folds), max_memory=max_memory)
+        # the SVM's fits keep their state in the cache; the other heads' need room beside it while they run
+        self._kept = Kept(self.plan.limit - max(self.plan.loading, self.plan.state if kind != "svm" else 0))
+        self._scalers: dict[str, Scaler] = {}
 
     def data(self, scale: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """(scaled train rows, scaled val rows or None), computed once per scaling choice."""
-        if scale not in self._scaled:
-            scaler = Scaler(scale)
-            scaler.fit_chunks(X for X, _ in self.rows.chunks("train")())
-            self._scaled[scale] = self.rows.load("train", scaler)
-            if self.has_val:
-                self._scaled[scale + ":val"] = self.rows.load("val", scaler)
-        return self._scaled[scale], self._scaled.get(scale + ":val")
+        """(scaled train rows, scaled val rows or None), read once per scaling choice while memory allows.
+
+        With folds, the train rows come laid out as :class:`FoldLayout` says (``self.layout.order``)."""
+        return self._kept.get(("data", scale), lambda: self._load(scale), self.plan.data)
+
+    def _load(self, scale: str) -> tuple[np.ndarray, np.ndarray | None]:
+        scaler = self.scaler(scale)
+        X = self.rows.load("train", scaler)
+        if self.layout is not None:
+            X = np.take(X, self.layout.order, axis=0)  # the loaded rows are released as soon as they are laid out
+        return X, self.rows.load("val", scaler) if self.has_val else None
+
+    def scaler(self, scale: str) -> Scaler:
+        if scale not in self._scalers:
+            self._scalers[scale] = Scaler(scale).fit_chunks(X for X, _ in self.rows.chunks("train")())
+        return self._scalers[scale]
 
     def fold(self, scale: str, f: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(X_fit, y_fit, X_val, y_val) of fold ``f`` (None: the val split), kept for every later trial, so that
-        consecutive trials see the very same arrays and the SVM can reuse their Gram matrix."""
-        key = (scale, f)
-        if key not in self._folds:
-            X, Xv = self.data(scale)
-            if f is None:
-                self._folds[key] = (X, self.y_train, Xv, self.y_val)
-            else:
-                tr, va = self.folds[f]
-                self._folds[key] = (X[tr], self.y_train[tr], X[va], self.y_train[va])
-        return self._folds[key]
+        """(X_fit, y_fit, X_val, y_val) of fold ``f`` (None: the val split): views of one matrix per scaling, so
+        that consecutive trials see the very same arrays and the SVM can reuse their Gram matrix."""
+        X, Xv = self.data(scale)
+        if f is None or self.layout is None:
+            assert Xv is not None
+            return X, self.y_train, Xv, self.y_val
+        y = self.y_train[self.layout.order]
+        tr, va = self.layout.train[f], self.layout.val[f]
+        return X[tr], y[tr], X[va], y[va]
+
+    def _head(self, params: dict):
+        dev = {"device": self.device} if "device" in make_head(self.kind, {}).get_params() else {}
+        return make_head(self.kind, {**params, "random_state": self.seed, **dev})
 
     def _fit(self, params: dict, X, y, *, problem_key=None, **fit_kw):
-        dev = {"device": self.device} if "device" in make_head(self.kind, {}).get_params() else {}
-        est = make_head(self.kind, {**params, "random_state": self.seed, **dev})
+        est = self._head(params)
         if problem_key is not None and self.kind == "svm":
             from featx.heads import LinearProblem
 
-            if problem_key not in self._problems:  # the Gram matrix: once per fold, for every C that follows
-                self._problems[problem_key] = LinearProblem(X, device=self.device)
-            return est.fit(X, y, problem=self._problems[problem_key])
+            problem = self._kept.get(("state", *problem_key),  # the Gram matrix: once per fold, for every C
+                                     lambda: LinearProblem(X, device=self.device, space=self.plan.path),
+                                     self.plan.state, keep=(("data", problem_key[0]),))
+            return est.fit(X, y, problem=problem)
         return est.fit(X, y, **fit_kw)
+
+    def _streamed(self, scale: str, f: int | None, params: dict) -> float:
+        """Fit fold ``f`` (None: the val split) chunk by chunk and return its validation accuracy."""
+        scaler, classes, d = self.scaler(scale), np.arange(len(self.rows.classes)), self.rows.fs.dim(self.rows.layer)
+        if f is None:
+            fit_chunks, val_chunks = self.rows.chunks("train", scaler), self.rows.chunks("val", scaler)
+        else:
+            in_val = np.zeros(len(self.y_train), dtype=bool)
+            in_val[self.folds[f][1]] = True
+            fit_chunks, val_chunks = _subset(self.rows.chunks("train", scaler), ~in_val), \
+                _subset(self.rows.chunks("train", scaler), in_val)
+        val = None
+        if self.kind == "mlp":
+            parts = list(val_chunks())
+            val = (np.concatenate([X for X, _ in parts]), np.concatenate([y for _, y in parts]))
+        est = self._head(params).fit_stream(fit_chunks, classes=classes, n_features=d, val=val)
+        hits = total = 0
+        for X, y in ([val] if val is not None else val_chunks()):
+            hits += int(np.sum(est.predict(X) == y))
+            total += len(y)
+        return hits / max(total, 1)
 
     def __call__(self, trial) -> float:
         import optuna
@@ -170,20 +257,26 @@ class Objective:
         scale, params = suggest(trial, self.kind)
         hold_for_tests(trial)  # FEATX_TRIAL_HOLD only: a test kills the process here
         if self.kind == "mlp":
-            Xtr, ytr, Xva, yva = self.fold(scale, None if self.has_val else 0)
-
             def report(epoch: int, val_accuracy: float) -> None:
                 interrupt.check("search.epoch")  # between MLP epochs: the trial is abandoned, never half-told
                 trial.report(val_accuracy, epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {epoch} (validation accuracy {val_accuracy:.4f})")
 
-            est = self._fit({**params, "epoch_callback": report}, Xtr, ytr, X_val=Xva, y_val=yva)
-            acc = float(np.mean(est.predict(Xva) == yva))
+            params = {**params, "epoch_callback": report}
+            if self.plan.mode == "stream":
+                acc = self._streamed(scale, None if self.has_val else 0, params)
+            else:
+                Xtr, ytr, Xva, yva = self.fold(scale, None if self.has_val else 0)
+                est = self._fit(params, Xtr, ytr, X_val=Xva, y_val=yva)
+                acc = float(np.mean(est.predict(Xva) == yva))
         else:
             accs = []
             for f in ([None] if self.has_val else range(len(self.folds))):
                 interrupt.check("search.fold")
+                if self.plan.mode == "stream":
+                    accs.append(self._streamed(scale, f, params))
+                    continue
                 Xtr, ytr, Xva, yva = self.fold(scale, f)
                 est = self._fit(params, Xtr, ytr, problem_key=(scale, f))
                 accs.append(float(np.mean(est.predict(Xva) == yva)))
@@ -191,6 +284,20 @@ class Objective:
         if not math.isfinite(acc):
             raise RuntimeError("validation accuracy is not finite (the fit diverged)")
         return acc
+
+
+def _subset(chunks, keep: np.ndarray):
+    """``chunks`` (of all train rows, in order) reduced to the rows where ``keep`` is True."""
+    def gen():
+        pos = 0
+        for X, y in chunks():
+            sel = keep[pos:pos + len(X)]
+            pos += len(X)
+            if sel.all():
+                yield X, y
+            elif sel.any():
+                yield X[sel], y[sel]
+    return gen
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -213,6 +320,7 @@ class _WorkerArgs:
     threads: int
     worker: int
     heartbeat: int = HEARTBEAT
+    max_memory: int | None = None
 
 
 def _log_trial(study, trial) -> None:
@@ -250,7 +358,7 @@ def _run_worker(a: _WorkerArgs) -> None:
     rows = open_rows(a.features, a.layer, split=a.split, seed=a.seed)
     study = _open_study(a.storage, a.study, attrs=a.attrs, sampler=a.sampler, seed=a.seed + a.worker,
                         kind=a.kind, create=False, heartbeat=a.heartbeat)
-    objective = Objective(rows, a.kind, cv=a.cv, seed=a.seed, device=a.device)
+    objective = Objective(rows, a.kind, cv=a.cv, seed=a.seed, device=a.device, max_memory=a.max_memory)
     started: list = []  # this worker's trials, to fail any a forced stop leaves RUNNING
 
     def guarded(trial):
@@ -373,7 +481,8 @@ class SearchResult:
 def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, trials: int = 20,
            timeout: float | None = None, storage: str | None = None, study: str | None = None, jobs: int = 1,
            cv: int = 3, sampler: str = "tpe", seed: int = 0, split: str | None = None, device: str = "auto",
-           cache: str | os.PathLike | None = None, heartbeat: int = HEARTBEAT) -> SearchResult:
+           cache: str | os.PathLike | None = None, heartbeat: int = HEARTBEAT,
+           max_memory: str | int | None = None) -> SearchResult:
     """Search ``kind``'s hyperparameters on ``features``, then refit the best and save it as a head.
 
     Args:
@@ -385,16 +494,16 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
         sampler: ``tpe`` or ``random``.
         heartbeat: seconds between a running trial's heartbeats on a database storage; a trial silent for 3
             heartbeats (its worker or machine died) is marked failed and queued again.
+        max_memory: memory budget of the search, bytes or a size such as ``24G`` (default: 70% of available
+            memory), shared out between the ``jobs`` workers; see :func:`plan_search`.
 
     Returns:
         :class:`SearchResult` with the best head's directory.
 
     Raises:
         UsageError: unknown head or sampler, an unreachable storage, a study made for other features or head.
-        DataError: as :func:`featx.fit.fit_head`.
+        DataError: as :func:`featx.fit.fit_head`.  NotEnoughMemory: not even streamed fits fit the budget.
     """
-    import optuna
-
     if kind not in HEAD_KINDS:
         raise UsageError(f"unknown head {kind!r}: use one of {', '.join(HEAD_KINDS)}")
     if sampler not in SAMPLERS:
@@ -406,55 +515,91 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
     dev = resolve_device_type(device)
     rows = open_rows(features, layer, split=split, seed=seed)
     rows.fs.verify([rows.layer])  # damage stops the search here, not as a failed trial in each worker
+    share = max(1, memory.budget(max_memory) // jobs)  # each worker holds its own rows
+    if trials:  # refused here, in one line, rather than as a failed trial in each worker
+        logger.info("%s", plan_search(rows, kind, folds=None if rows.mask("val").any() else cv,
+                                      max_memory=share).describe())
     storage_url = storage or default_storage(cache)
     name = study or study_name_for(rows, kind)
-    attrs = {"featx_source": rows.fs.key or source_identity(rows).get("sha256", ""), "kind": kind,
+    attrs: dict[str, Any] = {"featx_source": rows.fs.key or source_identity(rows).get("sha256", ""), "kind": kind,
              "layer": rows.layer, "featx_version": featx.__version__, "cv": cv,
-             "objective": "validation accuracy (val split)" if rows.mask("val").any() else f"{cv}-fold CV accuracy on train rows"}
+             "objective": "validation accuracy (val split)" if rows.mask("val").any()
+             else f"{cv}-fold CV accuracy on train rows"}
     st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=True,
                      heartbeat=heartbeat)
     before = len(st.trials)
-    logger.info("study %s in %s: %d trial(s) so far, adding %d with %d worker(s)", name, storage_url, before, trials, jobs)
+    logger.info("study %s in %s: %d trial(s) so far, adding %d with %d worker(s)", name, storage_url, before, trials,
+                jobs)
     t0 = time.perf_counter()
-    cores = os.cpu_count() or 1
-    shares = [trials // jobs + (1 if i < trials % jobs else 0) for i in range(jobs)]
     base = dict(features=str(features), layer=rows.layer, kind=kind, split=split, seed=seed, device=dev, cv=cv,
-                storage=storage_url, study=name, attrs=attrs, sampler=sampler, timeout=timeout, heartbeat=heartbeat)
+                storage=storage_url, study=name, attrs=attrs, sampler=sampler, timeout=timeout, heartbeat=heartbeat,
+                max_memory=share)
+    _run_workers(base, trials, jobs)
+    st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=False,
+                     heartbeat=heartbeat)
+    summary = _summary(st, name=name, storage=storage_url, sampler=sampler, objective=attrs["objective"],
+                       before=before, elapsed=time.perf_counter() - t0)
+    best = st.best_trial
+    logger.info("best trial %d: validation accuracy %.4f with %s; refitting on all train rows",
+                best.number, best.value, _fmt(best.params))
+    params = dict(best.params)
+    scale = params.pop("scale", "standard")
+    if kind == "mlp":
+        params["epochs"] = MLP_SPACE["epochs"]
+
+    def plots(tmp: Path) -> None:
+        _search_plots(st, tmp)
+
+    res = fit_head(features, kind, layer=rows.layer, params=params, scale=scale, split=split, seed=seed,
+                   device=device, cache=cache, rows=rows, extra_meta={"search": summary}, extra_files=plots,
+                   max_memory=max_memory)
+    assert isinstance(res, FitResult)
+    return SearchResult(res.path, name, storage_url, summary, res.metrics)
+
+
+def _run_workers(base: dict, trials: int, jobs: int) -> None:
+    """Run ``trials`` trials: here (one job) or in ``jobs`` spawned worker processes sharing the study."""
     if jobs == 1:
         if trials:
             _run_worker(_WorkerArgs(**base, n_trials=trials, threads=0, worker=0))
-    else:
-        ctx = mp.get_context("spawn")  # never fork a process that holds torch's thread pools
-        flag = interrupt.share_with_workers(ctx)  # our stop request reaches the workers through it
-        procs = [ctx.Process(target=_child, args=(_WorkerArgs(**base, n_trials=n, threads=max(1, cores // jobs), worker=i),
-                                                  logging.getLogger("featx").getEffectiveLevel(), flag))
-                 for i, n in enumerate(shares) if n]
-        try:
-            for p in procs:
-                with interrupt.workers_starting():
-                    p.start()
-            interrupt.mark("search.workers")
-            for p in procs:
-                p.join()
-        except KeyboardInterrupt:  # a second signal: the workers stop at once too, failing their RUNNING trials
-            interrupt.stop_workers_now(procs)
-            for p in procs:
-                p.join(timeout=60)
-            raise
-        finally:
-            interrupt.release_workers(flag)
-        interrupt.raise_if_requested("search.trial")
-        codes = [p.exitcode for p in procs]
-        stopped = [c for c in codes if c in (interrupt.exit_code_of("SIGINT"), interrupt.exit_code_of("SIGTERM"))]
-        if stopped:  # a worker alone was sent a signal (by a scheduler, say): the search as a whole stops
-            raise interrupt.Interrupted("SIGTERM" if stopped[0] == interrupt.exit_code_of("SIGTERM") else "SIGINT",
-                                        "search.trial")
-    elapsed = time.perf_counter() - t0
-    st = _open_study(storage_url, name, attrs=attrs, sampler=sampler, seed=seed, kind=kind, create=False,
-                     heartbeat=heartbeat)
+        return
+    cores = os.cpu_count() or 1
+    shares = [trials // jobs + (1 if i < trials % jobs else 0) for i in range(jobs)]
+    ctx = mp.get_context("spawn")  # never fork a process that holds torch's thread pools
+    flag = interrupt.share_with_workers(ctx)  # our stop request reaches the workers through it
+    procs = [ctx.Process(target=_child, args=(_WorkerArgs(**base, n_trials=n, threads=max(1, cores // jobs), worker=i),
+                                              logging.getLogger("featx").getEffectiveLevel(), flag))
+             for i, n in enumerate(shares) if n]
+    try:
+        for p in procs:
+            with interrupt.workers_starting():
+                p.start()
+        interrupt.mark("search.workers")
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:  # a second signal: the workers stop at once too, failing their RUNNING trials
+        interrupt.stop_workers_now(procs)
+        for p in procs:
+            p.join(timeout=60)
+        raise
+    finally:
+        interrupt.release_workers(flag)
+    interrupt.raise_if_requested("search.trial")
+    codes = [p.exitcode for p in procs]
+    stopped = [c for c in codes if c in (interrupt.exit_code_of("SIGINT"), interrupt.exit_code_of("SIGTERM"))]
+    if stopped:  # a worker alone was sent a signal (by a scheduler, say): the search as a whole stops
+        raise interrupt.Interrupted("SIGTERM" if stopped[0] == interrupt.exit_code_of("SIGTERM") else "SIGINT",
+                                    "search.trial")
+
+
+def _summary(st, *, name: str, storage: str, sampler: str, objective: str, before: int, elapsed: float) -> dict:
+    """The study's counts and best trial, as ``metrics.json``'s ``search`` section; refuses a study with none
+    finished."""
+    import optuna
+
     states = [t.state for t in st.trials]
     S = optuna.trial.TrialState
-    summary = {"study": name, "storage": storage_url, "sampler": sampler, "objective": attrs["objective"],
+    summary = {"study": name, "storage": storage, "sampler": sampler, "objective": objective,
                "trials": len(states), "added": len(states) - before,
                "finished": states.count(S.COMPLETE), "pruned": states.count(S.PRUNED),
                "failed": states.count(S.FAIL), "running": states.count(S.RUNNING),
@@ -469,19 +614,7 @@ def search(features: str | os.PathLike, kind: str, *, layer: str | None = None, 
                         f"{': ' + reasons[0] if reasons and reasons[0] else ''}); nothing to refit")
     best = st.best_trial
     summary.update({"best_value": best.value, "best_params": best.params, "best_trial": best.number})
-    logger.info("best trial %d: validation accuracy %.4f with %s; refitting on all train rows",
-                best.number, best.value, _fmt(best.params))
-    params = dict(best.params)
-    scale = params.pop("scale", "standard")
-    if kind == "mlp":
-        params["epochs"] = MLP_SPACE["epochs"]
-
-    def plots(tmp: Path) -> None:
-        _search_plots(st, tmp)
-
-    res = fit_head(features, kind, layer=rows.layer, params=params, scale=scale, split=split, seed=seed,
-                   device=device, cache=cache, rows=rows, extra_meta={"search": summary}, extra_files=plots)
-    return SearchResult(res.path, name, storage_url, summary, res.metrics)
+    return summary
 
 
 def _search_plots(study, out: Path) -> None:
@@ -499,8 +632,8 @@ def _search_plots(study, out: Path) -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ax = fn(study)
-            fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
+                ax: Any = fn(study)
+            fig: Any = ax.figure if hasattr(ax, "figure") else ax[0].figure
             fig.savefig(out / name, dpi=100, bbox_inches="tight")
             plt.close(fig)
         except Exception as e:  # e.g. importances need two finished trials with varying parameters
