@@ -578,3 +578,20 @@ def test_rbf_round_trip_is_arrays_and_array_equal(tmp_path: Path):
     with pytest.raises(IntegrityError, match="head.joblib, which featx does not load") as exc:
         load_head(tmp_path / "rbf")
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("space", ["gram", "feature"])
+def test_an_explicit_space_over_the_memory_budget_is_refused(wide, tall, space):
+    """An explicit space is refused with NotEnoughMemory when featx.memory's estimate of its arrays exceeds
+    max_memory; within the budget (or with space="auto") it solves as usual."""
+    from featx import memory
+
+    X, y = wide if space == "gram" else tall
+    need = memory.estimate("svm", space, X.shape[0], X.shape[1], len(np.unique(y)))
+    with pytest.raises(memory.NotEnoughMemory, match=f"the {space} space .* needs"):
+        LinearProblem(X, space=space, max_memory=need // 4)
+    with pytest.raises(memory.NotEnoughMemory):
+        SVMHead(space=space, max_memory=need // 4).fit(X, y)
+    head = SVMHead(space=space, max_memory=2 * need).fit(X, y)
+    assert head.solve_info_.space == space
+    assert SVMHead(max_memory=1).fit(X, y).solve_info_.space == space  # "auto": the caller's plan decides

@@ -70,24 +70,39 @@ class LinearProblem:
     most recent solution for each label vector, which warm-starts the next ``C``.  ``fit`` checks that the
     ``X`` it is given equals the one the problem was built from (identity, or else an exact comparison), so
     a stale problem cannot silently be reused.  Memory: ``n^2`` float64 for ``K`` plus ``2 n^2`` for the
-    current factorization (about 280 MB at n = 3,400).
+    current factorization (about 280 MB at n = 3,400) in the Gram space; ``2 (d+1)^2`` float64 in the feature
+    space.  ``space`` (``"auto"``, ``"gram"``, ``"feature"``): an explicit space is refused with
+    :class:`~featx.memory.NotEnoughMemory` when :func:`featx.memory.estimate` of it exceeds ``max_memory``
+    (bytes or a size such as ``"8G"``; default :func:`featx.memory.budget`).
     """
 
-    def __init__(self, X: np.ndarray, *, device: str | torch.device = "cpu", space: str = "auto") -> None:
+    def __init__(
+        self,
+        X: np.ndarray,
+        *,
+        device: str | torch.device = "cpu",
+        space: str = "auto",
+        max_memory: str | int | None = None,
+    ) -> None:
         X = np.asarray(X)
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D, got shape {X.shape}")
+        if space not in ("auto", "gram", "feature"):
+            raise ValueError(f"space must be 'auto', 'gram' or 'feature', got {space!r}")
+        self.n, self.d = X.shape
+        # An explicit space is a promise to hold its arrays: refuse it up front when they exceed the budget
+        # (checked again, with the number of classes, by solve_svm).  "auto" leaves the choice to the caller's plan.
+        self.max_memory = max_memory if space != "auto" else None
+        self._explicit = space != "auto"
+        if space == "auto":
+            space = "gram" if self.n <= self.d + 1 else "feature"
+        self.space = space
+        self._check_memory(2)
         self.X = np.ascontiguousarray(X, dtype=np.float32)
         if not self.X.flags.writeable:  # torch only wraps writable buffers without a warning
             self.X = self.X.copy()
-        self.n, self.d = self.X.shape
         # numpy and scipy on the CPU (no torch import), torch tensors on an accelerator.
         self.xp: Any = backend_for(device)
-        if space == "auto":
-            space = "gram" if self.n <= self.d + 1 else "feature"
-        if space not in ("gram", "feature"):
-            raise ValueError(f"space must be 'auto', 'gram' or 'feature', got {space!r}")
-        self.space = space
         self._X_t: Any = None
         self._K: Any = None
         # Small problems use float64 products throughout (cheap, and exact enough for tight tolerances);
@@ -101,6 +116,21 @@ class LinearProblem:
         self._factor: Any = None
         self._warm: dict[str, tuple[float, Any]] = {}
         self._workers = 0  # the BLAS threads configured when a CPU solve starts (see solve_svm)
+
+    def _check_memory(self, n_classes: int) -> None:
+        """Raise :class:`~featx.memory.NotEnoughMemory` when this space's arrays (``memory.estimate``) for
+        ``n_classes`` exceed ``max_memory`` (default ``memory.budget()``); only for an explicit space."""
+        if not self._explicit:
+            return
+        from featx import memory
+
+        need = memory.estimate("svm", self.space, self.n, self.d, max(int(n_classes), 2))
+        have = memory.budget(self.max_memory)
+        if need > have:
+            raise memory.NotEnoughMemory(
+                f"the {self.space} space of a linear SVM on {self.n} x {self.d} rows in {max(int(n_classes), 2)} "
+                f"classes needs {memory.gb(need)}, budget {memory.gb(have)} (max_memory)"
+            )
 
     @property
     def device(self) -> str:
@@ -189,6 +219,7 @@ class LinearProblem:
         """
         if C <= 0 or not math.isfinite(C):
             raise ValueError(f"C must be positive and finite, got {C}")
+        self._check_memory(Y.shape[1] if Y.shape[1] > 1 else 2)
         xp = self.xp
         key = self._warm_key(Y)
         warm = self._warm.get(key) if warm_start else None

@@ -44,7 +44,10 @@ class SVMHead(_LinearHead):
     libsvm's, computed in numpy, and the head saves as arrays like the others; it cannot be streamed or
     exported to torch.
 
-    ``device`` (``"cpu"`` or ``"cuda"``...) is where the linear solver's matrix products run.
+    ``space`` picks the linear solver (``"auto"``: by shape; ``"gram"``, ``"feature"``); an explicit space is
+    refused with :class:`~featx.memory.NotEnoughMemory` when its estimated arrays exceed ``max_memory`` (bytes
+    or a size such as ``"8G"``; default: :func:`featx.memory.budget`).  ``problem=`` given to :meth:`fit` is
+    used as built.  ``device`` (``"cpu"`` or ``"cuda"``...) is where the linear solver's matrix products run.
     ``random_state`` is accepted for interface symmetry; the linear solver is deterministic.
     """
 
@@ -58,6 +61,8 @@ class SVMHead(_LinearHead):
         max_iter: int = 1000,
         device: str = "cpu",
         random_state: int | None = None,
+        space: str = "auto",
+        max_memory: str | int | None = None,
     ) -> None:
         self.C = C
         self.kernel = kernel
@@ -66,6 +71,8 @@ class SVMHead(_LinearHead):
         self.max_iter = max_iter
         self.device = device
         self.random_state = random_state
+        self.space = space
+        self.max_memory = max_memory
 
     def _check_params(self) -> None:
         _check_positive("C", self.C)
@@ -73,6 +80,8 @@ class SVMHead(_LinearHead):
         _check_int("max_iter", self.max_iter, 1)
         if self.kernel not in ("linear", "rbf"):
             raise UsageError(f"kernel must be 'linear' or 'rbf', got {self.kernel!r}")
+        if self.space not in ("auto", "gram", "feature"):
+            raise UsageError(f"space must be 'auto', 'gram' or 'feature', got {self.space!r}")
 
     def fit(self, X: Any, y: Any, *, problem: LinearProblem | None = None) -> SVMHead:
         """Fit on rows ``X`` (n, d) and labels ``y``.
@@ -94,7 +103,7 @@ class SVMHead(_LinearHead):
             self.n_iter_ = np.asarray(svc.n_iter_, dtype=np.int64)
             return self
         if problem is None:
-            problem = LinearProblem(_float32_rows(X), device=self.device)
+            problem = LinearProblem(_float32_rows(X), device=self.device, space=self.space, max_memory=self.max_memory)
         elif not isinstance(problem, LinearProblem) or not problem.matches(X):
             raise UsageError("problem= was built from different rows than the X given to fit")
         Y = labels_to_pm1(y_idx, len(self.classes_))
