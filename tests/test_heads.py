@@ -6,6 +6,7 @@ import json
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -571,7 +572,7 @@ def test_rbf_round_trip_is_arrays_and_array_equal(tmp_path: Path):
         np.testing.assert_allclose(head.decision_function(X), ref.decision_function(X), rtol=1e-9, atol=1e-9)
         save_head(head, tmp_path / "rbf")
         assert json.loads((tmp_path / "rbf" / "head.json").read_text())["file"] == "head.npz"
-        loaded = load_head(tmp_path / "rbf")
+        loaded: Any = load_head(tmp_path / "rbf")
         np.testing.assert_array_equal(loaded.predict(X), head.predict(X))
         np.testing.assert_array_equal(loaded.decision_function(X), head.decision_function(X))
     (tmp_path / "rbf" / "head.joblib").write_bytes(b"\x80\x04N.")

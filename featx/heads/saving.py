@@ -54,7 +54,7 @@ def save_head(est: ClassifierBase, directory: str | os.PathLike[str]) -> None:
     check_is_fitted(est)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    classes = np.asarray(est.classes_)
+    classes = np.asarray(est.classes_)  # type: ignore[attr-defined]
     if classes.dtype.kind not in "biufU" and not all(isinstance(c, str) for c in classes.tolist()):
         raise UsageError(f"cannot save class labels of dtype {classes.dtype} as JSON")
     meta: dict[str, Any] = {
@@ -66,7 +66,7 @@ def save_head(est: ClassifierBase, directory: str | os.PathLike[str]) -> None:
     }
     arrays = est._saved_arrays()  # type: ignore[attr-defined]
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    np.savez(buf, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
     data = buf.getvalue()
     meta.update(
         {
@@ -135,7 +135,7 @@ def load_head(directory: str | os.PathLike[str]) -> ClassifierBase:
     if hashlib.sha256(data).hexdigest() != expected:
         raise IntegrityError(f"{data_path} does not match the sha256 recorded in head.json (tampered or corrupt)")
     est = cls(**params)
-    est.classes_ = classes
+    est.classes_ = classes  # type: ignore[attr-defined]
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in names}

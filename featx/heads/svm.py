@@ -51,6 +51,8 @@ class SVMHead(_LinearHead):
     ``random_state`` is accepted for interface symmetry; the linear solver is deterministic.
     """
 
+    n_iter_: Any  # Newton steps (linear), or SVC's iterations per pair of classes (rbf)
+
     def __init__(
         self,
         C: float = 1.0,
