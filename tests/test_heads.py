@@ -163,11 +163,24 @@ def test_feature_solver_switches_to_factorizations(monkeypatch, tall):
     per-class Hessian factorizations and still reach LinearSVC's optimum."""
     X, y = tall
     monkeypatch.setattr(_newton, "CG_MAX", 1)
+    monkeypatch.setattr(_newton, "WOODBURY_SQRT_FACTOR", 0.0)  # every class through CG
     head = SVMHead(C=1.0, tol=1e-7).fit(X, y)
     assert head.solve_info_.space == "feature"
     assert head.solve_info_.detail["n_direct_factorizations"] > 0
     ref = LinearSVC(C=1.0, tol=1e-8, max_iter=100_000).fit(X, y)
     assert _objective(head, X, y, 1.0) == pytest.approx(_objective(ref, X, y, 1.0), rel=1e-5)
+
+
+def test_feature_solver_through_few_active_rows_matches_liblinear():
+    """Classes whose active rows are few solve their Newton systems through those rows (Woodbury), the others by
+    CG preconditioned for their share of active rows; together they reach LinearSVC's optimum."""
+    X, y = _scaled(600, 60, 8, seed=5, class_sep=2.0)
+    head = SVMHead(C=1.0, tol=1e-8).fit(X, y)
+    assert head.solve_info_.space == "feature" and head.solve_info_.converged
+    assert head.solve_info_.detail["n_woodbury_solves"] > 0 and head.solve_info_.detail["cg_iterations"] > 0
+    ref = LinearSVC(C=1.0, tol=1e-8, max_iter=100_000).fit(X, y)
+    assert _objective(head, X, y, 1.0) == pytest.approx(_objective(ref, X, y, 1.0), rel=1e-5)
+    assert _objective(head, X, y, 1.0) <= _objective(ref, X, y, 1.0) * (1 + 1e-6)
 
 
 def test_gram_solver_direct_branch_and_spaces_agree():
