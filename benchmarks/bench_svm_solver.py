@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             args.n = 15000
         if "--d" not in (argv if argv is not None else sys.argv):
             args.d = 4096
+        if "--C" not in (argv if argv is not None else sys.argv):
+            args.C = [1.0]  # featx fit svm's default
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         results = _many_classes(args)
         if args.json:
