@@ -6,6 +6,7 @@ import json
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,8 +24,9 @@ except ImportError:  # benchmarks/ is a plain folder; make it importable when py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.synth import make_pool5_like
 from featx.errors import DataError, IntegrityError, UsageError
-from featx.heads import LinearProblem, LogisticHead, MLPHead, SVMHead, load_head, save_head
-from featx.heads._solvers import labels_to_pm1, svm_primal_objective
+from featx.heads import LinearProblem, LogisticHead, MLPHead, SVMHead, _backend, _gram, _newton, load_head, save_head
+from featx.heads import problem as solvers
+from featx.heads.problem import labels_to_pm1, svm_primal_objective
 
 
 @pytest.fixture(autouse=True)
@@ -159,15 +161,26 @@ def test_svm_matches_linearsvc(request, shape, binary, C):
 def test_feature_solver_switches_to_factorizations(monkeypatch, tall):
     """When CG stalls (forced here by allowing it one iteration) the feature-space solver must switch to
     per-class Hessian factorizations and still reach LinearSVC's optimum."""
-    import featx.heads._solvers as solvers
-
     X, y = tall
-    monkeypatch.setattr(solvers, "_CG_MAX", 1)
+    monkeypatch.setattr(_newton, "CG_MAX", 1)
+    monkeypatch.setattr(_newton, "WOODBURY_SQRT_FACTOR", 0.0)  # every class through CG
     head = SVMHead(C=1.0, tol=1e-7).fit(X, y)
     assert head.solve_info_.space == "feature"
     assert head.solve_info_.detail["n_direct_factorizations"] > 0
     ref = LinearSVC(C=1.0, tol=1e-8, max_iter=100_000).fit(X, y)
     assert _objective(head, X, y, 1.0) == pytest.approx(_objective(ref, X, y, 1.0), rel=1e-5)
+
+
+def test_feature_solver_through_few_active_rows_matches_liblinear():
+    """Classes whose active rows are few solve their Newton systems through those rows (Woodbury), the others by
+    CG preconditioned for their share of active rows; together they reach LinearSVC's optimum."""
+    X, y = _scaled(600, 60, 8, seed=5, class_sep=2.0)
+    head = SVMHead(C=1.0, tol=1e-8).fit(X, y)
+    assert head.solve_info_.space == "feature" and head.solve_info_.converged
+    assert head.solve_info_.detail["n_woodbury_solves"] > 0 and head.solve_info_.detail["cg_iterations"] > 0
+    ref = LinearSVC(C=1.0, tol=1e-8, max_iter=100_000).fit(X, y)
+    assert _objective(head, X, y, 1.0) == pytest.approx(_objective(ref, X, y, 1.0), rel=1e-5)
+    assert _objective(head, X, y, 1.0) <= _objective(ref, X, y, 1.0) * (1 + 1e-6)
 
 
 def test_gram_solver_direct_branch_and_spaces_agree():
@@ -189,15 +202,13 @@ def test_gram_mixed_precision_matches_float64(monkeypatch, wide, duplicated):
     """The float32 inverse with refinement (used from 1,500 rows on) must reach the float64 optimum; with
     duplicated rows K is singular, float32 cannot resolve K + I/2C at a large C, and the solver must notice
     and switch to float64."""
-    import featx.heads._solvers as solvers
-
     X, y = wide
     C = 100.0 if duplicated else 1.0
     if duplicated:
         X, y = np.vstack([X, X]), np.concatenate([y, y])
     Y = labels_to_pm1(y, 4)
     w64, b64, i64 = LinearProblem(X, space="gram").solve_svm(Y, C, tol=1e-8)
-    monkeypatch.setattr(solvers, "_MIXED_PRECISION_FROM", 1)
+    monkeypatch.setattr(_gram, "MIXED_PRECISION_FROM", 1)
     w32, b32, i32 = LinearProblem(X, space="gram").solve_svm(Y, C, tol=1e-8)
     assert i64.detail["inverse"] == "float64"
     if not duplicated:
@@ -212,9 +223,9 @@ def test_gram_mixed_precision_matches_float64(monkeypatch, wide, duplicated):
 @pytest.mark.parametrize("n", [600, 1037])
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_gram_tiles_match_one_product(n, workers):
-    """The CPU Gram matrix is computed as tiles on several threads (featx.heads._solvers.gram_plus_one): it must
+    """The CPU Gram matrix is computed as tiles on several threads (featx.heads._blas.gram_plus_one): it must
     equal the one product, be exactly symmetric, and leave the BLAS thread count as it found it."""
-    from featx.heads._solvers import blas_threads, gram_plus_one
+    from featx.heads._blas import blas_threads, gram_plus_one
 
     X = np.random.default_rng(n).standard_normal((n, 300)).astype(np.float32)
     before = blas_threads()
@@ -230,20 +241,20 @@ def test_blas_limits_from_several_threads_restore_the_thread_count():
     the count found before the first must come back after the last."""
     import threading
 
-    from featx.heads._solvers import _blas_limit, blas_threads
+    from featx.heads._blas import blas_limit, blas_threads
 
     before = blas_threads()
     entered, leave = threading.Event(), threading.Event()
 
     def other() -> None:
-        with _blas_limit(1):
+        with blas_limit(1):
             entered.set()
             leave.wait()
 
     t = threading.Thread(target=other)
     t.start()
     entered.wait()
-    span = _blas_limit(1)
+    span = blas_limit(1)
     span.__enter__()
     leave.set()
     t.join()  # the other span ends first
@@ -255,14 +266,12 @@ def test_blas_limits_from_several_threads_restore_the_thread_count():
 def test_gram_float32_products_reach_the_float64_optimum(monkeypatch):
     """Big problems take the float32 path: tiled Gram matrix, float32 inverse, one BLAS thread fewer; the optimum
     must be the float64 path's, and the BLAS thread count must be restored afterwards."""
-    import featx.heads._solvers as solvers
-
     X, y = _scaled(600, 700, 5, seed=3)
     Y = labels_to_pm1(y, 5)
     w64, b64, i64 = LinearProblem(X, space="gram").solve_svm(Y, 0.1, tol=1e-8)
     before = solvers.blas_threads()
-    monkeypatch.setattr(solvers, "_FLOAT64_BELOW", 0)
-    monkeypatch.setattr(solvers, "_MIXED_PRECISION_FROM", 1)
+    monkeypatch.setattr(solvers, "FLOAT64_BELOW", 0)
+    monkeypatch.setattr(_gram, "MIXED_PRECISION_FROM", 1)
     p = LinearProblem(X, space="gram")
     w32, b32, i32 = p.solve_svm(Y, 0.1, tol=1e-8)
     assert not p._K_exact and i32.detail["inverse"] == "float32" and i32.converged
@@ -510,15 +519,13 @@ def test_to_torch_argmax_matches_predict(wide):
 def test_torch_backend_matches_numpy(monkeypatch, wide, tall, space):
     """On an accelerator the solver runs the same code on torch tensors; run that back-end on the CPU and check
     it reaches the numpy back-end's optimum (float32 inverse with refinement included, for the Gram space)."""
-    import featx.heads._solvers as solvers
-
     X, y = wide if space == "gram" else tall
     k = len(np.unique(y))
     Y = labels_to_pm1(y, k)
-    monkeypatch.setattr(solvers, "_MIXED_PRECISION_FROM", 1)
+    monkeypatch.setattr(_gram, "MIXED_PRECISION_FROM", 1)
     on_numpy = LinearProblem(X, space=space)
     on_torch = LinearProblem(X, space=space)
-    on_torch.xp = solvers._TorchOps(torch.device("cpu"))
+    on_torch.xp = _backend.TorchOps(torch.device("cpu"))
     assert on_numpy.device == "cpu" and isinstance(on_numpy.K if space == "gram" else on_numpy.M, np.ndarray)
     for C in (0.01, 1.0):
         wn, bn, i_n = on_numpy.solve_svm(Y, C, tol=1e-8)
@@ -527,3 +534,78 @@ def test_torch_backend_matches_numpy(monkeypatch, wide, tall, space):
         on, ot = svm_primal_objective(wn, bn, X, Y, C).sum(), svm_primal_objective(wt, bt, X, Y, C).sum()
         assert ot == pytest.approx(on, rel=1e-6)
         np.testing.assert_allclose(wt, wn, atol=1e-3 * np.abs(wn).max())
+
+
+@pytest.mark.parametrize("space", ["gram", "feature"])
+def test_a_newton_solve_stops_at_fit_iteration(monkeypatch, wide, tall, space):
+    """Each Newton step is the stop point ``fit.iteration``: a SIGTERM sent at the second one (by the FEATX_STOP_AT
+    hook) ends the solve with Interrupted (exit 143) there."""
+    from featx import interrupt
+
+    X, y = wide if space == "gram" else tall
+    monkeypatch.setenv(interrupt.ENV_STOP_AT, "fit.iteration:2:SIGTERM")
+    with interrupt.handling(), pytest.raises(interrupt.Interrupted) as stopped:
+        SVMHead(C=1.0, tol=1e-12).fit(X, y, problem=LinearProblem(X, space=space))
+    assert stopped.value.point == "fit.iteration" and stopped.value.exit_code == 143
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "stream", "mlp"])
+def test_other_solvers_notice_a_stop_request(tall, solver):
+    """L-BFGS (logreg, streamed SVM) and the MLP's batches notice a pending SIGTERM without a named stop point."""
+    import os
+    import signal
+
+    from featx import interrupt
+
+    X, y = tall
+    with interrupt.handling(), pytest.raises(interrupt.Interrupted) as stopped:
+        os.kill(os.getpid(), signal.SIGTERM)  # requested: the next check raises
+        if solver == "lbfgs":
+            LogisticHead(C=1.0, tol=1e-12).fit(X, y)
+        elif solver == "stream":
+            SVMHead(C=1.0, tol=1e-12).fit_stream(lambda: iter([(X[:300], y[:300]), (X[300:], y[300:])]),
+                                                 classes=np.unique(y), n_features=X.shape[1])
+        else:
+            MLPHead(hidden=8, epochs=2, random_state=0).fit(X, y)
+    assert stopped.value.exit_code == 143
+
+
+def test_rbf_round_trip_is_arrays_and_array_equal(tmp_path: Path):
+    """The RBF SVM saves as arrays (no pickle) and predicts, before and after loading, exactly as scikit-learn's
+    SVC; a head directory holding a pickle of an older format is refused with one line."""
+    from sklearn.datasets import load_digits
+    from sklearn.svm import SVC
+
+    X, y = load_digits(return_X_y=True)
+    X = StandardScaler().fit_transform(X).astype(np.float32)
+    for labels in (y, (y == 3).astype(int)):
+        head = SVMHead(C=2.0, kernel="rbf").fit(X[::2], labels[::2])
+        ref = SVC(C=2.0, kernel="rbf", gamma="scale").fit(X[::2], labels[::2])
+        np.testing.assert_array_equal(head.predict(X), ref.predict(X))
+        np.testing.assert_allclose(head.decision_function(X), ref.decision_function(X), rtol=1e-9, atol=1e-9)
+        save_head(head, tmp_path / "rbf")
+        assert json.loads((tmp_path / "rbf" / "head.json").read_text())["file"] == "head.npz"
+        loaded: Any = load_head(tmp_path / "rbf")
+        np.testing.assert_array_equal(loaded.predict(X), head.predict(X))
+        np.testing.assert_array_equal(loaded.decision_function(X), head.decision_function(X))
+    (tmp_path / "rbf" / "head.joblib").write_bytes(b"\x80\x04N.")
+    with pytest.raises(IntegrityError, match="head.joblib, which featx does not load") as exc:
+        load_head(tmp_path / "rbf")
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("space", ["gram", "feature"])
+def test_an_explicit_space_over_the_memory_budget_is_refused(wide, tall, space):
+    """An explicit space is refused with NotEnoughMemory when featx.memory's estimate of its arrays exceeds
+    max_memory; within the budget (or with space="auto") it solves as usual."""
+    from featx import memory
+
+    X, y = wide if space == "gram" else tall
+    need = memory.estimate("svm", space, X.shape[0], X.shape[1], len(np.unique(y)))
+    with pytest.raises(memory.NotEnoughMemory, match=f"the {space} space .* needs"):
+        LinearProblem(X, space=space, max_memory=need // 4)
+    with pytest.raises(memory.NotEnoughMemory):
+        SVMHead(space=space, max_memory=need // 4).fit(X, y)
+    head = SVMHead(space=space, max_memory=2 * need).fit(X, y)
+    assert head.solve_info_.space == space
+    assert SVMHead(max_memory=1).fit(X, y).solve_info_.space == space  # "auto": the caller's plan decides

@@ -378,12 +378,13 @@ STRESS = {
     "fit-mlp": [("fit.epoch", 6), ("cli.output", 1)],
     "search": [("search.trial", 3), ("search.fold", 6), ("cli.output", 1)],
     "finetune": [("finetune.step", 6), ("cli.output", 1)],
-    "run": [("run.case", 5), ("extract.batch", 4), ("fit.epoch", 3), ("search.trial", 2), ("search.fold", 2),
-            ("finetune.step", 3), ("cli.output", 1)],
+    "run": [("run.case", 5), ("extract.batch", 4), ("fit.iteration", 2), ("fit.epoch", 3), ("search.trial", 2),
+            ("search.fold", 2), ("finetune.step", 3), ("cli.output", 1)],
 }
 # featx run: the case each stage's stop points are reached in (the first that needs it: pool5-svm extracts)
-RUN_CASE_AT = {"extract.batch": "pool5-svm", "fit.epoch": "pool5-mlp", "search.trial": "pool5-search-logreg",
-               "search.fold": "pool5-search-logreg", "finetune.step": "finetune-all"}
+RUN_CASE_AT = {"extract.batch": "pool5-svm", "fit.iteration": "pool5-svm", "fit.epoch": "pool5-mlp",
+               "search.trial": "pool5-search-logreg", "search.fold": "pool5-search-logreg",
+               "finetune.step": "finetune-all"}
 RUN_COMPARED = ("status", "test_accuracy", "val_accuracy", "macro_f1", "from_case")
 
 

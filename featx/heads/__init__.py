@@ -9,7 +9,7 @@ that fitting, predicting, saving and loading them never imports scikit-learn (1-
 * :class:`SVMHead` - a linear SVM solving exactly ``sklearn.svm.LinearSVC(C=C)``'s problem (L2-regularized
   squared hinge, one-vs-rest, intercept as a regularized constant feature); on 3,400 x 9,216 pool5-like rows
   in 20 classes it fits ~25-30x faster than LinearSVC (``benchmarks/bench_svm_solver.py``) through a
-  Gram-space finite Newton method (see :mod:`featx.heads._solvers`); or, with
+  Gram-space finite Newton method (see :mod:`featx.heads.problem`); or, with
   ``kernel="rbf"``, a plain ``sklearn.svm.SVC``.
 * :class:`LogisticHead` - ``LogisticRegression(C=C)``'s problem (softmax for 3+ classes, binomial for 2,
   intercept unpenalized) by L-BFGS with float32 matrix products.
@@ -23,9 +23,9 @@ Heads do no scaling of their own: the caller standardizes the features.
 """
 from __future__ import annotations
 
-from ._solvers import LinearProblem
 from .logreg import LogisticHead
 from .mlp import MLPHead
+from .problem import LinearProblem
 from .saving import HEAD_CLASSES, load_head, save_head
 from .svm import SVMHead
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from ._compat import ClassifierBase, check_classification_targets, check_is_fitted, validate_data
-from ._solvers import Batches
+from .problem import Batches
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +52,7 @@ def _encode_targets(est: ClassifierBase, y: np.ndarray) -> np.ndarray:
     classes, y_idx = np.unique(y, return_inverse=True)
     if len(classes) < 2:
         raise DataError(f"need at least 2 classes to fit a classifier, got 1 class ({classes[0]!r})")
-    est.classes_ = classes
+    est.classes_ = classes  # type: ignore[attr-defined]
     return y_idx.astype(np.int64)
 
 
@@ -120,6 +120,12 @@ class _StreamLabels:
 
 class _LinearHead(ClassifierBase):
     """Shared scoring, export and persistence for heads with ``coef_`` / ``intercept_``."""
+
+    classes_: np.ndarray
+    coef_: np.ndarray
+    intercept_: np.ndarray
+    n_features_in_: int
+    n_iter_: Any
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Scores ``X @ coef_.T + intercept_`` (float64); shape (n,) for two classes, else (n, n_classes)."""

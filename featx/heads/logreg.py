@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 
 from ._compat import convergence_warning, validate_data
-from ._solvers import Batches, lbfgs_linear
+from ._lbfgs import lbfgs_linear
 from .base import _FLOAT_DTYPES, _check_int, _check_positive, _encode_targets, _float32_rows, _LinearHead, _StreamLabels
+from .problem import Batches
 
 
 class LogisticHead(_LinearHead):

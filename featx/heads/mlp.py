@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import interrupt
 from ..errors import DataError, UsageError
+from ._backend import resolve_device
 from ._compat import ClassifierBase, check_is_fitted, check_random_state, validate_data
-from ._solvers import Batches, resolve_device
 from .base import (
     _FLOAT_DTYPES,
     _check_int,
@@ -22,6 +23,7 @@ from .base import (
     _predict_rows,
     _StreamLabels,
 )
+from .problem import Batches
 
 if TYPE_CHECKING:
     import torch
@@ -266,6 +268,7 @@ class MLPHead(ClassifierBase):
                 yc_t = torch.from_numpy(yc).to(device)
                 perm = torch.randperm(m, generator=gen).to(device)
                 for s in range(0, m, bs):
+                    interrupt.raise_if_requested()
                     idx = perm[s : s + bs]
                     opt.zero_grad(set_to_none=True)
                     loss = loss_fn(net(Xc_t[idx], drop_gen), yc_t[idx])

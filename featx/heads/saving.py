@@ -1,7 +1,7 @@
 """Heads on disk without pickles: :func:`save_head` / :func:`load_head` and the format's version.
 
-``head.json`` (class, parameters, classes, array names, sha256 of the data file) plus ``head.npz`` (or
-``head.joblib`` for the RBF SVC, the one case that needs joblib).
+``head.json`` (class, parameters, classes, array names, sha256 of the data file) plus ``head.npz``, read with
+``allow_pickle=False``: every head, the RBF SVM included, is arrays and JSON, and loading runs no code.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 HEAD_CLASSES: dict[str, type[ClassifierBase]] = {c.__name__: c for c in (SVMHead, LogisticHead, MLPHead)}
 _FORMAT = "featx-head"
 _FORMAT_VERSION = 1
+_DATA_FILE = "head.npz"
 
 
 def _json_safe(value: Any) -> Any:
@@ -41,7 +42,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def save_head(est: ClassifierBase, directory: str | os.PathLike[str]) -> None:
-    """Save a fitted head to ``directory``: ``head.json`` plus ``head.npz`` (or ``head.joblib`` for RBF).
+    """Save a fitted head to ``directory``: ``head.json`` plus ``head.npz``.
 
     ``head.json`` records the class, the parameters, the classes, the array names and the sha256 of the data
     file; :func:`load_head` checks that hash before reading anything.  The data file is written first and
@@ -53,7 +54,7 @@ def save_head(est: ClassifierBase, directory: str | os.PathLike[str]) -> None:
     check_is_fitted(est)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    classes = np.asarray(est.classes_)
+    classes = np.asarray(est.classes_)  # type: ignore[attr-defined]
     if classes.dtype.kind not in "biufU" and not all(isinstance(c, str) for c in classes.tolist()):
         raise UsageError(f"cannot save class labels of dtype {classes.dtype} as JSON")
     meta: dict[str, Any] = {
@@ -63,34 +64,34 @@ def save_head(est: ClassifierBase, directory: str | os.PathLike[str]) -> None:
         "params": {k: _json_safe(v) for k, v in est.get_params(deep=False).items()},
         "classes": {"dtype": classes.dtype.str if classes.dtype.kind != "O" else "str", "values": classes.tolist()},
     }
-    if isinstance(est, SVMHead) and est.kernel == "rbf":
-        import joblib
-
-        buf = io.BytesIO()
-        joblib.dump(est.svc_, buf)
-        data = buf.getvalue()
-        meta.update(
-            {"file": "head.joblib", "sha256": hashlib.sha256(data).hexdigest(), "arrays": [], "state": {
-                "n_features_in_": int(est.n_features_in_)}}
-        )
-        _atomic_write(out / "head.joblib", data)
-    else:
-        arrays = est._saved_arrays()  # type: ignore[attr-defined]
-        buf = io.BytesIO()
-        np.savez(buf, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
-        data = buf.getvalue()
-        meta.update(
-            {
-                "file": "head.npz",
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "arrays": sorted(arrays),
-                "state": est._saved_state(),  # type: ignore[attr-defined]
-            }
-        )
-        _atomic_write(out / "head.npz", data)
+    arrays = est._saved_arrays()  # type: ignore[attr-defined]
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
+    data = buf.getvalue()
+    meta.update(
+        {
+            "file": _DATA_FILE,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "arrays": sorted(arrays),
+            "state": est._saved_state(),  # type: ignore[attr-defined]
+        }
+    )
+    _atomic_write(out / _DATA_FILE, data)
     _atomic_write(out / "head.json", (json.dumps(meta, indent=2, allow_nan=True) + "\n").encode("utf-8"))
     # debug only: featx fit saves into a temporary directory and logs the final one once it is in place
     logger.debug("saved %s to %s", name, out)
+
+
+def _refuse_unknown(src: Path, meta_path: Path, names: list, state: dict) -> None:
+    """One clear error for what a featx head never holds: another ``head.*`` file (a pickle of an older format)
+    or a recorded name that is not a learned attribute (``name_``)."""
+    others = sorted(p.name for p in src.glob("head.*") if p.name not in ("head.json", _DATA_FILE))
+    if others:
+        raise IntegrityError(f"{src} holds {', '.join(others)}, which featx does not load (heads are head.json and "
+                             f"{_DATA_FILE}, no pickles): fit the head again")
+    bad = [k for k in [*names, *state] if not (isinstance(k, str) and k.isidentifier() and k.endswith("_"))]
+    if bad:
+        raise IntegrityError(f"{meta_path} names unknown attributes {bad!r}")
 
 
 def load_head(directory: str | os.PathLike[str]) -> ClassifierBase:
@@ -114,8 +115,9 @@ def load_head(directory: str | os.PathLike[str]) -> ClassifierBase:
         if cls is None:
             raise IntegrityError(f"{meta_path} names an unknown head class {meta['class']!r}")
         fname = meta["file"]
-        if fname not in ("head.npz", "head.joblib"):
-            raise IntegrityError(f"{meta_path} names an unexpected data file {fname!r}")
+        if fname != _DATA_FILE:
+            raise IntegrityError(f"{meta_path} names the data file {fname!r}; featx heads load only from "
+                                 f"{_DATA_FILE} (arrays, no pickles): fit the head again")
         expected = str(meta["sha256"])
         params = dict(meta["params"])
         cdt = meta["classes"]["dtype"]
@@ -124,6 +126,7 @@ def load_head(directory: str | os.PathLike[str]) -> ClassifierBase:
         names = list(meta["arrays"])
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"{meta_path} is malformed: {exc!r}") from None
+    _refuse_unknown(src, meta_path, names, state)
     data_path = src / fname
     try:
         data = data_path.read_bytes()
@@ -132,17 +135,7 @@ def load_head(directory: str | os.PathLike[str]) -> ClassifierBase:
     if hashlib.sha256(data).hexdigest() != expected:
         raise IntegrityError(f"{data_path} does not match the sha256 recorded in head.json (tampered or corrupt)")
     est = cls(**params)
-    est.classes_ = classes
-    if fname == "head.joblib":
-        import joblib
-
-        try:
-            est.svc_ = joblib.load(io.BytesIO(data))  # bytes already verified against head.json
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
-            raise IntegrityError(f"{data_path} could not be loaded: {exc!r}") from None
-        est.n_features_in_ = int(state["n_features_in_"])
-        est.n_iter_ = est.svc_.n_iter_
-        return est
+    est.classes_ = classes  # type: ignore[attr-defined]
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in names}

@@ -9,8 +9,10 @@ import numpy as np
 
 from ..errors import UsageError
 from ._compat import check_is_fitted, convergence_warning, validate_data
-from ._solvers import Batches, LinearProblem, SolveInfo, labels_to_pm1, lbfgs_linear
+from ._lbfgs import lbfgs_linear
+from ._rbf import RBFModel
 from .base import _FLOAT_DTYPES, _check_int, _check_positive, _encode_targets, _float32_rows, _LinearHead, _StreamLabels
+from .problem import Batches, LinearProblem, SolveInfo, labels_to_pm1
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +31,7 @@ class SVMHead(_LinearHead):
     which is exactly ``sklearn.svm.LinearSVC(C=C)`` with its defaults (squared hinge, L2 penalty,
     ``intercept_scaling=1``), so ``C`` means the same; the solution differs from LinearSVC's only by solver
     tolerance.  Solver: a finite Newton method in the Gram space when ``n <= d + 1``, in feature space
-    otherwise (:mod:`featx.heads._solvers` explains both); it stops when the relative duality gap is ``<= tol``,
+    otherwise (:mod:`featx.heads.problem` explains both); it stops when the relative duality gap is ``<= tol``,
     a certificate that the objective is within ``tol`` (relative) of the optimum.  ``max_iter`` bounds the
     Newton steps (or the L-BFGS iterations of :meth:`fit_stream`).
 
@@ -37,12 +39,19 @@ class SVMHead(_LinearHead):
     ``fit(X, y, problem=p)``: the Gram matrix is then computed once and each ``C`` warm-starts from the
     previous solution for the same labels.
 
-    ``kernel="rbf"`` fits ``sklearn.svm.SVC(C=C, kernel="rbf", gamma=gamma)`` (kept in ``svc_``); it cannot
-    be streamed, exported to torch or saved without joblib.
+    ``kernel="rbf"`` fits ``sklearn.svm.SVC(C=C, kernel="rbf", gamma=gamma)`` and keeps its arrays
+    (``support_vectors_``, ``dual_coef_``, ``rbf_intercept_``, ``n_support_``, ``gamma_``): predictions are
+    libsvm's, computed in numpy, and the head saves as arrays like the others; it cannot be streamed or
+    exported to torch.
 
-    ``device`` (``"cpu"`` or ``"cuda"``...) is where the linear solver's matrix products run.
+    ``space`` picks the linear solver (``"auto"``: by shape; ``"gram"``, ``"feature"``); an explicit space is
+    refused with :class:`~featx.memory.NotEnoughMemory` when its estimated arrays exceed ``max_memory`` (bytes
+    or a size such as ``"8G"``; default: :func:`featx.memory.budget`).  ``problem=`` given to :meth:`fit` is
+    used as built.  ``device`` (``"cpu"`` or ``"cuda"``...) is where the linear solver's matrix products run.
     ``random_state`` is accepted for interface symmetry; the linear solver is deterministic.
     """
+
+    n_iter_: Any  # Newton steps (linear), or SVC's iterations per pair of classes (rbf)
 
     def __init__(
         self,
@@ -54,6 +63,8 @@ class SVMHead(_LinearHead):
         max_iter: int = 1000,
         device: str = "cpu",
         random_state: int | None = None,
+        space: str = "auto",
+        max_memory: str | int | None = None,
     ) -> None:
         self.C = C
         self.kernel = kernel
@@ -62,6 +73,8 @@ class SVMHead(_LinearHead):
         self.max_iter = max_iter
         self.device = device
         self.random_state = random_state
+        self.space = space
+        self.max_memory = max_memory
 
     def _check_params(self) -> None:
         _check_positive("C", self.C)
@@ -69,6 +82,8 @@ class SVMHead(_LinearHead):
         _check_int("max_iter", self.max_iter, 1)
         if self.kernel not in ("linear", "rbf"):
             raise UsageError(f"kernel must be 'linear' or 'rbf', got {self.kernel!r}")
+        if self.space not in ("auto", "gram", "feature"):
+            raise UsageError(f"space must be 'auto', 'gram' or 'feature', got {self.space!r}")
 
     def fit(self, X: Any, y: Any, *, problem: LinearProblem | None = None) -> SVMHead:
         """Fit on rows ``X`` (n, d) and labels ``y``.
@@ -85,12 +100,12 @@ class SVMHead(_LinearHead):
             if problem is not None:
                 # A search may hand every trial the same problem; it only serves the linear solver.
                 logger.debug("SVMHead(kernel='rbf') ignores problem=")
-            self.svc_ = SVC(C=float(self.C), kernel="rbf", gamma=self.gamma, random_state=self.random_state)
-            self.svc_.fit(X, y_idx)
-            self.n_iter_ = self.svc_.n_iter_
+            svc = SVC(C=float(self.C), kernel="rbf", gamma=self.gamma, random_state=self.random_state).fit(X, y_idx)
+            self._set_rbf(RBFModel.from_svc(svc))
+            self.n_iter_ = np.asarray(svc.n_iter_, dtype=np.int64)
             return self
         if problem is None:
-            problem = LinearProblem(_float32_rows(X), device=self.device)
+            problem = LinearProblem(_float32_rows(X), device=self.device, space=self.space, max_memory=self.max_memory)
         elif not isinstance(problem, LinearProblem) or not problem.matches(X):
             raise UsageError("problem= was built from different rows than the X given to fit")
         Y = labels_to_pm1(y_idx, len(self.classes_))
@@ -151,21 +166,47 @@ class SVMHead(_LinearHead):
                 stacklevel=3,
             )
 
+    def _set_rbf(self, model: RBFModel) -> None:
+        self.support_vectors_ = model.support_vectors
+        self.dual_coef_ = model.dual_coef
+        self.rbf_intercept_ = model.intercept
+        self.n_support_ = model.n_support
+        self.gamma_ = model.gamma
+
+    def _rbf(self) -> RBFModel | None:
+        """The RBF model of a head fitted (or loaded) with ``kernel="rbf"``, else None."""
+        if self.kernel != "rbf" or not hasattr(self, "support_vectors_"):
+            return None
+        return RBFModel(self.support_vectors_, self.dual_coef_, self.rbf_intercept_, self.n_support_,
+                        float(self.gamma_))
+
     def decision_function(self, X: Any) -> np.ndarray:
-        """Signed distances to the class hyperplanes; shape (n,) for two classes, else (n, n_classes)."""
+        """Signed distances to the class hyperplanes; shape (n,) for two classes, else (n, n_classes).  With
+        ``kernel="rbf"``, ``SVC.decision_function``'s one-vs-rest values."""
         check_is_fitted(self)
-        if self.kernel == "rbf" and hasattr(self, "svc_"):
-            X = validate_data(self, X, reset=False, dtype=_FLOAT_DTYPES)
-            return self.svc_.decision_function(X)
+        model = self._rbf()
+        if model is not None:
+            return model.decision_function(validate_data(self, X, reset=False, dtype=_FLOAT_DTYPES))
         return super().decision_function(X)
 
     def predict(self, X: Any) -> np.ndarray:
-        """Predicted class labels."""
+        """Predicted class labels (with ``kernel="rbf"``, libsvm's one-vs-one vote)."""
         check_is_fitted(self)
-        if self.kernel == "rbf" and hasattr(self, "svc_"):
-            X = validate_data(self, X, reset=False, dtype=_FLOAT_DTYPES)
-            return self.classes_[self.svc_.predict(X)]
+        model = self._rbf()
+        if model is not None:
+            return self.classes_[model.predict_index(validate_data(self, X, reset=False, dtype=_FLOAT_DTYPES))]
         return super().predict(X)
+
+    def _saved_arrays(self) -> dict[str, np.ndarray]:
+        if self._rbf() is None:
+            return super()._saved_arrays()
+        names = ("support_vectors_", "dual_coef_", "rbf_intercept_", "n_support_", "n_iter_")
+        return {k: np.asarray(getattr(self, k)) for k in names}
+
+    def _saved_state(self) -> dict[str, Any]:
+        if self._rbf() is None:
+            return super()._saved_state()
+        return {"n_features_in_": int(self.n_features_in_), "gamma_": float(self.gamma_)}
 
     def to_torch(self) -> torch.nn.Module:
         """See :meth:`_LinearHead.to_torch`; an RBF head raises :class:`UsageError`."""
