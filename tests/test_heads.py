@@ -472,7 +472,7 @@ def test_save_load_round_trip_and_tamper(wide, tmp_path: Path):
         if meta["file"] == "head.npz":
             with np.load(d / "head.npz", allow_pickle=False) as npz:
                 assert sorted(npz.files) == meta["arrays"]
-        loaded = load_head(d)
+        loaded: Any = load_head(d)
         assert type(loaded) is type(est)
         np.testing.assert_array_equal(loaded.predict(X), est.predict(X))
         np.testing.assert_array_equal(loaded.classes_, est.classes_)

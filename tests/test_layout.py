@@ -83,14 +83,12 @@ def long_functions(path: Path) -> Iterator[str]:
                 yield f"{path.relative_to(FEATX.parent)}:{node.lineno} {node.name}: {n} lines"
 
 
-@pytest.mark.xfail(strict=False, reason="being split")
 def test_no_module_over_700_lines():
     long = [f"{p.relative_to(FEATX.parent)}: {n} lines" for p in modules()
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
     assert not long, long
 
 
-@pytest.mark.xfail(strict=False, reason="being split")
 def test_no_function_over_100_lines():
     long = [f for p in modules() for f in long_functions(p)]
     assert not long, long

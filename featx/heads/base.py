@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import DataError, UsageError
-from ._compat import ClassifierBase, check_classification_targets, check_is_fitted, validate_data
-from .problem import Batches
+from ._compat import (
+    ClassifierBase,
+    check_classification_targets,
+    check_is_fitted,
+    convergence_warning,
+    validate_data,
+)
+from .problem import Batches, SolveInfo
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +39,10 @@ def _predict_rows(n_features: int) -> int:
     """Rows per scoring block for ``n_features`` columns (see :data:`_PREDICT_VALUES`)."""
     return max(1, min(_PREDICT_BLOCK, _PREDICT_VALUES // max(1, int(n_features))))
 _FLOAT_DTYPES = (np.float64, np.float32)
+
+
+# held-out rows (X, y) a head may stop early on (the MLP); the linear heads' fit_stream accepts and ignores them
+ValRows = tuple[np.ndarray, np.ndarray] | None
 
 
 def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -126,6 +137,30 @@ class _LinearHead(ClassifierBase):
     intercept_: np.ndarray
     n_features_in_: int
     n_iter_: Any
+
+    C: float
+    tol: float
+    max_iter: int
+
+    def _check_params(self) -> None:
+        """The solver's own parameters: ``C`` and ``tol`` positive, ``max_iter`` at least 1."""
+        _check_positive("C", self.C)
+        _check_positive("tol", self.tol)
+        _check_int("max_iter", self.max_iter, 1)
+
+    def _set_solution(self, coef: np.ndarray, intercept: np.ndarray, info: SolveInfo) -> None:
+        """Keep a solver's result (float64 ``coef_``, ``intercept_``), warning when it stopped unconverged."""
+        self.coef_ = np.asarray(coef, dtype=np.float64)
+        self.intercept_ = np.asarray(intercept, dtype=np.float64)
+        # sklearn's estimator checks ask for n_iter_ >= 1; a warm start that is already optimal does 0 steps.
+        self.n_iter_ = max(1, int(info.n_iter))
+        self.solve_info_ = info
+        if not info.converged:
+            warnings.warn(self._unconverged(info), convergence_warning(), stacklevel=4)
+
+    def _unconverged(self, info: SolveInfo) -> str:
+        """The warning when the solver stopped before its tolerance."""
+        return f"{type(self).__name__} did not converge in max_iter={self.max_iter} iterations"
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Scores ``X @ coef_.T + intercept_`` (float64); shape (n,) for two classes, else (n, n_classes)."""

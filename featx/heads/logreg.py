@@ -1,15 +1,14 @@
 """The logistic regression head: :class:`LogisticHead`."""
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
 
-from ._compat import convergence_warning, validate_data
+from ._compat import validate_data
 from ._lbfgs import lbfgs_linear
-from .base import _FLOAT_DTYPES, _check_int, _check_positive, _encode_targets, _float32_rows, _LinearHead, _StreamLabels
-from .problem import Batches
+from .base import _FLOAT_DTYPES, ValRows, _encode_targets, _float32_rows, _LinearHead, _StreamLabels
+from .problem import Batches, SolveInfo
 
 
 class LogisticHead(_LinearHead):
@@ -38,11 +37,6 @@ class LogisticHead(_LinearHead):
         self.max_iter = max_iter
         self.device = device
         self.random_state = random_state
-
-    def _check_params(self) -> None:
-        _check_positive("C", self.C)
-        _check_positive("tol", self.tol)
-        _check_int("max_iter", self.max_iter, 1)
 
     def _solve(self, batches: Batches, n_rows: int, warm: np.ndarray | None = None) -> None:
         k = len(self.classes_)
@@ -74,16 +68,10 @@ class LogisticHead(_LinearHead):
             # curvature falls far below C/4 as predictions grow confident), so plain L-BFGS as in sklearn.
             precond_rank=0,
         )
-        self.coef_ = np.asarray(coef, dtype=np.float64)
-        self.intercept_ = np.asarray(intercept, dtype=np.float64)
-        self.n_iter_ = max(1, int(info.n_iter))
-        self.solve_info_ = info
-        if not info.converged:
-            warnings.warn(
-                f"LogisticHead did not converge in max_iter={self.max_iter} iterations: {info.detail['message']}",
-                convergence_warning(),
-                stacklevel=3,
-            )
+        self._set_solution(coef, intercept, info)
+
+    def _unconverged(self, info: SolveInfo) -> str:
+        return f"LogisticHead did not converge in max_iter={self.max_iter} iterations: {info.detail['message']}"
 
     def fit(self, X: Any, y: Any) -> LogisticHead:
         """Fit on rows ``X`` (n, d) and labels ``y``."""
@@ -94,14 +82,7 @@ class LogisticHead(_LinearHead):
         self._solve(lambda: iter([(X32, y_idx)]), len(y_idx))
         return self
 
-    def fit_stream(
-        self,
-        batches: Batches,
-        *,
-        classes: Any,
-        n_features: int,
-        val: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> LogisticHead:
+    def fit_stream(self, batches: Batches, *, classes: Any, n_features: int, val: ValRows = None) -> LogisticHead:
         """Fit :meth:`fit`'s objective one chunk at a time (see :meth:`SVMHead.fit_stream`); ``val`` is unused."""
         self._check_params()
         labels = _StreamLabels(classes, n_features)

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from ._backend import resolve_device
 from ._compat import ClassifierBase, check_is_fitted, check_random_state, validate_data
 from .base import (
     _FLOAT_DTYPES,
+    ValRows,
     _check_int,
     _check_positive,
     _encode_targets,
@@ -199,14 +200,7 @@ class MLPHead(ClassifierBase):
         self._train(batches, len(self.classes_), X32.shape[1], val)
         return self
 
-    def fit_stream(
-        self,
-        batches: Batches,
-        *,
-        classes: Any,
-        n_features: int,
-        val: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> MLPHead:
+    def fit_stream(self, batches: Batches, *, classes: Any, n_features: int, val: ValRows = None) -> MLPHead:
         """Train epoch by epoch over ``batches()`` (a fresh iterator of ``(X_chunk, y_chunk)`` per epoch).
 
         Rows are shuffled within each chunk (the chunk order is the caller's).  Early stopping needs ``val``
@@ -316,10 +310,11 @@ class MLPHead(ClassifierBase):
         self.best_epoch_ = best_epoch
         self.n_iter_ = len(history)
         self.n_train_rows_ = seen_rows
-        self.hidden_weight_ = net.hidden.weight.detach().cpu().numpy().astype(np.float32)
-        self.hidden_bias_ = net.hidden.bias.detach().cpu().numpy().astype(np.float32)
-        self.output_weight_ = net.out.weight.detach().cpu().numpy().astype(np.float32)
-        self.output_bias_ = net.out.bias.detach().cpu().numpy().astype(np.float32)
+        hidden, out = cast(torch.nn.Linear, net.hidden), cast(torch.nn.Linear, net.out)
+        self.hidden_weight_ = hidden.weight.detach().cpu().numpy().astype(np.float32)
+        self.hidden_bias_ = hidden.bias.detach().cpu().numpy().astype(np.float32)
+        self.output_weight_ = out.weight.detach().cpu().numpy().astype(np.float32)
+        self.output_bias_ = out.bias.detach().cpu().numpy().astype(np.float32)
 
     # -- inference ----------------------------------------------------------------------------------------
     def _logits(self, X: Any) -> np.ndarray:
@@ -360,14 +355,13 @@ class MLPHead(ClassifierBase):
 
         check_is_fitted(self)
         d, h, k = self.hidden_weight_.shape[1], self.hidden_weight_.shape[0], self.output_weight_.shape[0]
-        seq = torch.nn.Sequential(
-            torch.nn.Linear(d, h), torch.nn.ReLU(), torch.nn.Dropout(float(self.dropout)), torch.nn.Linear(h, k)
-        )
+        hidden, out = torch.nn.Linear(d, h), torch.nn.Linear(h, k)
+        seq = torch.nn.Sequential(hidden, torch.nn.ReLU(), torch.nn.Dropout(float(self.dropout)), out)
         with torch.no_grad():
-            seq[0].weight.copy_(torch.from_numpy(self.hidden_weight_))
-            seq[0].bias.copy_(torch.from_numpy(self.hidden_bias_))
-            seq[3].weight.copy_(torch.from_numpy(self.output_weight_))
-            seq[3].bias.copy_(torch.from_numpy(self.output_bias_))
+            hidden.weight.copy_(torch.from_numpy(self.hidden_weight_))
+            hidden.bias.copy_(torch.from_numpy(self.hidden_bias_))
+            out.weight.copy_(torch.from_numpy(self.output_weight_))
+            out.bias.copy_(torch.from_numpy(self.output_bias_))
         return seq.eval()
 
     def _saved_arrays(self) -> dict[str, np.ndarray]:

@@ -112,7 +112,7 @@ class LinearProblem:
         self._M_exact = self._small
         self._X_mm: Any = None
         self._M: Any = None
-        self._factor_C: tuple[float, Any] | None = None
+        self._factor_C: tuple | None = None  # what the factor was built for (C, and the solver's own terms)
         self._factor: Any = None
         self._warm: dict[str, tuple[float, Any]] = {}
         self._workers = 0  # the BLAS threads configured when a CPU solve starts (see solve_svm)

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UsageError
-from ._compat import check_is_fitted, convergence_warning, validate_data
+from ._compat import check_is_fitted, validate_data
 from ._lbfgs import lbfgs_linear
 from ._rbf import RBFModel
-from .base import _FLOAT_DTYPES, _check_int, _check_positive, _encode_targets, _float32_rows, _LinearHead, _StreamLabels
+from .base import _FLOAT_DTYPES, ValRows, _encode_targets, _float32_rows, _LinearHead, _StreamLabels
 from .problem import Batches, LinearProblem, SolveInfo, labels_to_pm1
 
 if TYPE_CHECKING:
@@ -77,9 +76,7 @@ class SVMHead(_LinearHead):
         self.max_memory = max_memory
 
     def _check_params(self) -> None:
-        _check_positive("C", self.C)
-        _check_positive("tol", self.tol)
-        _check_int("max_iter", self.max_iter, 1)
+        super()._check_params()
         if self.kernel not in ("linear", "rbf"):
             raise UsageError(f"kernel must be 'linear' or 'rbf', got {self.kernel!r}")
         if self.space not in ("auto", "gram", "feature"):
@@ -113,14 +110,7 @@ class SVMHead(_LinearHead):
         self._set_solution(coef, intercept, info)
         return self
 
-    def fit_stream(
-        self,
-        batches: Batches,
-        *,
-        classes: Any,
-        n_features: int,
-        val: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> SVMHead:
+    def fit_stream(self, batches: Batches, *, classes: Any, n_features: int, val: ValRows = None) -> SVMHead:
         """Fit the same objective as :meth:`fit` on data seen one chunk at a time.
 
         ``batches()`` must return a fresh iterator of ``(X_chunk float32 (m, n_features), y_chunk labels)``
@@ -153,18 +143,8 @@ class SVMHead(_LinearHead):
         self._set_solution(coef, intercept, info)
         return self
 
-    def _set_solution(self, coef: np.ndarray, intercept: np.ndarray, info: SolveInfo) -> None:
-        self.coef_ = np.asarray(coef, dtype=np.float64)
-        self.intercept_ = np.asarray(intercept, dtype=np.float64)
-        # sklearn's estimator checks ask for n_iter_ >= 1; a warm start that is already optimal does 0 steps.
-        self.n_iter_ = max(1, int(info.n_iter))
-        self.solve_info_ = info
-        if not info.converged:
-            warnings.warn(
-                f"SVMHead did not reach tol={self.tol} in max_iter={self.max_iter} iterations ({info.detail})",
-                convergence_warning(),
-                stacklevel=3,
-            )
+    def _unconverged(self, info: SolveInfo) -> str:
+        return f"SVMHead did not reach tol={self.tol} in max_iter={self.max_iter} iterations ({info.detail})"
 
     def _set_rbf(self, model: RBFModel) -> None:
         self.support_vectors_ = model.support_vectors

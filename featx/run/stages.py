@@ -127,7 +127,41 @@ class Extract(Stage[Variant]):
 
 # ============================================================================================== fit
 
-class Fit(Stage[Case]):
+class OnFeatures(Stage[Case]):
+    """A stage computed from one cached feature set of its case (a fitted head, a few-shot curve): planned from
+    where that set is, run once it is there."""
+
+    @abstractmethod
+    def call(self, r: Runner, c: Case, features: Path, **extra: Any) -> Any:
+        """The stage's public function on ``features`` (``plan=True`` in ``extra`` for the dry run)."""
+
+    @abstractmethod
+    def summary(self, res: Any) -> str:
+        """What the log line says of a result."""
+
+    def plan(self, r: Runner, of: Case) -> Planned:
+        fi = r.planned_features(_head(of)[0])
+        got = Planned("to compute")
+        if fi.cached and fi.path is not None:
+            try:
+                got = Planned.of(self.call(r, of, fi.path, plan=True))
+            except FeatxError as e:
+                got = Planned(f"error: {e}")
+        got.shown = {"extract": fi.status, self.name: got.status}
+        return got
+
+    def computed(self, r: Runner, of: Case) -> tuple[Any, ExtractResult]:
+        """The stage's result on the case's features (computed now or found cached), and those features."""
+        feats = r.features(_head(of)[0])
+
+        def go() -> tuple[Any, bool]:
+            res = self.call(r, of, feats.path)
+            return res, bool(res.computed)
+
+        return r.timed(self.name, go, self.summary), feats
+
+
+class Fit(OnFeatures):
     """A head fitted with the case's parameters on one layer of its feature set."""
 
     name = "fit"
@@ -139,28 +173,11 @@ class Fit(Stage[Case]):
         return fit_head(features, kind, layer=layer, params=dict(c.params), scale=c.scale, seed=r.p.data["seed"],
                         device=r.device, cache=r.root, **extra)
 
-    def plan(self, r: Runner, of: Case) -> Planned:
-        fi = r.planned_features(_head(of)[0])
-        got = Planned("to compute")
-        if fi.cached and fi.path is not None:
-            try:
-                got = Planned.of(self.call(r, of, fi.path, plan=True))
-            except FeatxError as e:
-                got = Planned(f"error: {e}")
-        got.shown = {"extract": fi.status, "fit": got.status}
-        return got
+    def summary(self, res: Any) -> str:
+        return f"test accuracy {res.metrics['test_accuracy']:.4f}"
 
     def run(self, r: Runner, of: Case) -> dict[str, Any]:
-        from featx.fit import FitResult
-
-        feats = r.features(_head(of)[0])
-
-        def go() -> tuple[FitResult, bool]:
-            res = self.call(r, of, feats.path)
-            assert isinstance(res, FitResult)
-            return res, bool(res.computed)
-
-        res = r.timed("fit", go, lambda res: f"test accuracy {res.metrics['test_accuracy']:.4f}")
+        res, feats = self.computed(r, of)
         return row_metrics(res.metrics, seconds=res.metrics.get("fit_seconds"), features=feats, head=res.path)
 
 
@@ -245,7 +262,7 @@ def fewshot_metrics(summary: dict, *, features: ExtractResult, path: Path) -> di
     return row
 
 
-class Fewshot(Stage[Case]):
+class Fewshot(OnFeatures):
     """A few-shot learning curve of a head on one layer: for each k, the case's draws of k train images per class,
     each fitted and tested on the whole test split.  Its draws are cached one by one, so a stopped run continues
     the curve where it stopped and ends with the same numbers."""
@@ -261,29 +278,11 @@ class Fewshot(Stage[Case]):
         return fewshot(features, shots=shots, draws=draws, head=kind, params=params, layer=layer, scale=c.scale,
                        seed=r.p.data["seed"], device=r.device, cache=r.root, **extra)
 
-    def plan(self, r: Runner, of: Case) -> Planned:
-        fi = r.planned_features(_head(of)[0])
-        got = Planned("to compute")
-        if fi.cached and fi.path is not None:
-            try:
-                got = Planned.of(self.call(r, of, fi.path, plan=True))
-            except FeatxError as e:
-                got = Planned(f"error: {e}")
-        got.shown = {"extract": fi.status, "fewshot": got.status}
-        return got
+    def summary(self, res: Any) -> str:
+        return ", ".join(f"k={s['k']} {s['accuracy_mean']:.4f}" for s in res.summary["per_k"])
 
     def run(self, r: Runner, of: Case) -> dict[str, Any]:
-        from featx.fewshot import FewshotResult
-
-        feats = r.features(_head(of)[0])
-
-        def go() -> tuple[FewshotResult, bool]:
-            res = self.call(r, of, feats.path)
-            assert isinstance(res, FewshotResult)
-            return res, bool(res.computed)
-
-        res = r.timed("fewshot", go, lambda res: ", ".join(f"k={s['k']} {s['accuracy_mean']:.4f}"
-                                                            for s in res.summary["per_k"]))
+        res, feats = self.computed(r, of)
         return fewshot_metrics(res.summary, features=feats, path=res.path)
 
 
