@@ -7,8 +7,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 FEATX = Path(__file__).resolve().parent.parent / "featx"
 MAX_MODULE_LINES = 700
 MAX_FUNCTION_LINES = 100
