@@ -1,7 +1,7 @@
 """``featx fit`` and ``featx evaluate``: a head on cached features, measured and saved.
 
-A head directory ``<cache>/heads/<key>/`` holds the classifier (``head.json`` + ``head.npz``, or ``head.joblib``
-for the RBF SVC, written by :func:`featx.heads.save_head`), the feature scaling (``scaler.npz``), ``featx-head.json``
+A head directory ``<cache>/heads/<key>/`` holds the classifier (``head.json`` + ``head.npz``, the RBF SVC
+included, written by :func:`featx.heads.save_head`), the feature scaling (``scaler.npz``), ``featx-head.json``
 (kind, layer, parameters, the source feature set and what it depends on, sha256 of every file) and
 ``metrics.json``, ``confusion.png`` and, for the MLP, ``curve.png``.  Everything loads without running code.
 """
