@@ -609,3 +609,30 @@ def test_an_explicit_space_over_the_memory_budget_is_refused(wide, tall, space):
     head = SVMHead(space=space, max_memory=2 * need).fit(X, y)
     assert head.solve_info_.space == space
     assert SVMHead(max_memory=1).fit(X, y).solve_info_.space == space  # "auto": the caller's plan decides
+
+
+def test_big_products_are_tiled_equal_and_stop_between_tiles(monkeypatch):
+    """The solvers' large BLAS products run as calls of at most CALL_FLOPS each (here made small so that 300 x 70
+    rows need many), equal to one product, and a pending SIGTERM stops them between calls."""
+    import os
+    import signal
+
+    from featx import interrupt
+    from featx.heads import _blas
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 70)).astype(np.float32)
+    V = rng.standard_normal((70, 5)).astype(np.float32)
+    R = rng.standard_normal((300, 5)).astype(np.float32)
+    monkeypatch.setattr(_blas, "CALL_FLOPS", 2.0 * 64 * 70 * 5)  # 64 rows a call
+    np.testing.assert_allclose(_blas.crossprod(X), X.T @ X, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(_blas.rows_matmul(X, V), X @ V, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_blas.rows_t_matmul(X, R), X.astype(np.float64).T @ R, rtol=1e-5, atol=1e-4)
+    K = _blas.gram_plus_one(X, 1)
+    np.testing.assert_allclose(K, X.astype(np.float64) @ X.T + 1, rtol=1e-5, atol=1e-4)
+    for product in (lambda: _blas.crossprod(X), lambda: _blas.rows_matmul(X, V), lambda: _blas.rows_t_matmul(X, R),
+                    lambda: _blas.gram_plus_one(X, 2)):
+        with interrupt.handling(), pytest.raises(interrupt.Interrupted) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            product()
+        assert stopped.value.exit_code == 143

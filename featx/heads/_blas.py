@@ -14,6 +14,7 @@ configured cores, and no synchronization but the final join.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +22,10 @@ from typing import Any
 import numpy as np
 
 from featx import interrupt
+
+# The most flops one uninterruptible BLAS call of the products below may take: about a second on 2 cores, so that a
+# stop request (SIGTERM, Ctrl-C) is noticed between calls well within 2 s.
+CALL_FLOPS = 2e10
 
 _controller: Any = None
 
@@ -114,6 +119,8 @@ def gram_plus_one(X: np.ndarray, workers: int) -> np.ndarray:
     n = X.shape[0]
     out = np.empty((n, n), dtype=np.float64)
     n_blocks = max(1, min(2 * workers, n // 256)) if workers > 1 else 1
+    # ... and enough of them that no tile exceeds CALL_FLOPS: a stop request is checked between tiles
+    n_blocks = max(n_blocks, math.ceil(n / max(64.0, math.sqrt(CALL_FLOPS / (2.0 * max(X.shape[1], 1))))))
     edges = np.linspace(0, n, n_blocks + 1).astype(int)
     blocks = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
@@ -133,6 +140,63 @@ def gram_plus_one(X: np.ndarray, workers: int) -> np.ndarray:
     else:
         with blas_limit(1):
             _run_threads([t for _, t in tasks], workers)
+    return out
+
+
+
+
+def crossprod(X: np.ndarray) -> np.ndarray:
+    """``X^T X`` (d, d) in ``X``'s precision, as tiles of at most :data:`CALL_FLOPS` each, a stop request checked
+    between them (one call of 51,000 x 4,096 rows is ~1.7e12 flops: many seconds with no way to stop it).
+
+    Tiles of ``b`` columns against ``b`` columns over all rows (strided views of ``X``, no copy); the diagonal tiles
+    are SYRKs, each off-diagonal one is written to its mirror too.  Each call uses BLAS's own threads.
+    """
+    n, d = X.shape
+    if 2.0 * n * d * d <= CALL_FLOPS:
+        return X.T @ X
+    b = int(max(64, min(d, math.sqrt(CALL_FLOPS / (2.0 * max(n, 1))))))
+    out = np.empty((d, d), dtype=X.dtype)
+    edges = list(range(0, d, b)) + [d]
+    for i in range(len(edges) - 1):
+        bi = slice(edges[i], edges[i + 1])
+        for j in range(i + 1):
+            interrupt.raise_if_requested()
+            bj = slice(edges[j], edges[j + 1])
+            T = X[:, bi].T @ X[:, bj]
+            out[bi, bj] = T
+            if i != j:
+                out[bj, bi] = T.T
+    return out
+
+
+def _row_step(A: np.ndarray, k: int) -> int:
+    """Rows of ``A`` per product with ``k`` columns so that one call stays within :data:`CALL_FLOPS`."""
+    return max(64, int(CALL_FLOPS / (2.0 * max(A.shape[1], 1) * max(k, 1))))
+
+
+def rows_matmul(A: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """``A @ V`` in row blocks of at most :data:`CALL_FLOPS`, a stop request checked between them."""
+    step = _row_step(A, V.shape[1])
+    if A.shape[0] <= step:
+        return A @ V
+    out = np.empty((A.shape[0], V.shape[1]), dtype=np.result_type(A, V))
+    for a in range(0, A.shape[0], step):
+        interrupt.raise_if_requested()
+        np.matmul(A[a : a + step], V, out=out[a : a + step])
+    return out
+
+
+def rows_t_matmul(A: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """``A^T R`` summed in float64 over row blocks of at most :data:`CALL_FLOPS` (each a product in the inputs'
+    precision), a stop request checked between them."""
+    step = _row_step(A, R.shape[1])
+    if A.shape[0] <= step:
+        return np.asarray(A.T @ R, dtype=np.float64)
+    out = np.zeros((A.shape[1], R.shape[1]), dtype=np.float64)
+    for a in range(0, A.shape[0], step):
+        interrupt.raise_if_requested()
+        out += A[a : a + step].T @ R[a : a + step]
     return out
 
 

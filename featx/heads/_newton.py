@@ -36,6 +36,8 @@ import numpy as np
 
 from featx import interrupt
 
+from ._backend import NumpyOps
+from ._blas import crossprod, rows_matmul, rows_t_matmul
 from ._hinge import exact_line_search
 
 if TYPE_CHECKING:
@@ -94,7 +96,7 @@ def active_hessian(p: LinearProblem, active: Any, C: float) -> Any:
     Xs = xp.rows(p.X_mm, idx)
     d = p.d
     part = xp.zeros((d + 1, d + 1), xp.f64)
-    part[:d, :d] = xp.cast(Xs.T @ Xs, xp.f64)
+    part[:d, :d] = xp.cast(crossprod(Xs) if isinstance(xp, NumpyOps) else Xs.T @ Xs, xp.f64)
     colsum = xp.colsum64(Xs)
     part[:d, d] = colsum
     part[d, :d] = colsum
@@ -109,15 +111,19 @@ def xw(p: LinearProblem, W: Any) -> Any:
     """``X~ W`` for W ((d+1), k) float64 (a float32 GEMM for big data, see :attr:`X_mm`)."""
     xp = p.xp
     Xm = p.X_mm
-    return xp.cast(Xm @ xp.cast(W[:-1], Xm.dtype), xp.f64) + W[-1]
+    Wm = xp.cast(W[:-1], Xm.dtype)
+    # on the CPU in row blocks that a stop request can come between
+    return xp.cast(rows_matmul(Xm, Wm) if isinstance(xp, NumpyOps) else Xm @ Wm, xp.f64) + W[-1]
 
 
 def xtr(p: LinearProblem, R: Any) -> Any:
     """``X~^T R`` for R (n, k) float64 (a float32 GEMM for big data, see :attr:`X_mm`)."""
     xp = p.xp
     Xm = p.X_mm
-    top = xp.cast(Xm.T @ xp.cast(R, Xm.dtype), xp.f64)
+    Rm = xp.cast(R, Xm.dtype)
+    top = rows_t_matmul(Xm, Rm) if isinstance(xp, NumpyOps) else xp.cast(Xm.T @ Rm, xp.f64)
     return xp.cat0([top, R.sum(0)[None, :]])
+
 
 def woodbury_max(p: LinearProblem) -> int:
     """The most active rows for which a class's Newton system is solved through them (see the module)."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _gram, _newton
 from ._backend import FLOAT64_BELOW, NumpyOps, backend_for
-from ._blas import blas_limit, blas_threads, gram_plus_one
+from ._blas import blas_limit, blas_threads, crossprod, gram_plus_one
 from ._hinge import labels_to_pm1, svm_primal_objective
 
 if TYPE_CHECKING:
@@ -190,12 +190,14 @@ class LinearProblem:
             Xt = self.X_t
             d = self.d
             M = xp.zeros((d + 1, d + 1), xp.f64)
+            # On the CPU in tiles that a stop request can come between (crossprod); one product elsewhere.
+            cross = crossprod if isinstance(xp, NumpyOps) else (lambda A: A.T @ A)
             if self._M_exact:
                 X64 = xp.cast(Xt, xp.f64)
-                M[:d, :d] = X64.T @ X64
+                M[:d, :d] = cross(X64)
                 del X64
             else:
-                M[:d, :d] = Xt.T @ Xt
+                M[:d, :d] = cross(Xt)
             s = xp.colsum64(Xt)
             M[:d, d] = s
             M[d, :d] = s
