@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featx import interrupt
+
 ENV_VAR = "FEATX_CACHE"
 KEY_LENGTH = 20  # hex digits of sha256: 80 bits, far beyond any cache's number of entries
 
@@ -43,12 +45,15 @@ def hash_key(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:KEY_LENGTH]
 
 
-def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's content, read in chunks (constant memory)."""
+def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20, stoppable: bool = False) -> str:
+    """Hex sha256 of a file's content, read in chunks (constant memory); ``stoppable``: a stop request (SIGTERM,
+    Ctrl-C) raises between chunks, for inputs of gigabytes (never for files being saved)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if stoppable:
+                interrupt.raise_if_requested()
     return h.hexdigest()
 
 

@@ -69,6 +69,7 @@ class Scaler:
             # block reuses the last one's memory (512 rows of 9,216 features mapped 38 MB of fresh pages each time)
             step = max(1, min(512, (2 << 20) // max(1, X.shape[1])))
             for a in range(0, len(X), step):
+                interrupt.raise_if_requested()
                 X64 = X[a:a + step].astype(np.float64)
                 s = X64.sum(0) if s is None else s + X64.sum(0)
                 ss = np.einsum("ij,ij->j", X64, X64) if ss is None else ss + np.einsum("ij,ij->j", X64, X64)
@@ -88,6 +89,7 @@ class Scaler:
     def transform_(self, X: np.ndarray) -> np.ndarray:
         """Scale ``X`` in place (and return it)."""
         for a in range(0, len(X), 4096):
+            interrupt.raise_if_requested()
             block = X[a:a + 4096]
             if self.kind == "standard":
                 block -= self.mean
@@ -195,7 +197,8 @@ def source_identity(rows: Rows) -> dict:
         if rows.fs.kind == "featx":
             rows._source = {"features": str(rows.fs.path), "key": rows.fs.key, **ident, "dim": rows.fs.dim(rows.layer)}
         else:
-            rows._source = {"features": str(rows.fs.path), "sha256": sha256_file(rows.fs.path), "layer": rows.layer,
+            digest = sha256_file(rows.fs.path, stoppable=True)
+            rows._source = {"features": str(rows.fs.path), "sha256": digest, "layer": rows.layer,
                             "dim": rows.fs.dim(rows.layer)}
     return rows._source
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from featx import interrupt
 from featx.cache import ensure_space, read_sealed_json, repair_hint, temp_path, writing
 from featx.errors import DataError, FeatxError, IntegrityError
 
@@ -438,6 +439,7 @@ class FeatureSet:
                 ds = h[layer]
                 step = max(1, min(CHUNK_ROWS, READ_BYTES // (4 * out.shape[1])))
                 for a in range(0, part.n, step):
+                    interrupt.raise_if_requested()  # gigabytes of rows take seconds to read
                     b = min(part.n, a + step)
                     local = m[part.start + a:part.start + b]
                     k = int(local.sum())

@@ -549,3 +549,26 @@ def test_stress_20_seeded_moments(command, small, stress_h5, tmp_path, request):
     ref = reference(command, small, request)
     for i, stop_at in enumerate(moments(command, 20)):
         _stop_and_rerun(command, stop_at, small, ref, stress_h5, tmp_path / str(i))
+
+
+def test_reading_hashing_and_scaling_big_inputs_notice_a_stop_request(tmp_path):
+    """The steps before a fit that take seconds on gigabytes of rows (hashing a feature file, reading its rows,
+    fitting and applying the scaling) raise at a pending SIGTERM; a file being saved is hashed to the end."""
+    from featx.cache import sha256_file
+    from featx.fit import Scaler
+    from featx.store import FeatureSet
+
+    X, y = _blobs(n=300)
+    h5 = write_h5(tmp_path / "f.h5", X, y)
+    fitted = Scaler("standard").fit(X.copy())
+    steps = {"hash": lambda: sha256_file(h5, stoppable=True), "read": lambda: FeatureSet(h5).load("pool5"),
+             "fit scaling": lambda: Scaler("standard").fit(X.copy()), "scale": lambda: fitted.transform_(X.copy())}
+    for name, step in steps.items():
+        with interrupt.handling():
+            os.kill(os.getpid(), signal.SIGTERM)
+            with pytest.raises(interrupt.Interrupted):
+                step()
+                pytest.fail(f"{name} went on after SIGTERM")
+    with interrupt.handling():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert len(sha256_file(h5)) == 64  # saving: not stoppable
