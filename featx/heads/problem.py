@@ -164,47 +164,49 @@ class LinearProblem:
     def K(self) -> Any:
         """``X X^T + 1`` in float64 (n, n), computed on first use."""
         if self._K is None:
-            xp = self.xp
-            t0 = time.perf_counter()
-            if self._K_exact:
-                X64 = xp.cast(self.X_t, xp.f64)
-                K = X64 @ X64.T
-                del X64
-                K += 1.0
-            elif isinstance(xp, NumpyOps):
-                # float32 tiles on as many threads as BLAS may use (see gram_plus_one), + 1 and float64 in place.
-                K = gram_plus_one(self.X_t, self._workers or blas_threads())
-            else:
-                K = xp.cast(self.X_t @ self.X_t.T, xp.f64)
-                K += 1.0
-            self._K = K
-            logger.debug("Gram matrix %dx%d in %.2fs", self.n, self.n, time.perf_counter() - t0)
+            self._K = self._timed(self._gram, f"Gram matrix {self.n}x{self.n}")
         return self._K
 
     @property
     def M(self) -> Any:
         """``X~^T X~`` in float64 ((d+1), (d+1)) with ``X~ = [X, 1]``, computed on first use."""
         if self._M is None:
-            xp = self.xp
-            t0 = time.perf_counter()
-            Xt = self.X_t
-            d = self.d
-            M = xp.zeros((d + 1, d + 1), xp.f64)
-            # On the CPU in tiles that a stop request can come between (crossprod); one product elsewhere.
-            cross = crossprod if isinstance(xp, NumpyOps) else (lambda A: A.T @ A)
-            if self._M_exact:
-                X64 = xp.cast(Xt, xp.f64)
-                M[:d, :d] = cross(X64)
-                del X64
-            else:
-                M[:d, :d] = cross(Xt)
-            s = xp.colsum64(Xt)
-            M[:d, d] = s
-            M[d, :d] = s
-            M[d, d] = float(self.n)
-            self._M = M
-            logger.debug("cross-product %dx%d in %.2fs", d + 1, d + 1, time.perf_counter() - t0)
+            self._M = self._timed(self._cross, f"cross-product {self.d + 1}x{self.d + 1}")
         return self._M
+
+    @staticmethod
+    def _timed(build: Callable[[], Any], what: str) -> Any:
+        t0 = time.perf_counter()
+        out = build()
+        logger.debug("%s in %.2fs", what, time.perf_counter() - t0)
+        return out
+
+    def _gram(self) -> Any:
+        xp = self.xp
+        if self._K_exact:
+            X64 = xp.cast(self.X_t, xp.f64)
+            K = X64 @ X64.T
+            K += 1.0
+            return K
+        if isinstance(xp, NumpyOps):
+            # float32 tiles on as many threads as BLAS may use (see gram_plus_one), + 1 and float64 in place.
+            return gram_plus_one(self.X_t, self._workers or blas_threads())
+        K = xp.cast(self.X_t @ self.X_t.T, xp.f64)
+        K += 1.0
+        return K
+
+    def _cross(self) -> Any:
+        xp, Xt, d = self.xp, self.X_t, self.d
+        M = xp.zeros((d + 1, d + 1), xp.f64)
+        # On the CPU in tiles that a stop request can come between (crossprod); one product elsewhere.
+        top = xp.cast(Xt, xp.f64) if self._M_exact else Xt
+        M[:d, :d] = crossprod(top) if isinstance(xp, NumpyOps) else top.T @ top
+        del top
+        s = xp.colsum64(Xt)
+        M[:d, d] = s
+        M[d, :d] = s
+        M[d, d] = float(self.n)
+        return M
 
     def _warm_key(self, Y: np.ndarray) -> str:
         return _array_fingerprint(Y)
