@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.linalg
 
+from featx import interrupt
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,8 +33,6 @@ _BLOCK_VALUES = 2_000_000
 
 def _column_blocks(a: np.ndarray) -> Iterator[slice]:
     """Blocks of ``a``'s columns of about :data:`_BLOCK_VALUES` values, a stop request checked before each."""
-    from featx import interrupt
-
     n, k = a.shape
     step = max(1, _BLOCK_VALUES // max(n, 1))
     for c in range(0, k, step):

@@ -143,8 +143,6 @@ def gram_plus_one(X: np.ndarray, workers: int) -> np.ndarray:
     return out
 
 
-
-
 def crossprod(X: np.ndarray) -> np.ndarray:
     """``X^T X`` (d, d) in ``X``'s precision, as tiles of at most :data:`CALL_FLOPS` each, a stop request checked
     between them (one call of 51,000 x 4,096 rows is ~1.7e12 flops: many seconds with no way to stop it).
