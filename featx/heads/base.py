@@ -138,9 +138,18 @@ class _LinearHead(ClassifierBase):
     n_features_in_: int
     n_iter_: Any
 
-    C: float
-    tol: float
-    max_iter: int
+    def __init__(
+        self,
+        C: float = 1.0,
+        *,
+        tol: float = 1e-4,
+        max_iter: int = 1000,
+        device: str = "cpu",
+        random_state: int | None = None,
+    ) -> None:
+        """Each argument kept unchanged under its own name (scikit-learn's contract); ``fit`` checks them."""
+        self.C, self.tol, self.max_iter = C, tol, max_iter
+        self.device, self.random_state = device, random_state
 
     def _check_params(self) -> None:
         """The solver's own parameters: ``C`` and ``tol`` positive, ``max_iter`` at least 1."""

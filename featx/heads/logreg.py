@@ -19,24 +19,10 @@ class LogisticHead(_LinearHead):
     with the intercept not penalized.  Solver: L-BFGS (unpreconditioned, like scikit-learn's) on full-batch
     passes with float32 matrix products for big data (float64 for small) and float64 parameters and sums;
     ``tol`` bounds the gradient of the objective divided by ``C * n`` (as in scikit-learn), ``max_iter`` the
-    L-BFGS iterations.  ``fit_stream`` runs the same solver one chunk at a
-    time.
+    L-BFGS iterations.  ``fit_stream`` runs the same solver one chunk at a time.  The constructor is
+    ``LogisticHead(C=1.0, *, tol=1e-4, max_iter=1000, device="cpu", random_state=None)``: ``device`` is where
+    the matrix products run; ``random_state`` is accepted for interface symmetry (the solver is deterministic).
     """
-
-    def __init__(
-        self,
-        C: float = 1.0,
-        *,
-        tol: float = 1e-4,
-        max_iter: int = 1000,
-        device: str = "cpu",
-        random_state: int | None = None,
-    ) -> None:
-        self.C = C
-        self.tol = tol
-        self.max_iter = max_iter
-        self.device = device
-        self.random_state = random_state
 
     def _solve(self, batches: Batches, n_rows: int, warm: np.ndarray | None = None) -> None:
         k = len(self.classes_)

@@ -65,13 +65,9 @@ class SVMHead(_LinearHead):
         space: str = "auto",
         max_memory: str | int | None = None,
     ) -> None:
-        self.C = C
+        super().__init__(C, tol=tol, max_iter=max_iter, device=device, random_state=random_state)
         self.kernel = kernel
         self.gamma = gamma
-        self.tol = tol
-        self.max_iter = max_iter
-        self.device = device
-        self.random_state = random_state
         self.space = space
         self.max_memory = max_memory
 
