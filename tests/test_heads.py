@@ -636,3 +636,37 @@ def test_big_products_are_tiled_equal_and_stop_between_tiles(monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
             product()
         assert stopped.value.exit_code == 143
+
+
+def test_line_search_by_column_blocks_finds_each_columns_minimum_and_stops_between_blocks(monkeypatch):
+    """The exact line search runs by blocks of columns (here made 3 columns wide): each column's step is the
+    minimizer of its piecewise-quadratic objective (checked against a fine grid), and a pending SIGTERM stops it."""
+    import os
+    import signal
+
+    from featx import interrupt
+    from featx.heads import _backend
+    from featx.heads._hinge import exact_line_search
+
+    rng = np.random.default_rng(3)
+    n, k, C = 200, 10, 0.7
+    F, FP = rng.standard_normal((n, k)), rng.standard_normal((n, k))
+    Y = np.where(rng.random((n, k)) < 0.2, 1.0, -1.0)
+    a, b = rng.standard_normal(k), rng.random(k) + 0.1
+    monkeypatch.setattr(_backend, "_BLOCK_VALUES", 3 * n)
+    xp = _backend.NumpyOps()
+    assert len(list(xp.column_blocks(F))) == 4
+    t = exact_line_search(xp, a, b, F, FP, Y, C)
+
+    def phi(c: int, s: np.ndarray) -> np.ndarray:
+        xi = np.maximum(0.0, 1 - Y[:, c, None] * (F[:, c, None] + s * FP[:, c, None]))
+        return a[c] * s + 0.5 * b[c] * s * s + C * (xi * xi).sum(0)
+
+    grid = np.linspace(0.0, 5.0, 50_001)
+    for c in range(k):
+        assert t[c] >= 0
+        assert phi(c, np.array([t[c]]))[0] <= phi(c, grid).min() + 1e-9
+    with interrupt.handling(), pytest.raises(interrupt.Interrupted) as stopped:
+        os.kill(os.getpid(), signal.SIGTERM)
+        exact_line_search(xp, a, b, F, FP, Y, C)
+    assert stopped.value.exit_code == 143

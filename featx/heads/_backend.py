@@ -78,6 +78,10 @@ class NumpyOps:
     def isfinite(self, a: Any) -> Any:
         return np.isfinite(a)
 
+    def column_blocks(self, a: np.ndarray) -> Iterator[slice]:
+        """Slices of ``a``'s columns to work through one at a time (a stop request checked before each)."""
+        return _column_blocks(a)
+
     def sort0(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = np.empty(a.shape, dtype=np.intp)
         for cols in _column_blocks(a):
@@ -192,6 +196,11 @@ class TorchOps:
 
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> torch.Tensor:
         return self.torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def column_blocks(self, a: torch.Tensor) -> Iterator[slice]:
+        """All columns at once (an accelerator is fast enough), after a stop check."""
+        interrupt.raise_if_requested()
+        yield slice(0, a.shape[1])
 
     def full(self, shape: tuple[int, ...], value: float, dtype: Any) -> torch.Tensor:
         return self.torch.full(shape, value, dtype=dtype, device=self.device)

@@ -35,8 +35,17 @@ def exact_line_search(xp: Any, a: Any, b: Any, F: Any, FP: Any, Y: Any, C: float
 
     ``reg(t)`` is quadratic with ``reg'(t) = a + t b``.  ``phi'`` is continuous, increasing and piecewise linear
     with breakpoints where a row enters or leaves the active set, so sorting the breakpoints and scanning the
-    segments finds the root exactly; all columns are handled at once.
+    segments finds the root exactly.  Columns are independent: on the CPU they are searched by blocks (see
+    ``column_blocks``), which keeps the temporaries small and lets a stop request come between blocks.
     """
+    t = xp.zeros((F.shape[1],), F.dtype)
+    for cols in xp.column_blocks(F):
+        t[cols] = _segment_root(xp, a[cols], b[cols], F[:, cols], FP[:, cols], Y[:, cols], C)
+    return t
+
+
+def _segment_root(xp: Any, a: Any, b: Any, F: Any, FP: Any, Y: Any, C: float) -> Any:
+    """:func:`exact_line_search` for one block of columns."""
     c = 1.0 - Y * F
     m = Y * FP
     active0 = (c > 0) | ((c == 0) & (m < 0))
@@ -45,7 +54,7 @@ def exact_line_search(xp: Any, a: Any, b: Any, F: Any, FP: Any, Y: Any, C: float
     tb = xp.where(m != 0, c / xp.where(m != 0, m, 1.0), math.inf)
     tb = xp.where((tb > 0) & xp.isfinite(tb), tb, math.inf)
     ts, order = xp.sort0(tb)
-    interrupt.raise_if_requested()  # a stop request between the steps: each takes seconds on 50,000 x 200 scores
+    interrupt.raise_if_requested()  # between the steps too
     ms = xp.gather0(m, order)
     cs = xp.gather0(c, order)
     interrupt.raise_if_requested()

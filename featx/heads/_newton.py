@@ -72,6 +72,7 @@ def feature_precond(p: LinearProblem, C: float, share: float = 1.0) -> Any:
     p._factor = None
     H = p.M * (2 * C * share)
     xp.add_diag_(H, 1.0)
+    interrupt.raise_if_requested()
     L, ok = xp.cholesky(H, overwrite=True)
     if not ok and not p._M_exact:
         # Rounding in a float32 X^T X can make it slightly indefinite, which a huge C magnifies.
@@ -202,6 +203,7 @@ class _Directions:
         frac = float(np.median(xp.numpy(Sb.sum(0)))) / p.n
         share = 1.0 if frac >= 1.0 else float(2.0 ** (round(4 * math.log2(max(frac, 1e-6))) / 4))
         Lp = feature_precond(p, C, min(share, 1.0))
+        interrupt.raise_if_requested()
         S = xp.cast(Sb, xp.f64)
         # Truncated Newton: a relative residual that tightens as the gradient shrinks.
         eta = xp.clamp(xp.clamp(xp.sqrt(xp.norm0(G) / g0), None, 0.1), 1e-6)

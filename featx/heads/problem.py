@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from featx import interrupt
+
 from . import _gram, _newton
 from ._backend import FLOAT64_BELOW, NumpyOps, backend_for
 from ._blas import blas_limit, blas_threads, crossprod, gram_plus_one
@@ -202,6 +204,7 @@ class LinearProblem:
         top = xp.cast(Xt, xp.f64) if self._M_exact else Xt
         M[:d, :d] = crossprod(top) if isinstance(xp, NumpyOps) else top.T @ top
         del top
+        interrupt.raise_if_requested()
         s = xp.colsum64(Xt)
         M[:d, d] = s
         M[d, :d] = s
