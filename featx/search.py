@@ -158,9 +158,10 @@ class Objective:
     """Validation accuracy of one trial.
 
     In memory (:func:`plan_search`), the scaled train rows of a scaling are read once into one matrix whose row
-    ranges are the folds (:class:`FoldLayout`), and the SVM's solver state (its Gram matrix) is kept per scaling
-    and fold, all while ``max_memory`` allows, least recently used released first; streamed, every fold is fitted
-    chunk by chunk from disk.
+    ranges are the folds (:class:`FoldLayout`); the SVM keeps the rows of several scalings and its solver state
+    (its Gram matrix) per scaling and fold, all while ``max_memory`` allows, least recently used released first
+    (the other heads keep one scaling's rows: see :meth:`data`); streamed, every fold is fitted chunk by chunk
+    from disk.
     """
 
     def __init__(self, rows: Rows, kind: str, *, cv: int, seed: int, device: str,
@@ -189,7 +190,15 @@ class Objective:
     def data(self, scale: str) -> tuple[np.ndarray, np.ndarray | None]:
         """(scaled train rows, scaled val rows or None), read once per scaling choice while memory allows.
 
+        Only the SVM keeps the rows of several scalings: its solver states (Gram matrices, cross-products and
+        their factors, minutes of work at scale) are built on them.  The other heads keep one scaling's rows,
+        released before another's are read: reading and scaling them again costs seconds, against the tens of
+        seconds of a trial's fits, and holding three scalings would triple the search's memory.
+
         With folds, the train rows come laid out as :class:`FoldLayout` says (``self.layout.order``)."""
+        if self.kind != "svm":
+            for key in [k for k in self._kept.items if k[0] == "data" and k[1] != scale]:
+                self._kept.drop(key)
         return self._kept.get(("data", scale), lambda: self._load(scale), self.plan.data)
 
     def _load(self, scale: str) -> tuple[np.ndarray, np.ndarray | None]:

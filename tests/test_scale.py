@@ -116,6 +116,20 @@ def test_the_layout_gives_every_fold_its_rows(k):
     assert len(lay.order) <= (2 * k - 2) * n // k + k
 
 
+@pytest.mark.parametrize("kind, kept_scalings", [("logreg", {"l2"}), ("mlp", {"l2"}),
+                                                  ("svm", {"standard", "l2"})])
+def test_only_the_svm_keeps_the_rows_of_several_scalings(kind, kept_scalings, tmp_path):
+    X, y = _blobs(n=300, d=16, k=3)
+    obj = Objective(open_rows(write_h5(tmp_path / "f.h5", X, y)), kind, cv=3, seed=0, device="cpu",
+                    max_memory="1G")  # ample: the svm keeps both scalings
+    standard, _ = obj.data("standard")
+    l2, _ = obj.data("l2")
+    assert {key[1] for key in obj._kept.items if key[0] == "data"} == kept_scalings
+    assert np.allclose(np.linalg.norm(l2, axis=1), 1.0, atol=1e-5) and not np.allclose(standard, l2)
+    again, _ = obj.data("standard")  # read again when it was released: the same rows
+    np.testing.assert_array_equal(again, standard)
+
+
 def test_kept_releases_the_least_recently_used_and_what_was_built_on_it():
     kept = Kept(100)
     kept.get(("data", "a"), lambda: "A", 40)
