@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py --rows 15000,30000 --dims 4096,9216 --heads svm,logreg,mlp,search
     python benchmarks/bench_scale.py --rows 3000 --dims 512 --classes 20          # a quick check
+    python benchmarks/bench_scale.py --rows 15000 --dims 4096 --heads logreg,svm,linearsvc --C 1e-4   # the SVM's C
     python benchmarks/bench_scale.py --limits 24G [--dims 4096,9216,25088]        # largest n per path
 
 * Data: synthetic non-negative float32 features (a low-rank class signal, ReLU-sparse, as benchmarks/synth.py
@@ -12,6 +13,8 @@
 * Reported: wall seconds, peak RSS, its ratio to the bound ``2.5 x feature matrix + 1.5 GB`` (the matrix being
   every row of the file in float32), test accuracy, the path taken (for a search: how its trials ran, then its
   refit's path, e.g. ``memory/feature``) and the plan's predicted peak for the (refit) head.
+* ``--heads linearsvc``: scikit-learn's ``StandardScaler`` + ``LinearSVC(C)`` on the same rows, a whole process
+  timed the same way (``--C`` as for ``fit svm``).
 * ``--limits SIZE``: no runs; for each head, path and ``d``, the largest number of train rows whose
   :func:`featx.memory.estimate` fits SIZE.
 """
@@ -86,16 +89,41 @@ def timed(cmd: list[str], env: dict) -> dict:
             "error": err[-1] if p.returncode and err else "", "plan": plan[0] if plan else ""}
 
 
-def run_case(h5: Path, head: str, n: int, d: int, max_memory: str | None, trials: int) -> dict:
+# scikit-learn's own recipe for the same rows: StandardScaler + LinearSVC(C) (one-vs-rest), test accuracy printed
+LINEARSVC = r"""
+import json, sys, h5py, numpy as np
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
+with h5py.File(sys.argv[1], "r") as f:
+    X, y = f["pool5"][:], f["label"][:]
+    split = np.asarray([s.decode() if isinstance(s, bytes) else s for s in f["split"][:]])
+tr, te = split == "train", split == "test"
+model = make_pipeline(StandardScaler(), LinearSVC(C=float(sys.argv[2]))).fit(X[tr], y[tr])
+print(json.dumps({"test_accuracy": float(np.mean(model.predict(X[te]) == y[te]))}))
+"""
+
+
+def run_case(h5: Path, head: str, n: int, d: int, max_memory: str | None, trials: int,
+             C: float | None = None) -> dict:
     cache = WORK / "scale-cache"
     shutil.rmtree(cache, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if head == "linearsvc":
+        r = timed([sys.executable, "-c", LINEARSVC, str(h5), str(1.0 if C is None else C)], env)
+        bound = BOUND_FACTOR * n * d * 4 + BOUND_EXTRA
+        row = {"head": head, "rows": n, "dim": d, "C": C, **r, "bound": int(bound),
+               "ratio": round(r["peak"] / bound, 3), "path": "sklearn"}
+        if r["rc"] == 0:
+            row["accuracy"] = json.loads(r["last"])["test_accuracy"]
+        return row
     cmd = [sys.executable, "-m", "featx"]
     cmd += ["search", "logreg", str(h5), "--trials", str(trials)] if head == "search" else ["fit", head, str(h5)]
     cmd += ["--cache", str(cache)] + (["--max-memory", max_memory] if max_memory else [])
+    cmd += ["--C", str(C)] if C is not None and head == "svm" else []
     r = timed(cmd, env)
     bound = BOUND_FACTOR * n * d * 4 + BOUND_EXTRA
-    row = {"head": head, "rows": n, "dim": d, **r, "bound": int(bound), "ratio": round(r["peak"] / bound, 3)}
+    row = {"head": head, "rows": n, "dim": d, "C": C, **r, "bound": int(bound), "ratio": round(r["peak"] / bound, 3)}
     if r["rc"] == 0:
         out = Path(r["last"])
         metrics = json.loads((out / "metrics.json").read_text())
@@ -138,8 +166,11 @@ def main() -> None:
     ap.add_argument("--rows", default="15000,30000,60000,100000", help="rows of the feature sets (all splits)")
     ap.add_argument("--dims", default="4096,9216,25088", help="features per row")
     ap.add_argument("--classes", type=int, default=200)
-    ap.add_argument("--heads", default="svm,logreg,mlp,search", help="svm, logreg, mlp, search (10-trial logreg)")
+    ap.add_argument("--heads", default="svm,logreg,mlp,search",
+                    help="svm, logreg, mlp, search (10-trial logreg), linearsvc (scikit-learn's StandardScaler + "
+                         "LinearSVC, for comparison)")
     ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--C", type=float, default=None, help="C of fit svm and linearsvc (default 1.0, as both)")
     ap.add_argument("--max-memory", default=None, help="passed to every run (default: featx's own)")
     ap.add_argument("--limits", default=None, metavar="SIZE", help="print the largest n per path for SIZE; no runs")
     ap.add_argument("--out", default=str(WORK / "bench_scale.json"))
@@ -160,7 +191,7 @@ def main() -> None:
         for d in _ints(a.dims):
             h5 = write_features(WORK / f"scale-{n}x{d}x{a.classes}.h5", n, d, a.classes)
             for head in a.heads.split(","):
-                r = run_case(h5, head, n, d, a.max_memory, a.trials)
+                r = run_case(h5, head, n, d, a.max_memory, a.trials, a.C)
                 results.append(r)
                 pred = r.get("predicted")
                 print(f"{head:7} {n:>7} {d:>6} {str(r.get('path') or '-'):14} {r['seconds']:>8.1f} "
