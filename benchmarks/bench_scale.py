@@ -105,12 +105,12 @@ print(json.dumps({"test_accuracy": float(np.mean(model.predict(X[te]) == y[te]))
 
 
 def run_case(h5: Path, head: str, n: int, d: int, max_memory: str | None, trials: int,
-             C: float | None = None) -> dict:
+             C: str | None = None) -> dict:
     cache = WORK / "scale-cache"
     shutil.rmtree(cache, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if head == "linearsvc":
-        r = timed([sys.executable, "-c", LINEARSVC, str(h5), str(1.0 if C is None else C)], env)
+        r = timed([sys.executable, "-c", LINEARSVC, str(h5), str(1.0 if C in (None, "auto") else C)], env)
         bound = BOUND_FACTOR * n * d * 4 + BOUND_EXTRA
         row = {"head": head, "rows": n, "dim": d, "C": C, **r, "bound": int(bound),
                "ratio": round(r["peak"] / bound, 3), "path": "sklearn"}
@@ -133,7 +133,8 @@ def run_case(h5: Path, head: str, n: int, d: int, max_memory: str | None, trials
         if head == "search" and r["plan"].startswith("search in "):
             path = f"{r['plan'].split()[2]}/{path}"
         row.update(accuracy=metrics["test_accuracy"], path=path,
-                   predicted=meta.get("fit", {}).get("predicted_peak_bytes"))
+                   predicted=meta.get("fit", {}).get("predicted_peak_bytes"),
+                   chosen_C=metrics.get("chosen_C", {}).get("C"))
     shutil.rmtree(cache, ignore_errors=True)
     return row
 
@@ -157,6 +158,15 @@ def limits(size: str, dims: list[int], k: int) -> list[dict]:
     return out
 
 
+def _c_text(row: dict) -> str:
+    """The C a row used: the one ``auto`` chose, the one given, or ``-`` (a head without C)."""
+    C = row.get("chosen_C") if row.get("chosen_C") is not None else row.get("C")
+    try:
+        return f"{float(C):.3g}"
+    except (TypeError, ValueError):
+        return str(C or "-")
+
+
 def _ints(text: str) -> list[int]:
     return [int(float(v)) for v in text.split(",") if v]
 
@@ -170,7 +180,8 @@ def main() -> None:
                     help="svm, logreg, mlp, search (10-trial logreg), linearsvc (scikit-learn's StandardScaler + "
                          "LinearSVC, for comparison)")
     ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--C", type=float, default=None, help="C of fit svm and linearsvc (default 1.0, as both)")
+    ap.add_argument("--C", default=None, help="C of fit svm (default auto) and linearsvc (default 1.0): a number, "
+                                             "or auto for fit svm")
     ap.add_argument("--max-memory", default=None, help="passed to every run (default: featx's own)")
     ap.add_argument("--limits", default=None, metavar="SIZE", help="print the largest n per path for SIZE; no runs")
     ap.add_argument("--out", default=str(WORK / "bench_scale.json"))
@@ -186,7 +197,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     results = []
     print(f"{'head':7} {'rows':>7} {'dim':>6} {'path':14} {'s':>8} {'peak GB':>8} {'bound GB':>8} {'ratio':>6} "
-          f"{'acc':>6} {'pred GB':>8}")
+          f"{'acc':>6} {'pred GB':>8} {'C':>8}")
     for n in _ints(a.rows):
         for d in _ints(a.dims):
             h5 = write_features(WORK / f"scale-{n}x{d}x{a.classes}.h5", n, d, a.classes)
@@ -196,7 +207,7 @@ def main() -> None:
                 pred = r.get("predicted")
                 print(f"{head:7} {n:>7} {d:>6} {str(r.get('path') or '-'):14} {r['seconds']:>8.1f} "
                       f"{r['peak'] / 1e9:>8.2f} {r['bound'] / 1e9:>8.2f} {r['ratio']:>6.2f} "
-                      f"{r.get('accuracy', float('nan')):>6.3f} {(pred or 0) / 1e9:>8.2f}"
+                      f"{r.get('accuracy', float('nan')):>6.3f} {(pred or 0) / 1e9:>8.2f} {_c_text(r):>8}"
                       + (f"  rc={r['rc']} {r['error']}" if r["rc"] else ""), flush=True)
     Path(a.out).write_text(json.dumps(results, indent=1))
     print(f"results: {a.out}")

@@ -239,15 +239,17 @@ def plan_head(rows: Rows, kind: str, params: dict, *, stream: bool | None = None
     d = rows.fs.dim(rows.layer)
     k = len(np.unique(rows.labels[rows.mask("train")]))
     head = "svm-rbf" if kind == "svm" and params.get("kernel", "linear") == "rbf" else kind
+    choose_c = bool(getattr(make_head(kind, {k: v for k, v in params.items() if k == "C"}), "chooses_c", False))
     limit = memory.budget(max_memory)
     held = int(rows.mask("val").sum()) * d * 4 if kind == "mlp" else 0
     room = max(1, limit - held)
     if stream is None or stream:
-        return replace(memory.plan_fit(head, n, d, k, budget=room, path="stream" if stream else None), budget=limit)
+        return replace(memory.plan_fit(head, n, d, k, budget=room, path="stream" if stream else None,
+                                       choose_c=choose_c), budget=limit)
     refusal: memory.NotEnoughMemory | None = None
     for path in [p for p in memory.paths_by_speed(head, n, d) if p != "stream"]:
         try:
-            return replace(memory.plan_fit(head, n, d, k, budget=room, path=path), budget=limit)
+            return replace(memory.plan_fit(head, n, d, k, budget=room, path=path, choose_c=choose_c), budget=limit)
         except memory.NotEnoughMemory as e:
             refusal = refusal or e
     assert refusal is not None
@@ -334,6 +336,8 @@ def fit_head(features: str | os.PathLike, kind: str, *, layer: str | None = None
                     "fit_seconds": round(fit_s, 3), "source": source, "seed": seed,
                     "rows": {s: int(rows.mask(s).sum()) for s in ("train", "val", "test")},
                     "streamed": bool(stream), "memory": _memory_record(mem)})
+    if getattr(est, "chooses_c", False):
+        metrics["chosen_C"] = {"C": float(est.C_), "held_out_accuracy": _jsonable(est.C_path_)}
     if hasattr(est, "history_"):
         metrics["curve"] = _jsonable(est.history_)
         metrics["best_epoch"] = int(getattr(est, "best_epoch_", -1))

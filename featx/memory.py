@@ -34,6 +34,7 @@ PATHS: dict[str, tuple[str, ...]] = {
     "svm-rbf": ("memory",),
 }
 DEFAULT_SHARE = 0.7  # of available(): the budget when --max-memory is not given
+C_HELD_OUT = 0.2  # share of the rows an SVM with C="auto" holds out to choose C (featx.heads)
 
 # What the estimates assume of the solvers (see featx.heads): keep in step with them.
 CHUNK_ROWS = 4096  # rows per chunk read from a feature set (featx.store.CHUNK_ROWS)
@@ -173,8 +174,8 @@ def _check(head: str, path: str, n: int, d: int, n_classes: int) -> None:
             raise UsageError(f"the memory plan needs at least one of {name}, got {value}")
 
 
-def parts(head: str, path: str, n: int, d: int, n_classes: int, *,
-          data_in_memory: bool = True) -> tuple[dict[str, int], dict[str, int]]:
+def parts(head: str, path: str, n: int, d: int, n_classes: int, *, data_in_memory: bool = True,
+          choose_c: bool = False) -> tuple[dict[str, int], dict[str, int]]:
     """The arrays behind :func:`estimate`: ``(held, transient)``, bytes by name.
 
     ``held`` arrays live together through the fit; of the ``transient`` ones (phases that follow each other) only
@@ -190,6 +191,10 @@ def parts(head: str, path: str, n: int, d: int, n_classes: int, *,
     transient: dict[str, int] = {}
     if path != "stream" and data_in_memory:
         held["data"] = n * d * 4  # the float32 train rows, scaled in place
+    if choose_c and head in ("svm", "svm-rbf") and path != "stream":
+        # C="auto" first fits on a copy of the rows it does not hold out; that phase's solver arrays, built on
+        # fewer rows, are freed before the final fit's, so the copy is all it adds
+        held["c_choice_rows"] = (n - int(C_HELD_OUT * n)) * d * 4
     m = min(n, CHUNK_ROWS)
     if head == "svm" and path == "gram":
         held["gram"] = n * n * 8
@@ -243,13 +248,15 @@ def parts(head: str, path: str, n: int, d: int, n_classes: int, *,
     return held, transient
 
 
-def estimate(head: str, path: str, n: int, d: int, n_classes: int, *, data_in_memory: bool = True) -> int:
+def estimate(head: str, path: str, n: int, d: int, n_classes: int, *, data_in_memory: bool = True,
+             choose_c: bool = False) -> int:
     """Predicted peak bytes of fitting ``head`` by ``path`` on ``n`` rows of ``d`` features in ``n_classes`` classes.
 
     ``data_in_memory``: count the float32 train rows the fit holds (False when a caller counts them once for
     several fits, as a search does).  A ``stream`` path never holds them: only a chunk at a time.
+    ``choose_c``: the SVM chooses its C on held-out rows first (``C="auto"``).
     """
-    held, transient = parts(head, path, n, d, n_classes, data_in_memory=data_in_memory)
+    held, transient = parts(head, path, n, d, n_classes, data_in_memory=data_in_memory, choose_c=choose_c)
     return int(sum(held.values()) + max(transient.values(), default=0))
 
 
@@ -263,7 +270,7 @@ def paths_by_speed(head: str, n: int, d: int) -> tuple[str, ...]:
 
 
 def plan_fit(head: str, n: int, d: int, n_classes: int, *, budget: int, path: str | None = None,
-             data_in_memory: bool = True) -> Plan:
+             data_in_memory: bool = True, choose_c: bool = False) -> Plan:
     """The fastest path of ``head`` whose :func:`estimate` fits ``budget`` bytes (or ``path``, when given, if it fits).
 
     Order: for the svm ``gram`` first when ``n <= d + 1`` (few rows, many features) else ``feature``, then the
@@ -277,7 +284,8 @@ def plan_fit(head: str, n: int, d: int, n_classes: int, *, budget: int, path: st
     order = paths_by_speed(head, int(n), int(d))
     if path is not None:
         _check(head, path, n, d, n_classes)
-    estimates = {p: estimate(head, p, n, d, n_classes, data_in_memory=data_in_memory) for p in order}
+    estimates = {p: estimate(head, p, n, d, n_classes, data_in_memory=data_in_memory, choose_c=choose_c)
+                 for p in order}
     if path is not None:
         if estimates[path] > budget:
             raise NotEnoughMemory(_refusal(head, path, estimates[path], budget))

@@ -140,7 +140,7 @@ class _LinearHead(ClassifierBase):
 
     def __init__(
         self,
-        C: float = 1.0,
+        C: float | str = 1.0,
         *,
         tol: float = 1e-4,
         max_iter: int = 1000,
@@ -153,9 +153,12 @@ class _LinearHead(ClassifierBase):
 
     def _check_params(self) -> None:
         """The solver's own parameters: ``C`` and ``tol`` positive, ``max_iter`` at least 1."""
-        _check_positive("C", self.C)
+        self._check_c()
         _check_positive("tol", self.tol)
         _check_int("max_iter", self.max_iter, 1)
+
+    def _check_c(self) -> None:
+        _check_positive("C", self.C)
 
     def _set_solution(self, coef: np.ndarray, intercept: np.ndarray, info: SolveInfo) -> None:
         """Keep a solver's result (float64 ``coef_``, ``intercept_``), warning when it stopped unconverged."""

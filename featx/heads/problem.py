@@ -140,6 +140,12 @@ class LinearProblem:
         xp = self.xp
         return "cpu" if isinstance(xp, NumpyOps) else str(xp.device)
 
+    def on_rows(self, X: np.ndarray) -> LinearProblem:
+        """A problem on other rows (those ``C="auto"`` fits while choosing) built as this one was: the same
+        device, the same explicit space and budget, or again a choice by shape."""
+        return LinearProblem(X, device=self.device, space=self.space if self._explicit else "auto",
+                             max_memory=self.max_memory)
+
     # -- shared pieces -------------------------------------------------------------------------------------
     def matches(self, X: np.ndarray) -> bool:
         """True when ``X`` holds exactly the rows this problem was built from."""
