@@ -140,21 +140,27 @@ def run_case(h5: Path, head: str, n: int, d: int, max_memory: str | None, trials
 
 
 def limits(size: str, dims: list[int], k: int) -> list[dict]:
-    """The largest train-row count per head, path and d whose estimate fits ``size``."""
+    """The largest train-row count per head, path and d whose estimate fits ``size`` (the SVM with its default
+    ``C="auto"``, which holds a copy of the rows it fits while choosing C, and with a given C)."""
     from featx import memory
 
     budget = memory.parse_size(size)
     out = []
     for head, paths in memory.PATHS.items():
         for path in paths:
-            for d in dims:
-                lo, hi = 0, 1
-                while hi <= 1 << 40 and memory.estimate(head, path, hi, d, k) <= budget:
-                    lo, hi = hi, hi * 2
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    lo, hi = (mid, hi) if memory.estimate(head, path, mid, d, k) <= budget else (lo, mid)
-                out.append({"head": head, "path": path, "dim": d, "max_rows": lo if hi <= 1 << 40 else None})
+            for choose_c in ((True, False) if head.startswith("svm") and path != "stream" else (False,)):
+                def fits(n: int, d: int, choose_c: bool = choose_c) -> bool:
+                    return memory.estimate(head, path, n, d, k, choose_c=choose_c) <= budget
+
+                for d in dims:
+                    lo, hi = 0, 1
+                    while hi <= 1 << 40 and fits(hi, d):
+                        lo, hi = hi, hi * 2
+                    while hi - lo > 1:
+                        mid = (lo + hi) // 2
+                        lo, hi = (mid, hi) if fits(mid, d) else (lo, mid)
+                    out.append({"head": head + (" (C auto)" if choose_c else ""), "path": path, "dim": d,
+                                "max_rows": lo if hi <= 1 << 40 else None})
     return out
 
 
@@ -189,10 +195,10 @@ def main() -> None:
     if a.limits:
         rows = limits(a.limits, _ints(a.dims), a.classes)
         print(f"largest train rows whose estimate fits {a.limits} ({a.classes} classes)")
-        print(f"{'head':8} {'path':8} " + " ".join(f"{'d=' + str(d):>10}" for d in _ints(a.dims)))
+        print(f"{'head':16} {'path':8} " + " ".join(f"{'d=' + str(d):>10}" for d in _ints(a.dims)))
         for head_path in dict.fromkeys((r["head"], r["path"]) for r in rows):
             cells = [r["max_rows"] for r in rows if (r["head"], r["path"]) == head_path]
-            print(f"{head_path[0]:8} {head_path[1]:8} " + " ".join(f"{'any' if c is None else c:>10}" for c in cells))
+            print(f"{head_path[0]:16} {head_path[1]:8} " + " ".join(f"{'any' if c is None else c:>10}" for c in cells))
         return
     WORK.mkdir(parents=True, exist_ok=True)
     results = []
