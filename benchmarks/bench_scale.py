@@ -149,7 +149,7 @@ def limits(size: str, dims: list[int], k: int) -> list[dict]:
     for head, paths in memory.PATHS.items():
         for path in paths:
             for choose_c in ((True, False) if head.startswith("svm") and path != "stream" else (False,)):
-                def fits(n: int, d: int, choose_c: bool = choose_c) -> bool:
+                def fits(n: int, d: int, head: str = head, path: str = path, choose_c: bool = choose_c) -> bool:
                     return memory.estimate(head, path, n, d, k, choose_c=choose_c) <= budget
 
                 for d in dims:
