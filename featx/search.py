@@ -245,10 +245,12 @@ class Objective:
         if f is None:
             fit_chunks, val_chunks = self.rows.chunks("train", scaler), self.rows.chunks("val", scaler)
         else:
+            from featx.heads import rows_where
+
             in_val = np.zeros(len(self.y_train), dtype=bool)
             in_val[self.folds[f][1]] = True
-            fit_chunks, val_chunks = _subset(self.rows.chunks("train", scaler), ~in_val), \
-                _subset(self.rows.chunks("train", scaler), in_val)
+            fit_chunks, val_chunks = rows_where(self.rows.chunks("train", scaler), ~in_val), \
+                rows_where(self.rows.chunks("train", scaler), in_val)
         val = None
         if self.kind == "mlp":
             parts = list(val_chunks())
@@ -293,20 +295,6 @@ class Objective:
         if not math.isfinite(acc):
             raise RuntimeError("validation accuracy is not finite (the fit diverged)")
         return acc
-
-
-def _subset(chunks, keep: np.ndarray):
-    """``chunks`` (of all train rows, in order) reduced to the rows where ``keep`` is True."""
-    def gen():
-        pos = 0
-        for X, y in chunks():
-            sel = keep[pos:pos + len(X)]
-            pos += len(X)
-            if sel.all():
-                yield X, y
-            elif sel.any():
-                yield X[sel], y[sel]
-    return gen
 
 
 # ------------------------------------------------------------------------------------------------ workers

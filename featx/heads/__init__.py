@@ -7,7 +7,8 @@ that fitting, predicting, saving and loading them never imports scikit-learn (1-
 ``clone``, ``Pipeline``, grid searches and cross-validation use them as before:
 
 * :class:`SVMHead` - a linear SVM solving exactly ``sklearn.svm.LinearSVC(C=C)``'s problem (L2-regularized
-  squared hinge, one-vs-rest, intercept as a regularized constant feature); on 3,400 x 9,216 pool5-like rows
+  squared hinge, one-vs-rest, intercept as a regularized constant feature), by default with ``C`` chosen on
+  held-out rows; on 3,400 x 9,216 pool5-like rows
   in 20 classes it fits ~25-30x faster than LinearSVC (``benchmarks/bench_svm_solver.py``) through a
   Gram-space finite Newton method (see :mod:`featx.heads.problem`); or, with
   ``kernel="rbf"``, a plain ``sklearn.svm.SVC``.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from .logreg import LogisticHead
 from .mlp import MLPHead
-from .problem import LinearProblem
+from .problem import LinearProblem, rows_where
 from .saving import HEAD_CLASSES, load_head, save_head
 from .svm import SVMHead
 
@@ -34,6 +35,7 @@ __all__ = [
     "LogisticHead",
     "MLPHead",
     "LinearProblem",
+    "rows_where",
     "save_head",
     "load_head",
     "HEAD_CLASSES",

@@ -98,17 +98,3 @@ def stream_accuracy(batches: Callable, coef: np.ndarray, intercept: np.ndarray) 
         hits += int((_predicted(np.asarray(Xc, dtype=np.float32) @ W + b) == yc).sum())
         seen += len(yc)
     return hits / max(seen, 1)
-
-
-def rows_where(batches: Callable, mask: np.ndarray) -> Callable:
-    """``batches`` keeping only the rows where ``mask`` (over the rows in stream order) is True."""
-
-    def chunks():
-        at = 0
-        for Xc, yc in batches():
-            keep = mask[at : at + len(yc)]
-            at += len(yc)
-            if keep.any():
-                yield Xc[keep], yc[keep]
-
-    return chunks

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,24 @@ logger = logging.getLogger(__name__)
 
 Batches = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 
-__all__ = ["Batches", "LinearProblem", "SolveInfo", "labels_to_pm1", "svm_primal_objective"]
+__all__ = ["Batches", "LinearProblem", "SolveInfo", "labels_to_pm1", "rows_where", "svm_primal_objective"]
+
+
+def rows_where(batches: Batches, keep: np.ndarray) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """``batches`` (of every row, in order) reduced to the rows where ``keep`` is True: a fold, or the rows held
+    out to choose C, read from a stream without a copy of the others."""
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        at = 0
+        for X, y in batches():
+            sel = keep[at : at + len(X)]
+            at += len(X)
+            if sel.all():
+                yield X, y
+            elif sel.any():
+                yield X[sel], y[sel]
+
+    return chunks
 
 
 

@@ -12,7 +12,7 @@ from ._compat import check_is_fitted, validate_data
 from ._lbfgs import lbfgs_linear
 from ._rbf import RBFModel
 from .base import _FLOAT_DTYPES, ValRows, _encode_targets, _float32_rows, _LinearHead, _StreamLabels
-from .problem import Batches, LinearProblem, SolveInfo, labels_to_pm1
+from .problem import Batches, LinearProblem, SolveInfo, labels_to_pm1, rows_where
 
 if TYPE_CHECKING:
     import torch
@@ -223,7 +223,7 @@ class SVMHead(_LinearHead):
         if mask is None:
             self._anchored(anchor)
             return None
-        fit_part, held_out = _choose_c.rows_where(rows, ~mask), _choose_c.rows_where(rows, mask)
+        fit_part, held_out = rows_where(rows, ~mask), rows_where(rows, mask)
         previous: list[np.ndarray] = []  # the last solution, each C's starting point
 
         def score(C: float) -> tuple[float, np.ndarray]:
