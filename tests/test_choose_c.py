@@ -13,7 +13,7 @@ from test_fit import _blobs, write_h5
 from featx import memory
 from featx.cli import main
 from featx.fit import fit_head, open_rows, plan_head
-from featx.heads import SVMHead
+from featx.heads import SVMHead, load_head, save_head
 from featx.heads._choose_c import GRID, PATIENCE, held_out_mask, walk
 from featx.memory import C_HELD_OUT
 
@@ -62,7 +62,7 @@ def test_held_out_rows_are_seeded_and_need_ten_rows_per_class():
     assert held_out_mask(99, 10, 0) is None and held_out_mask(100, 10, 0) is not None
 
 
-def test_auto_chooses_the_best_held_out_c_and_refits_on_every_row(digits):
+def test_auto_chooses_the_best_held_out_c_and_refits_on_every_row(digits, tmp_path):
     X, y, Xt, yt = digits
     head = SVMHead(random_state=0).fit(X, y)
     Cs = [c for c, _ in head.C_path_]
@@ -73,6 +73,10 @@ def test_auto_chooses_the_best_held_out_c_and_refits_on_every_row(digits):
     fixed = SVMHead(C=head.C_, tol=head.tol).fit(X, y)  # the final fit is the fit at that C on all the rows
     np.testing.assert_allclose(head.coef_, fixed.coef_, rtol=1e-3, atol=1e-5)
     assert (head.predict(Xt) == yt).mean() > 0.85
+    save_head(head, tmp_path / "head")
+    loaded = load_head(tmp_path / "head")
+    assert (loaded.C, loaded.C_, loaded.C_path_) == ("auto", head.C_, [list(p) for p in head.C_path_])
+    assert (loaded.predict(Xt) == head.predict(Xt)).all()
     assert SVMHead(C=0.5).fit(X, y).C_path_ == [] and SVMHead(C=0.5).fit(X, y).C_ == 0.5
 
 
