@@ -12,6 +12,7 @@ from test_fit import _blobs, write_h5
 
 from featx import memory
 from featx.cli import main
+from featx.errors import UsageError
 from featx.fit import fit_head, open_rows, plan_head
 from featx.heads import SVMHead, load_head, save_head
 from featx.heads._choose_c import GRID, PATIENCE, held_out_mask, walk
@@ -138,6 +139,8 @@ def test_fit_svm_records_the_chosen_c_and_refuses_a_bad_c_in_one_line(tmp_path):
     assert chosen["C"] in [c for c, _ in chosen["held_out_accuracy"]] and metrics["params"]["C"] == "auto"
     res = fit_head(h5, "svm", params={"C": chosen["C"]}, cache=tmp_path / "c")
     assert "chosen_C" not in res.metrics
+    with pytest.raises(UsageError, match="C must be 'auto' or a positive number, got 'Auto!'"):
+        SVMHead(C="Auto!").fit(X, y)
     for bad in ("zero", "0", "-1"):
         r = CliRunner().invoke(main, ["fit", "svm", str(h5), "--C", bad, "--cache", str(tmp_path / "c")])
         assert r.exit_code == 2 and "auto or a positive number" in r.output

@@ -89,8 +89,12 @@ class SVMHead(_LinearHead):
         return _choose_c.is_auto(self.C)
 
     def _check_c(self) -> None:
-        if not _choose_c.is_auto(self.C):
+        if _choose_c.is_auto(self.C):
+            return
+        try:
             super()._check_c()
+        except UsageError:
+            raise UsageError(f"C must be 'auto' or a positive number, got {self.C!r}") from None
 
     def _check_params(self) -> None:
         super()._check_params()
