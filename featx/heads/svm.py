@@ -193,7 +193,9 @@ class SVMHead(_LinearHead):
         over all training rows.  One validating pass, then L-BFGS where every objective/gradient evaluation is
         one pass (float32 products per chunk, float64 sums and parameters); memory does not grow with the
         number of rows.  ``val`` is accepted for symmetry with :class:`MLPHead` and not used: the problem is
-        convex and solved to ``tol``.  Only ``kernel="linear"``.
+        convex and solved to ``tol``.  ``C="auto"`` masks its held-out rows out of the passes (no copy), starts
+        each ``C`` of the walk from the previous one's solution and the final fit from the chosen one's.  Only
+        ``kernel="linear"``.
         """
         self._check_params()
         if self.kernel != "linear":
