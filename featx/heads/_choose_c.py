@@ -74,15 +74,13 @@ def walk(anchor: float, score: Callable[[float], tuple[float, Any]]) -> tuple[fl
 
 def linear_accuracy(X: np.ndarray, rows: np.ndarray, y: np.ndarray, coef: np.ndarray, intercept: np.ndarray,
                     block: int = 4096) -> float:
-    """Accuracy of the one-vs-rest scores ``X[rows] @ coef.T + intercept`` (one score column for two classes)
-    against class indices ``y``, a block of rows at a time."""
-    W = np.asarray(coef, dtype=np.float32).T
-    b = np.asarray(intercept, dtype=np.float32)
-    hits = 0
-    for s in range(0, len(rows), block):
-        scores = np.asarray(X[rows[s : s + block]], dtype=np.float32) @ W + b
-        hits += int((_predicted(scores) == y[s : s + block]).sum())
-    return hits / max(len(rows), 1)
+    """:func:`stream_accuracy` over ``X[rows]`` (class indices ``y``), a block of rows at a time."""
+
+    def blocks():
+        for s in range(0, len(rows), block):
+            yield X[rows[s : s + block]], y[s : s + block]
+
+    return stream_accuracy(blocks, coef, intercept)
 
 
 def _predicted(scores: np.ndarray) -> np.ndarray:
